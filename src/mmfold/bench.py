@@ -1,0 +1,81 @@
+"""``mmfold bench``: speed and quality benchmarks, each against a baseline run in the same process.
+
+Machines are noisy, so every section measures its own baseline next to the thing it tests and
+reports a ratio. Sections are registered by name -> ``"module:function"``; each function takes
+``quick: bool`` and returns a JSON-able dict. Results: ``reports/bench/bench.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+from mmfold import io, paths
+
+BENCH_SECTIONS: dict[str, str] = {
+    "folds": "mmfold.bench:bench_folds",
+    "thresholds": "mmfold.thresholds:benchmark",
+    "cache": "mmfold.cache:benchmark",
+    "scale": "mmfold.scale:benchmark",
+}
+
+
+def bench_folds(quick: bool = False) -> dict[str, Any]:
+    """Time fold assignment on a synthetic 100,000 x 100 label table (target: < 60 s)."""
+    from mmfold.config import FoldsConfig
+    from mmfold.folds import assign_folds, fold_summary
+
+    n, L = (10_000, 20) if quick else (100_000, 100)
+    rng = np.random.default_rng(0)
+    y = (rng.random((n, L)) < rng.uniform(0.001, 0.2, L)).astype(np.uint8)
+    start = time.perf_counter()
+    fold = assign_folds(y, FoldsConfig(n_splits=5, seed=42))
+    seconds = time.perf_counter() - start
+    _, worst, _ = fold_summary(y, fold, [str(i) for i in range(L)])
+    return {"rows": n, "labels": L, "seconds": round(seconds, 2), "target_s": 60,
+            "worst_rate_deviation": round(worst, 5), "ok": seconds < 60}
+
+
+def _call(spec: str, quick: bool) -> dict[str, Any]:
+    """Import ``module:function`` and run it, timing the whole section."""
+    module, func = spec.split(":")
+    start = time.perf_counter()
+    result = getattr(importlib.import_module(module), func)(quick=quick)
+    return {**result, "section_wall_s": round(time.perf_counter() - start, 2)}
+
+
+def to_markdown(results: dict[str, dict]) -> str:
+    """One table per section: key | value."""
+    lines = ["# mmfold benchmarks", "", f"machine: {platform.machine()}, {platform.processor() or 'cpu'}", ""]
+    for name, res in results.items():
+        lines += [f"## {name}", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in res.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold bench`` options."""
+    p.add_argument("--sections", nargs="*", default=list(BENCH_SECTIONS), choices=list(BENCH_SECTIONS))
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--out", default="reports/bench/bench", help="output path stem")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen sections and write JSON + markdown."""
+    results = {}
+    for name in args.sections:
+        print(f"bench {name} ...", flush=True)
+        results[name] = _call(BENCH_SECTIONS[name], args.quick)
+        print(json.dumps(results[name], indent=1))
+    stem = paths.resolve(args.out)
+    io.write_json(stem.with_suffix(".json"), results)
+    io.write_text(stem.with_suffix(".md"), to_markdown(results))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0

@@ -1,0 +1,79 @@
+"""Command line: ``mmfold <command> [--data NAME] [--force] [key.sub=value ...]``.
+
+Commands live in their own modules and are imported only when called, so ``mmfold lb`` does
+not pay for importing torch. Each command module exposes ``add_arguments(parser)`` and
+``run(args) -> int``; registering a command is one line in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+
+from mmfold.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("mmfold.demo", "write the synthetic demo competition to input/demo/"),
+    "folds": ("mmfold.folds", "write multilabel-stratified folds to folds/<data>.csv"),
+    "train": ("mmfold.train", "train models per fold (resumable), then collect"),
+    "collect": ("mmfold.collect", "merge fold predictions into oof/<data>/<model>.parquet"),
+    "blend": ("mmfold.blend_cmd", "blend OOF probabilities, tune thresholds, write a submission"),
+    "lb": ("mmfold.submit", "record or show leaderboard scores in the submissions log"),
+    "report": ("mmfold.report", "write reports/<data>/report.md with plots"),
+    "sweep": ("mmfold.sweep", "Optuna sweep over a model's declared search space"),
+    "ablate": ("mmfold.ablate", "train declared variants of a model and tabulate the effect"),
+    "weights": ("mmfold.weights", "install offline pretrained weights into weights/"),
+    "bench": ("mmfold.bench", "speed and quality benchmarks -> reports/bench/"),
+    "bench-real": ("mmfold.bench_real", "real-data benchmark on ../shared/data"),
+}
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Arguments every command understands."""
+    p.add_argument("--data", default="demo", help="data config name (configs/data/<name>.yaml)")
+    p.add_argument("--force", action="store_true", help="redo/overwrite what exists (kept as backup)")
+    p.add_argument("overrides", nargs="*", help="config overrides: section.key=value")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """Parser for one command, importing only that command's module."""
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    p = argparse.ArgumentParser(prog=f"mmfold {command}", description=help_text)
+    add_common(p)
+    module.add_arguments(p)
+    p.set_defaults(_run=module.run)
+    return p
+
+
+def _usage() -> str:
+    """Top-level help listing every command."""
+    lines = ["usage: mmfold <command> [options] [key.sub=value ...]", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mmfold`` console script and ``python -m mmfold``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # no source lines
+    args = build_parser(argv[0]).parse_args(argv[1:])
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"mmfold {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmfold {argv[0]}: interrupted; progress so far is saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

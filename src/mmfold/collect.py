@@ -1,0 +1,146 @@
+"""``mmfold collect``: merge a model's fold predictions into one OOF file and one test file.
+
+This is where scikit-learn's ``cross_val_predict`` promise is enforced: every train id is
+predicted exactly once, by the fold that did not train on it. A model with unfinished folds,
+or folds trained on other folds/labels/data/config, is refused rather than half-collected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+
+from mmfold import io, paths
+from mmfold.config import Config, load_config
+from mmfold.data import Competition, load_competition, load_folds
+from mmfold.errors import UserError
+from mmfold.manifest import describe, fingerprints, stale
+from mmfold.metrics import all_metrics, binarize
+
+
+def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
+    """Folds without a ``done.json``."""
+    n = int(fold_of_row.max()) + 1
+    return [k for k in range(n) if not (paths.run_dir(data, model, k) / "done.json").exists()]
+
+
+def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> list[dict]:
+    """Each fold's done.json, refusing folds made from other inputs than the current ones."""
+    current = fingerprints(cfg, comp)
+    infos = []
+    for k in range(n_folds):
+        info = json.loads((paths.run_dir(cfg.data.name, cfg.model.name, k) / "done.json").read_text())
+        changed = stale(info.get("hashes", {}), current)
+        if changed:
+            raise UserError(f"{cfg.model.name} fold {k} is stale: {describe(changed)}; retrain it (FORCE=1)")
+        infos.append(info)
+    return infos
+
+
+def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> pd.DataFrame:
+    """Concatenate fold OOFs in train order, asserting each id appears exactly once."""
+    n = int(fold_of_row.max()) + 1
+    parts = [pd.read_parquet(paths.run_dir(cfg.data.name, cfg.model.name, k) / "oof.parquet") for k in range(n)]
+    oof = pd.concat(parts, ignore_index=True)
+    dup = oof["id"][oof["id"].duplicated()].tolist()
+    ids = comp.train["id"]
+    missing = sorted(set(ids) - set(oof["id"]))
+    if dup or missing or len(oof) != len(ids):
+        raise UserError(f"{cfg.model.name}: OOF ids are not each train id exactly once "
+                        f"(duplicated: {dup[:5]}, missing: {missing[:5]})")
+    oof = oof.set_index("id").loc[ids].reset_index()
+    if not (oof["fold"].to_numpy() == fold_of_row).all():
+        raise UserError(f"{cfg.model.name}: OOF fold column disagrees with {paths.folds_file(cfg.data.name)}")
+    return oof
+
+
+def mean_test(cfg: Config, comp: Competition, n_folds: int) -> pd.DataFrame | None:
+    """Average the folds' test probabilities (same ids, same order, checked)."""
+    files = [paths.run_dir(cfg.data.name, cfg.model.name, k) / "test.parquet" for k in range(n_folds)]
+    if comp.test is None or not all(f.exists() for f in files):
+        return None
+    frames = [pd.read_parquet(f) for f in files]
+    for k, f in enumerate(frames):
+        if f["id"].tolist() != comp.ids("test"):
+            raise UserError(f"{files[k]}: test ids differ from {cfg.data.test_csv}")
+    probs = np.mean([f[comp.classes].to_numpy(np.float64) for f in frames], axis=0)
+    out = pd.DataFrame(probs.astype(np.float32), columns=comp.classes)
+    out.insert(0, "id", comp.ids("test"))
+    return out
+
+
+def cv_summary(y: np.ndarray, probs: np.ndarray, fold_of_row: np.ndarray) -> dict:
+    """CV metrics at 0.5, and with per-label thresholds fitted on the other folds (honest)."""
+    out = {"cv": all_metrics(y, binarize(probs, 0.5))}
+    try:
+        from mmfold.thresholds import ThresholdOptimizer
+    except ImportError:  # blending module not installed yet
+        return out
+    tuned = np.zeros_like(y, dtype=bool)
+    for k in np.unique(fold_of_row):
+        fit, score = fold_of_row != k, fold_of_row == k
+        tuned[score] = ThresholdOptimizer().fit(probs[fit], y[fit]).predict(probs[score])
+    out["cv_tuned"] = all_metrics(y, tuned)
+    return out
+
+
+def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> dict:
+    """Write ``oof/<data>/<model>.parquet``, ``.test.parquet`` and ``.json``; return the json."""
+    missing = missing_folds(cfg.data.name, cfg.model.name, fold_of_row)
+    if missing:
+        raise UserError(f"{cfg.model.name}: folds {missing} are not finished; not writing a partial OOF")
+    n = int(fold_of_row.max()) + 1
+    infos = _fold_infos(cfg, comp, n)
+    oof = merge_oof(cfg, comp, fold_of_row)
+    test = mean_test(cfg, comp, n)
+    meta = _meta(cfg, comp, oof, fold_of_row, infos)
+    io.write_parquet(oof, paths.oof_file(cfg.data.name, cfg.model.name))
+    if test is not None:
+        io.write_parquet(test, paths.test_pred_file(cfg.data.name, cfg.model.name))
+    io.write_json(paths.oof_meta_file(cfg.data.name, cfg.model.name), meta)
+    cv = meta["cv"]["samples"], meta.get("cv_tuned", {}).get("samples", float("nan"))
+    print(f"{cfg.model.name}: CV samples-F1 {cv[0]:.4f} at 0.5, {cv[1]:.4f} with tuned thresholds")
+    return meta
+
+
+def _meta(cfg: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.ndarray, infos: list[dict]) -> dict:
+    """The model's CV card: metrics, per-fold info, sizes, time, config, input hashes."""
+    probs = oof[comp.classes].to_numpy(np.float32)
+    return {
+        "model": cfg.model.name,
+        "kind": cfg.model.kind,
+        **cv_summary(comp.y(), probs, fold_of_row),
+        "per_fold": infos,
+        "params_trainable": infos[0].get("params_trainable"),
+        "params_total": infos[0].get("params_total"),
+        "train_time_s": float(sum(i.get("train_time_s", 0.0) for i in infos)),
+        "images_per_s": _mean([i.get("images_per_s") for i in infos]),
+        "config": cfg.to_dict(),
+        "hashes": fingerprints(cfg, comp),
+    }
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the non-missing values, or None."""
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold collect`` options."""
+    p.add_argument("--model", help="model name(s), comma-separated (default: data.models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collect each requested model; report (not write) models with missing folds."""
+    from mmfold.train import model_names
+
+    base = load_config(args.data, None, args.overrides)
+    comp = load_competition(base.data)
+    fold_of_row = load_folds(comp)
+    for name in model_names(base, args.model):
+        collect_model(load_config(args.data, name, args.overrides), comp, fold_of_row)
+    return 0

@@ -1,0 +1,314 @@
+"""Typed configuration: one dataclass per concern, YAML files, dotted CLI overrides.
+
+Resolution order (later wins): dataclass defaults -> ``configs/data/<data>.yaml`` ->
+``configs/models/<model>.yaml`` -> ``key.sub=value`` overrides from the command line.
+Every YAML file holds top-level sections named like the fields of :class:`Config`
+(``data:``, ``folds:``, ``model:``, ``train:``, ``blend:``). Unknown keys are errors that list
+the valid ones, because a typo that is silently ignored wastes a GPU night.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmfold import io, paths
+from mmfold.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """Where a competition's files are and how to read them."""
+
+    name: str = "demo"
+    root: str = "input/demo"
+    train_csv: str = "train.csv"
+    test_csv: str | None = "test.csv"
+    id_col: str = "ImageID"
+    label_col: str = "Labels"
+    caption_col: str | None = "Caption"
+    label_sep: str = " "
+    encoding: str = "utf-8"
+    image_dir: str | None = "images"
+    image_ext: str = ""
+    allow_empty_labels: bool = False
+    check_images: bool = True
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FoldsConfig:
+    """How train ids are split into folds."""
+
+    n_splits: int = 5
+    seed: int = 42
+    group_col: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A registered model kind and its options (``params`` is passed to the builder)."""
+
+    name: str = ""
+    kind: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    search_space: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and training-loop settings shared by all torch models."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    loss: str = "bce"
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    pos_weight: bool = False
+    amp: str = "auto"
+    accum_steps: int = 1
+    grad_clip: float = 1.0
+    ema: float = 0.0
+    patience: int = 0
+    freeze_backbone_epochs: int = 0
+    tta: bool = False
+    augment: list[dict[str, Any]] = field(default_factory=list)
+    image_size: int | None = None
+    max_len: int = 64
+    num_workers: int = 0
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 42
+    deterministic: bool = True
+    progress: bool = True
+    stop_after_epochs: int = 0  # stop (as if interrupted) after this many epochs of a session; 0 = never
+    threads: int = 0  # torch CPU threads; 0 = torch's default (1 is far faster for tiny models on a busy CPU)
+
+
+@dataclass
+class BlendConfig:
+    """How model OOF probabilities are combined and thresholded."""
+
+    method: str = "optuna"
+    metric: str = "samples"
+    n_trials: int = 100
+    transform: str = "none"
+    min_labels: int = 1
+    max_labels: int | None = None
+    top_k: int | None = None
+    cooccurrence: bool = False
+    seed: int = 42
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one command."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return asdict(self)
+
+
+# Settings that only change how long a run goes, not what it learns per step. A resumed run
+# may change these; anything else differing from the checkpoint's config is refused.
+RUN_LENGTH_KEYS = frozenset(
+    {"train.epochs", "train.patience", "train.num_workers", "train.progress", "train.device",
+     "train.stop_after_epochs", "train.threads"}
+)
+
+
+def configs_dir() -> Path:
+    """``configs/`` under the project root."""
+    return paths.root() / "configs"
+
+
+def data_yaml(data: str) -> Path:
+    """``configs/data/<data>.yaml``."""
+    return configs_dir() / "data" / f"{data}.yaml"
+
+
+def model_yaml(model: str) -> Path:
+    """``configs/models/<model>.yaml``."""
+    return configs_dir() / "models" / f"{model}.yaml"
+
+
+def list_models() -> list[str]:
+    """Names of every model YAML under ``configs/models``."""
+    return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
+
+
+def load_config(data: str = "demo", model: str | None = None, overrides: list[str] = ()) -> Config:
+    """Resolve defaults, the data YAML, the model YAML and overrides into a :class:`Config`.
+
+    Args:
+        data: Data config name (``configs/data/<data>.yaml``); it need not exist for ``demo``.
+        model: Model config name, or None for commands that train nothing.
+        overrides: ``key.sub=value`` strings; values are parsed as YAML scalars/lists.
+
+    Raises:
+        ConfigError: missing file, unknown key or a value of the wrong type.
+    """
+    cfg = Config()
+    path = data_yaml(data)
+    if path.exists():
+        merge(cfg, _read_yaml(path), str(path))
+    elif data != "demo":
+        raise ConfigError(f"no data config {path}; available: {_names(configs_dir() / 'data')}")
+    cfg.data.name = data
+    if model:
+        mpath = model_yaml(model)
+        if not mpath.exists():
+            raise ConfigError(f"no model config {mpath}; available: {list_models()}")
+        merge(cfg, _read_yaml(mpath), str(mpath))
+        cfg.model.name = model
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _names(folder: Path) -> list[str]:
+    """YAML stems in a folder, for error messages."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with the file name in any error."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
+def merge(obj: Any, values: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Recursively set dataclass fields from a nested dict, rejecting unknown keys."""
+    valid = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key '{dotted}'; valid keys: {sorted(valid)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{dotted}' must be a mapping")
+            merge(current, value, where, dotted + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(obj, key, _deep_merge(current, value))
+        else:
+            setattr(obj, key, _coerce(value, obj, valid[key], dotted, where))
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into a copy of ``base``, recursing into nested dicts."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _coerce(value: Any, obj: Any, f: dataclasses.Field, dotted: str, where: str) -> Any:
+    """Check ``value`` against the field's annotation; ints are accepted for floats."""
+    hint = typing.get_type_hints(type(obj))[f.name]
+    allowed = _allowed_types(hint)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+        names = "/".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{where}: '{dotted}' must be {names}, got {value!r}")
+    return copy.deepcopy(value)
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    """Runtime types accepted by an annotation like ``int | None`` or ``list[str]``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(hint) for t in _allowed_types(a))
+    if origin is not None:
+        return (origin,)
+    if hint is Any:
+        return (object,)
+    return (hint,)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Apply ``section.key=value`` overrides (``model.params.x=1`` reaches into dicts)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        merge(cfg, _nest(key.strip().split("."), value), "override")
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    """``['a','b','c'], v`` -> ``{'a': {'b': {'c': v}}}`` for dataclass levels.
+
+    Dict-typed fields (``model.params``) take the rest of the path as nested keys and are
+    merged, not replaced.
+    """
+    if len(keys) == 1:
+        return {keys[0]: value}
+    return {keys[0]: _nest(keys[1:], value)}
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    return io.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint)."""
+    cfg = Config()
+    merge(cfg, d, "saved config")
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{'a.b.c': value}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str] = frozenset()) -> dict:
+    """Keys whose values differ between two nested dicts: ``{key: (a_value, b_value)}``."""
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted((set(fa) | set(fb)) - set(ignore))
+    return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}
+
+
+def stable_hash(obj: Any) -> str:
+    """Short sha256 of a JSON-serialisable object, stable across runs."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

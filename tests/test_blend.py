@@ -1,0 +1,391 @@
+"""Blenders, honest nested CV, OOF loading and the ``mmfold blend`` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from mmfold import io
+from mmfold.config import load_config
+from mmfold.data import load_competition
+from mmfold.manifest import data_fingerprints
+
+from mmfold import blend, cli, paths
+from mmfold.blend import (
+    GreedyBlender,
+    LGBMStacker,
+    MeanBlender,
+    OptunaBlender,
+    RankTransform,
+    load_oofs,
+    nested_cv,
+)
+from mmfold.config import BlendConfig
+from mmfold.errors import UserError
+from mmfold.metrics import samples_f1
+from mmfold.thresholds import ThresholdOptimizer
+from tests.conftest import write_competition
+
+
+def make_stack(n: int = 600, L: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two informative models with independent errors and one of pure noise, 5 folds."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, L)) < 0.3).astype(np.uint8)
+    y[~y.any(1), 0] = 1
+
+    def model(noise: float) -> np.ndarray:
+        return 1 / (1 + np.exp(-(4 * (y - 0.5) + rng.normal(0, noise, y.shape))))
+
+    P = np.stack([model(2.0), model(2.0), rng.random(y.shape)])
+    return P, y, rng.permutation(np.arange(n) % 5)
+
+
+THR = {"n_candidates": 30}
+
+
+# ---- blenders ------------------------------------------------------------------------------
+
+
+def test_optuna_gives_pure_noise_about_zero_weight() -> None:
+    P, y, _ = make_stack()
+    b = OptunaBlender(n_trials=30, threshold_params=THR, seed=0).fit(P, y)
+    assert b.weights_.sum() == pytest.approx(1.0)
+    assert b.weights_[2] < 0.1
+    assert b.weights_[0] > 0.25 and b.weights_[1] > 0.25  # both real models are used
+    assert b.predict(P).shape == y.shape
+
+
+def test_optuna_beats_each_model_and_the_mean_in_sample() -> None:
+    """The anchor trials guarantee the search never ends below the mean or a single model."""
+    P, y, _ = make_stack(seed=1)
+    b = OptunaBlender(n_trials=12, threshold_params=THR, seed=0).fit(P, y)
+    best = b.study_.best_value
+    for m in range(3):
+        single = ThresholdOptimizer(n_rounds=1, **THR).fit(P[m], y).score_
+        assert best >= single - 1e-12
+    assert best >= ThresholdOptimizer(n_rounds=1, **THR).fit(P.mean(0), y).score_ - 1e-12
+
+
+def test_dirichlet_weights_from_a_fixed_trial() -> None:
+    """u=1 gives weight 0; u=1/e gives weight 1: the objective is that model's score."""
+    P, y, _ = make_stack()
+    b = OptunaBlender(threshold_params=THR)
+    Q = b._prepare(P)
+    trial = optuna.trial.FixedTrial({"u0": 1.0, "u1": float(np.exp(-1)), "u2": 1.0})
+    alone = ThresholdOptimizer(n_rounds=1, **THR).fit(P[1], y).score_
+    assert b._objective(trial, Q, y) == pytest.approx(alone)
+    w, _ = b._decode({"u0": float(np.exp(-2)), "u1": float(np.exp(-1)), "u2": 1.0}, 3)
+    np.testing.assert_allclose(w / w.sum(), [2 / 3, 1 / 3, 0])
+
+
+class Interrupted(OptunaBlender):
+    """Blender whose run is killed (Ctrl-C) when trial ``stop_at`` starts."""
+
+    stop_at = 6
+
+    def _objective(self, trial, Q, y):  # type: ignore[no-untyped-def]
+        if trial.number == self.stop_at:
+            raise KeyboardInterrupt
+        return super()._objective(trial, Q, y)
+
+
+def test_interrupted_study_resumes_with_its_trials(tmp_path: Path) -> None:
+    P, y, _ = make_stack(n=300)
+    storage = f"sqlite:///{tmp_path / 'blend.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted(n_trials=10, threshold_params=THR, storage=storage).fit(P, y)
+    first = OptunaBlender(n_trials=10, threshold_params=THR, storage=storage)
+    study = first._study(first._prepare(P), y)
+    kept = [(t.number, t.params) for t in blend._complete(study)]
+    assert len(kept) == 6
+    first.fit(P, y)
+    done = blend._complete(first.study_)
+    assert len(done) == 10
+    assert [(t.number, t.params) for t in done[:6]] == kept
+    # a finished study is reused as is; other models (other data) start a new study
+    again = OptunaBlender(n_trials=10, threshold_params=THR, storage=storage).fit(P, y)
+    assert again.study_.study_name == first.study_.study_name
+    assert len(again.study_.trials) == len(first.study_.trials)
+    np.testing.assert_allclose(again.weights_, first.weights_)
+    other = OptunaBlender(n_trials=3, threshold_params=THR, storage=storage).fit(P[:2], y)
+    assert other.study_.study_name != first.study_.study_name
+    assert len(other.study_.trials) == 3
+
+
+def test_greedy_selection_prefers_real_models() -> None:
+    P, y, _ = make_stack()
+    b = GreedyBlender(n_iter=10, threshold_params=THR).fit(P, y)
+    assert b.weights_[2] <= 0.1 and b.weights_.sum() == pytest.approx(1.0)
+    assert len(b.trajectory_) == 10
+    np.testing.assert_allclose(b.predict(P), np.tensordot(b.weights_, P, axes=1))
+
+
+def test_mean_blender_is_the_plain_average() -> None:
+    P, y, _ = make_stack()
+    b = MeanBlender().fit(P, y)
+    np.testing.assert_allclose(b.predict(P), P.mean(0))
+    np.testing.assert_allclose(b.weights_, [1 / 3] * 3)
+
+
+def test_rank_transform_ranks_test_rows_against_training_rows() -> None:
+    train = np.array([[[0.1], [0.2], [0.3], [0.4]]])
+    t = RankTransform().fit(train)
+    np.testing.assert_allclose(t(np.array([[[0.25]], ])), [[[0.5]]])
+    np.testing.assert_allclose(t(np.array([[[0.05], [0.9]]])), [[[0.0], [1.0]]])
+
+
+def test_lgbm_stacker_is_out_of_fold() -> None:
+    """Changing the labels of fold 0 must not change fold 0's stacked predictions."""
+    P, y, folds = make_stack(n=400, L=3)
+    a = LGBMStacker(n_estimators=20).fit(P, y, folds)
+    y2 = y.copy()
+    y2[folds == 0] = 1 - y2[folds == 0]
+    b = LGBMStacker(n_estimators=20).fit(P, y2, folds)
+    np.testing.assert_allclose(a.oof_[folds == 0], b.oof_[folds == 0])
+    assert not np.allclose(a.oof_[folds == 1], b.oof_[folds == 1])
+    assert a.weights_[2] < 0.2
+    assert samples_f1(y, a.oof_ > 0.5) > 0.6
+
+
+def test_lgbm_cooccurrence_features() -> None:
+    P, y, folds = make_stack(n=300, L=3)
+    s = LGBMStacker(n_estimators=10, cooccurrence=True).fit(P, y, folds)
+    assert s._x(P, 0).shape == (300, 3 + 3)
+    assert s.predict(P).shape == y.shape
+
+
+# ---- nested CV -----------------------------------------------------------------------------
+
+
+class Memorizer:
+    """A 'blender' that memorises the labels of every row it was fitted on (by the row's
+    probabilities) and predicts them perfectly; rows it never saw get zeros."""
+
+    def fit(self, P, y, folds=None):  # type: ignore[no-untyped-def]
+        self.seen_ = {P[:, i].tobytes(): y[i] for i in range(P.shape[1])}
+        self.oof_ = self.predict(P)
+        self.weights_ = np.ones(len(P)) / len(P)
+        return self
+
+    def predict(self, P):  # type: ignore[no-untyped-def]
+        zero = np.zeros(P.shape[2])
+        return np.stack([self.seen_.get(P[:, i].tobytes(), zero) for i in range(P.shape[1])]).astype(float)
+
+
+def test_nested_cv_never_scores_a_fold_it_fitted_on() -> None:
+    P, y, folds = make_stack()
+    honest = nested_cv(P, y, folds, lambda k: Memorizer(), ThresholdOptimizer)
+    leaky = Memorizer().fit(P, y)
+    assert samples_f1(y, ThresholdOptimizer().fit(leaky.oof_, y).predict(leaky.oof_)) == 1.0
+    assert honest.mean < 0.6  # a leak would give 1.0
+
+
+def test_nested_cv_predictions_ignore_the_scored_folds_labels() -> None:
+    """Flip fold 2's labels: fold 2's honest probabilities and 0/1 predictions stay put."""
+    P, y, folds = make_stack(n=400)
+    make = lambda k: OptunaBlender(n_trials=5, threshold_params=THR)  # noqa: E731
+    a = nested_cv(P, y, folds, make, ThresholdOptimizer)
+    y2 = y.copy()
+    y2[folds == 2] = 1 - y2[folds == 2]
+    b = nested_cv(P, y2, folds, make, ThresholdOptimizer)
+    np.testing.assert_allclose(a.prob[folds == 2], b.prob[folds == 2])
+    np.testing.assert_array_equal(a.pred[folds == 2], b.pred[folds == 2])
+    assert len(a.per_fold) == 5 and a.std >= 0
+
+
+@pytest.mark.parametrize("method", list(blend.BLENDERS))
+def test_every_registered_method_blends_honestly(method: str) -> None:
+    P, y, folds = make_stack(n=300, L=3)
+    folds = folds % 3  # 3 folds keep the nested stacker fits few
+    oofs = blend.OOFSet(["a", "b", "noise"], ["x", "y", "z"], [str(i) for i in range(300)], folds, P)
+    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=5))
+    assert fit.best_single[0] in ("a", "b") and fit.singles["noise"].mean < fit.honest.mean
+    assert fit.honest.mean > fit.singles["a"].mean - 0.05 and fit.in_sample >= fit.honest.mean - 0.05
+    assert fit.blender.predict(P).shape == y.shape and fit.thresholds.thresholds_.shape == (3,)
+    assert fit.blender.weights_.sum() == pytest.approx(1.0)
+
+
+def test_bad_blend_settings_are_refused() -> None:
+    with pytest.raises(UserError, match="unknown blend method 'magic'"):
+        blend.build_blender(BlendConfig(method="magic"))
+    with pytest.raises(UserError, match="power"):
+        blend.build_blender(BlendConfig(method="mean", transform="power"))
+    with pytest.raises(UserError, match="unknown blend transform"):
+        blend.build_blender(BlendConfig(transform="log"))
+
+
+# ---- loading OOF files ---------------------------------------------------------------------
+
+
+CLASSES = ["cat", "dog", "10"]
+
+
+def fake_comp(n: int = 12, n_test: int = 4) -> SimpleNamespace:
+    ids = [f"im{i}" for i in range(n)]
+    test = pd.DataFrame({"id": [f"t{i}" for i in range(n_test)]})
+    return SimpleNamespace(train=pd.DataFrame({"id": ids}), test=test, classes=CLASSES)
+
+
+def write_oof(data: str, model: str, ids: list[str], folds: np.ndarray, seed: int = 0,
+              test_ids: list[str] | None = None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"id": ids, "fold": folds})
+    for c in CLASSES:
+        df[c] = rng.random(len(ids)).astype(np.float32)
+    paths.oof_dir(data).mkdir(parents=True, exist_ok=True)
+    df.to_parquet(paths.oof_file(data, model), index=False)
+    if test_ids is not None:
+        t = pd.DataFrame({"id": test_ids, **{c: rng.random(len(test_ids)) for c in CLASSES}})
+        t.to_parquet(paths.test_pred_file(data, model), index=False)
+    return df
+
+
+@pytest.fixture
+def oof_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    monkeypatch.setenv("MMFOLD_HOME", str(tmp_path))
+    comp = fake_comp()
+    folds = np.arange(12) % 3
+    ids = comp.train["id"].tolist()
+    return SimpleNamespace(comp=comp, folds=folds, ids=ids, test_ids=comp.test["id"].tolist())
+
+
+def test_load_oofs_aligns_rows_to_train_order(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    order = np.random.default_rng(0).permutation(12)
+    df = write_oof("d", "a", [o.ids[i] for i in order], o.folds[order], test_ids=o.test_ids[::-1])
+    write_oof("d", "b", o.ids, o.folds, seed=1, test_ids=o.test_ids)
+    got = load_oofs("d", ["a", "b"], o.comp, o.folds, check_stale=False)
+    want = df.set_index("id").loc[o.ids, CLASSES].to_numpy()
+    np.testing.assert_allclose(got.P[0], want)
+    assert got.P.shape == (2, 12, 3) and got.test.shape == (2, 4, 3)
+    assert got.test_ids == o.test_ids
+    assert blend.available_models("d") == ["a", "b"]
+
+
+def test_load_oofs_refuses_mismatched_ids(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    write_oof("d", "a", o.ids, o.folds)
+    write_oof("d", "b", o.ids[:-2] + ["zz1", "zz2"], o.folds)
+    with pytest.raises(UserError, match=r"model 'b'.*2 missing \(first: 'im10', 'im11'\).*'zz1'"):
+        load_oofs("d", ["a", "b"], o.comp, o.folds, with_test=False, check_stale=False)
+
+
+def test_load_oofs_refuses_other_folds(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    bad = o.folds.copy()
+    bad[[4, 7]] = (bad[[4, 7]] + 1) % 3
+    write_oof("d", "a", o.ids, bad)
+    with pytest.raises(UserError, match=r"model 'a'.*folds differ.*2 ids.*'im4', 'im7'"):
+        load_oofs("d", ["a"], o.comp, o.folds, with_test=False, check_stale=False)
+
+
+def test_load_oofs_refuses_other_label_columns(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    df = write_oof("d", "a", o.ids, o.folds).rename(columns={"dog": "wolf"})
+    df.to_parquet(paths.oof_file("d", "a"), index=False)
+    with pytest.raises(UserError, match=r"model 'a'.*missing \['dog'\], unexpected \['wolf'\]"):
+        load_oofs("d", ["a"], o.comp, o.folds, with_test=False, check_stale=False)
+
+
+def test_load_oofs_refuses_duplicates_and_names_missing_models(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    write_oof("d", "a", o.ids[:-1] + [o.ids[0]], o.folds)
+    with pytest.raises(UserError, match=r"duplicated ids.*'im0'"):
+        load_oofs("d", ["a"], o.comp, o.folds, with_test=False, check_stale=False)
+    with pytest.raises(UserError, match=r"model 'nope'.*collected models: \['a'\]"):
+        load_oofs("d", ["nope"], o.comp, o.folds, with_test=False, check_stale=False)
+
+
+def test_load_oofs_checks_test_files(oof_home: SimpleNamespace) -> None:
+    o = oof_home
+    write_oof("d", "a", o.ids, o.folds, test_ids=o.test_ids[:-1])
+    with pytest.raises(UserError, match=r"model 'a'.*test.parquet.*1 missing \(first: 't3'\)"):
+        load_oofs("d", ["a"], o.comp, o.folds, check_stale=False)
+
+
+# ---- mmfold blend end to end ----------------------------------------------------------------
+
+
+def tiny_blend_project(project: Path, n_train: int = 90, n_test: int = 20) -> tuple[list[str], np.ndarray]:
+    """A tiny competition with folds and two models' OOF + test predictions on disk."""
+    write_competition(project, name="tiny", n_train=n_train, n_test=n_test, n_labels=4, images=False)
+    train = pd.read_csv(project / "input/tiny/train.csv", dtype=str)
+    test = pd.read_csv(project / "input/tiny/test.csv", dtype=str)
+    classes = ["1", "2", "3", "4"]
+    y = np.array([[c in ls.split() for c in classes] for ls in train["Labels"]], dtype=float)
+    folds = np.arange(n_train) % 3
+    (project / "folds").mkdir(exist_ok=True)
+    pd.DataFrame({"ImageID": train["ImageID"], "fold": folds}).to_csv(paths.folds_file("tiny"), index=False)
+    paths.labels_file("tiny").write_text(json.dumps({"classes": classes}))
+    rng = np.random.default_rng(0)
+    for m, noise in (("good", 0.25), ("weak", 0.45)):
+        oof = np.clip(0.5 * y + 0.25 + rng.normal(0, noise, y.shape), 0, 1)
+        df = pd.DataFrame({"id": train["ImageID"], "fold": folds, **dict(zip(classes, oof.T))})
+        paths.oof_dir("tiny").mkdir(parents=True, exist_ok=True)
+        df.to_parquet(paths.oof_file("tiny", m), index=False)
+        tp = pd.DataFrame({"id": test["ImageID"], **{c: rng.random(n_test) for c in classes}})
+        tp.to_parquet(paths.test_pred_file("tiny", m), index=False)
+    comp = load_competition(load_config("tiny").data)
+    for m in ("good", "weak"):  # the manifest `collect` writes: hashes of the inputs
+        io.write_json(paths.oof_meta_file("tiny", m), {"hashes": data_fingerprints(comp)})
+    return test["ImageID"].tolist(), folds
+
+
+def test_stale_models_are_never_blended(project: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_blend_project(project)
+    folds = pd.read_csv(paths.folds_file("tiny"), dtype={"ImageID": str})
+    folds["fold"] = (folds["fold"] + 1) % 3  # folds re-made after the models were trained
+    folds.to_csv(paths.folds_file("tiny"), index=False)
+    assert cli.main(["blend", "--data", "tiny", "--models", "good", "blend.method=mean"]) == 2
+    err = capsys.readouterr().err
+    assert "folds" in err and "good" in err
+    assert not (project / "submissions" / "tiny").exists() or not list((project / "submissions" / "tiny").glob("*.csv"))
+
+
+def test_blend_command_writes_submission_log_and_report(project: Path, capsys: pytest.CaptureFixture) -> None:
+    test_ids, _ = tiny_blend_project(project)
+    assert cli.main(["blend", "--data", "tiny", "--name", "first", "blend.n_trials=6"]) == 0
+    out = capsys.readouterr().out
+    assert "honest CV" in out and "(good)" in out and "submission   " in out
+    sub = pd.read_csv(project / "submissions/tiny/first.csv", dtype=str)
+    assert list(sub.columns) == ["ImageID", "Labels"] and sub["ImageID"].tolist() == test_ids
+    assert all(set(ls.split()) <= {"1", "2", "3", "4"} and ls for ls in sub["Labels"])
+    report = json.loads((project / "reports/tiny/blend_first.json").read_text())
+    assert set(report["models_cv"]) == {"good", "weak"} and report["study"]["trials"] == 6
+    assert set(report["per_label"]) == {"1", "2", "3", "4"}
+    assert (project / "reports/tiny/blend_first.md").read_text().startswith("# Blend `first`")
+    log = pd.read_csv(project / "submissions/tiny/log.csv", dtype=str, keep_default_na=False)
+    assert log["name"].tolist() == ["first"] and log["lb"].tolist() == [""]
+    assert float(log["cv_mean"][0]) == pytest.approx(report["cv"]["mean"], abs=1e-6)
+    assert log["commit"][0] == "unknown"
+
+    before = (project / "submissions/tiny/first.csv").read_bytes()
+    assert cli.main(["blend", "--data", "tiny", "--name", "first", "blend.n_trials=6"]) == 2
+    assert (project / "submissions/tiny/first.csv").read_bytes() == before
+
+    assert cli.main(["blend", "--data", "tiny", "--name", "second", "--models", "good", "weak",
+                     "blend.method=mean"]) == 0
+    log2 = pd.read_csv(project / "submissions/tiny/log.csv", dtype=str, keep_default_na=False)
+    assert log2["name"].tolist() == ["first", "second"]
+    pd.testing.assert_series_equal(log2.iloc[0], log.iloc[0])
+
+    assert cli.main(["lb", "--data", "tiny", "--name", "first", "--score", "0.5"]) == 0
+    assert "gap" in capsys.readouterr().out
+
+
+def test_blend_command_continues_the_stored_study(project: Path) -> None:
+    tiny_blend_project(project)
+    args = ["blend", "--data", "tiny", "blend.n_trials=4", "--name"]
+    assert cli.main(args + ["a"]) == 0
+    assert cli.main(args + ["b"]) == 0
+    a = json.loads((project / "reports/tiny/blend_a.json").read_text())
+    b = json.loads((project / "reports/tiny/blend_b.json").read_text())
+    assert a["study"] == b["study"] and a["weights"] == b["weights"] and a["cv"] == b["cv"]
+    studies = optuna.get_all_study_names(f"sqlite:///{paths.oof_dir('tiny') / 'blend.db'}")
+    assert len(studies) == 3 + 1  # one per outer fold + the final fit, reused by the rerun

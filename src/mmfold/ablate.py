@@ -12,6 +12,7 @@ The variants are declared in the model's YAML, not in code (``model.ablations``)
       no_caption: ["data.caption_col=null"]
       thresholds_0.5: {computed: thresholds_0.5}  # computed from OOFs, nothing trained
       blend_vs_single: {computed: blend_vs_single, models: [demo_image, demo_text]}
+      no_caption_model: {computed: model, model: demo_image}  # a collected model as a row
 
 A trained variant runs through the normal fold runner as ``<model>@<variant>`` (its own run
 dirs, resumable, reused when nothing changed). Every row is scored on the same folds as the
@@ -73,6 +74,8 @@ def parse_ablations(ablations: dict[str, Any], where: str) -> list[Variant]:
             out.append(Variant(name, overrides=list(spec)))
         elif isinstance(spec, dict) and "computed" in spec:
             COMPUTED.get(spec["computed"])
+            if spec["computed"] == "model" and not spec.get("model"):
+                raise ConfigError(f"{where}: ablation '{name}': computed: model needs 'model: <collected model>'")
             out.append(Variant(name, computed=spec["computed"], options={k: v for k, v in spec.items() if k != "computed"}))
         else:
             raise ConfigError(f"{where}: ablation '{name}' must be a list of 'key=value' overrides "
@@ -183,6 +186,19 @@ def blend_vs_single(ab: Ablation, v: Variant) -> Result:
                    lambda: ThresholdOptimizer(**threshold_params(ab.base.blend)))
     what = f"{ab.base.blend.method} blend of base + {', '.join(f'`{m}`' for m in present)}"
     return Result(v.name, what, list(cv.per_fold), time.perf_counter() - start)
+
+
+@COMPUTED.register("model")
+def other_model(ab: Ablation, v: Variant) -> Result:
+    """Another collected model scored on the base's folds: the row for a change that is a
+    different model config rather than an override (``no_caption`` = the image-only model)."""
+    other = v.options["model"]
+    if not paths.oof_file(ab.data, other).exists():
+        return Result(v.name, f"`{other}`", None, 0.0,
+                      f"`{other}` not collected: run `make train MODEL={other}` first")
+    prob = _collected(ab, other)
+    return Result(v.name, f"`{other}`", fold_scores(prob, ab.y(), ab.row_folds(), ab.tuned), 0.0,
+                  "collected model, training time not counted")
 
 
 def _blend_members(ab: Ablation, v: Variant) -> list[str]:

@@ -33,9 +33,9 @@ from mmfold.errors import UserError
 DATASETS = ("comp5329", "coco_mini", "fashion")
 # Members per dataset; a member whose inputs a dataset lacks (images on comp5329) is skipped.
 MEMBERS_BY_DATA: dict[str, list[str]] = {
-    "comp5329": ["tfidf_lr", "minilm_lr", "minilm_mlp", "tfidf_mlp", "lgbm_emb"],
+    "comp5329": ["tfidf_lr", "minilm_lr", "minilm_mlp", "tfidf_mlp", "lgbm_emb", "text_fused_lr"],
     "coco_mini": ["tfidf_lr", "minilm_lr", "effnet_lr", "fused_lr"],
-    "fashion": ["tfidf_lr", "minilm_lr", "effnet_lr", "fused_lr", "fused_mlp"],
+    "fashion": ["tfidf_lr", "minilm_lr", "effnet_mlp", "fused_lr", "fused_mlp"],
 }
 HISTORY = 10  # runs kept in real.json
 

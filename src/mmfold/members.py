@@ -425,6 +425,28 @@ def standardize(tr: np.ndarray, va: np.ndarray, te: np.ndarray | None) -> tuple[
     return sc.transform(tr), sc.transform(va), None if te is None else sc.transform(te)
 
 
+def reduce_dense(dense: tuple[np.ndarray, np.ndarray, np.ndarray | None], pca_dim: int | None,
+                 weight: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """PCA to ``pca_dim`` components, then scale so the mean training row norm is ``weight``.
+
+    Both fitted on the training fold only. Next to unit-norm TF-IDF rows, 1,664 standardized
+    embedding dims (row norm ~40) swamp the words under one C; scaled to norm ~1 the two views
+    share the regularisation. PCA also keeps a sparse-solver fit at seconds, not minutes:
+    liblinear's cost grows with the non-zeros, and a dense block makes every entry one.
+    """
+    tr, va, te = dense
+    k = min(int(pca_dim or tr.shape[1]), tr.shape[0])  # no more components than training rows
+    if k < tr.shape[1]:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(k, random_state=0).fit(tr)
+        tr, va, te = pca.transform(tr), pca.transform(va), None if te is None else pca.transform(te)
+    if weight:
+        scale = float(weight) / max(float(np.sqrt((tr ** 2).sum(1).mean())), 1e-12)
+        tr, va, te = tr * scale, va * scale, None if te is None else te * scale
+    return tr, va, te
+
+
 # ----------------------------------------------------------------------------- members
 
 
@@ -469,8 +491,8 @@ def tfidf_linear(cfg: Config, comp: Competition, train_idx: np.ndarray, valid_id
 
 
 EMBED_DEFAULTS: dict[str, Any] = {
-    "encoders": ["minilm"], "encoder_settings": {}, "standardize": True, "tfidf": False,
-    "tfidf_params": {}, "head": "logreg", "head_params": {"C": 0.05},
+    "encoders": ["minilm"], "encoder_settings": {}, "standardize": True, "pca_dim": None,
+    "dense_weight": None, "tfidf": False, "tfidf_params": {}, "head": "logreg", "head_params": {"C": 0.05},
 }
 
 
@@ -480,12 +502,16 @@ def frozen_embed(cfg: Config, comp: Competition, train_idx: np.ndarray, valid_id
 
     With ``tfidf: true`` the fold's TF-IDF is appended (sparse) so a linear head sees exact
     words as well as the encoder's meaning: useful for product names and rare terms.
+    ``pca_dim`` and ``dense_weight`` (see :func:`reduce_dense`) let one C serve both blocks.
     """
     p = resolve_params(cfg, EMBED_DEFAULTS)
     split = Split(comp, train_idx, valid_idx)
     tr, va, te, info = embedding_features(split, list(p["encoders"]), _sub(p, "encoder_settings"))
     if p["standardize"]:
         tr, va, te = standardize(tr, va, te)
+    if p["pca_dim"] or p["dense_weight"]:
+        tr, va, te = reduce_dense((tr, va, te), p["pca_dim"], p["dense_weight"])
+        info["embedding_dim"] = int(tr.shape[1])
     if p["tfidf"]:
         tr, va, te, info = _append_tfidf(split, (tr, va, te), _sub(p, "tfidf_params"), info)
     return _finish(split, p["head"], build_head(p["head"], _sub(p, "head_params")), (tr, va, te, info), p)

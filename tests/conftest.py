@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,25 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MMFOLD_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small demo data (150 train / 30 test rows), made once per session; copy, never modify."""
+    from mmfold.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo_template")
+    make_demo(root / "input" / "demo", n_train=150, n_test=30)
+    return root
+
+
+def install_demo(project: Path, template: Path) -> Path:
+    """Copy the small demo data into ``project`` and write its folds."""
+    from mmfold.cli import main
+
+    shutil.copytree(template / "input", project / "input")
+    assert main(["folds"]) == 0
+    return project
 
 
 def write_competition(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,8 +12,8 @@ from mmfold import paths
 from mmfold.ablate import ablate, parse_ablations
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.demo import make_demo
 from mmfold.train import train_model
+from tests.conftest import install_demo
 
 BASE = {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 4.0, "solver": "liblinear"}}}
 ABLATIONS = {
@@ -28,14 +27,6 @@ ABLATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small demo data (150 rows), made once."""
-    root = tmp_path_factory.mktemp("demo_template")
-    make_demo(root / "input" / "demo", n_train=150, n_test=30)
-    return root
-
-
 def write_model(root: Path, name: str, model: dict) -> None:
     (root / "configs" / "models" / f"{name}.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
 
@@ -43,8 +34,7 @@ def write_model(root: Path, name: str, model: dict) -> None:
 @pytest.fixture
 def demo(project: Path, demo_template: Path) -> Path:
     """Demo data + folds, the base model with its ablations, and another collected model."""
-    shutil.copytree(demo_template / "input", project / "input")
-    assert main(["folds"]) == 0
+    install_demo(project, demo_template)
     write_model(project, "tfidf", {**BASE, "ablations": ABLATIONS})
     write_model(project, "other", {"kind": "tfidf_linear", "params": {"char_ngrams": None, "min_df": 1}})
     train_model(load_config("demo", "other"))

@@ -19,8 +19,8 @@ import yaml
 from mmfold import io, paths
 from mmfold.cli import main
 from mmfold.config import load_config
-from mmfold.demo import make_demo
 from mmfold.train import train_model
+from tests.conftest import install_demo
 
 MODELS = {
     "tfidf_a": {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 4.0, "solver": "liblinear"}}},
@@ -38,19 +38,10 @@ def write_model_yaml(root: Path, name: str, model: dict) -> None:
     (root / "configs" / "models" / f"{name}.yaml").write_text(yaml.safe_dump({"model": model}))
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small demo data (150 rows) and its 5 folds, made once and copied into each test."""
-    root = tmp_path_factory.mktemp("demo_template")
-    make_demo(root / "input" / "demo", n_train=150, n_test=30)
-    return root
-
-
 @pytest.fixture
 def demo(project: Path, demo_template: Path) -> Path:
     """The isolated project with the demo data and folds."""
-    shutil.copytree(demo_template / "input", project / "input")
-    assert main(["folds"]) == 0
+    install_demo(project, demo_template)
     return project
 
 

@@ -8,7 +8,6 @@ real TF-IDF member on the demo data through the CLI.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ import yaml
 from mmfold import paths, train
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.demo import make_demo
 from mmfold.errors import UserError
 from mmfold.members import MEMBERS
 from mmfold.metrics import binarize, samples_f1
 from mmfold.sweep import (SweepOptions, check_space, grid_space, parse_space, requeue_interrupted, results_table,
                           sweep)
+from tests.conftest import install_demo
 
 CALLS: list[tuple[str, int]] = []  # (run name, epochs emitted) per fold trained
 INTERRUPT: dict[str, int | None] = {"at": None}  # raise KeyboardInterrupt on this call number
@@ -55,19 +54,10 @@ SPACE = {"model.params.quality": {"type": "float", "low": 0.1, "high": 0.9, "gri
          "train.epochs": {"type": "int", "low": 1, "high": 3, "grid": [1, 2]}}
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small demo data (150 rows), made once."""
-    root = tmp_path_factory.mktemp("demo_template")
-    make_demo(root / "input" / "demo", n_train=150, n_test=30)
-    return root
-
-
 @pytest.fixture
 def demo(project: Path, demo_template: Path) -> Path:
     """Isolated project with demo data, folds and the fake model's YAML."""
-    shutil.copytree(demo_template / "input", project / "input")
-    assert main(["folds"]) == 0
+    install_demo(project, demo_template)
     write_fake(project, SPACE)
     CALLS.clear()
     INTERRUPT["at"] = None

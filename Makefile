@@ -9,8 +9,11 @@ FORCE ?= 0
 ARGS  ?=
 NAME  ?=
 LB    ?=
+GPUS  ?=
 
 MMFOLD = $(PY) -m mmfold
+# GPUS=N: one process per GPU through Hugging Face Accelerate (DDP); rank 0 writes the files.
+LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data $(DATA) $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
 .PHONY: help setup demo demo-data folds train collect blend submit report sweep ablate weights bench bench-real test test-fast clean-demo
@@ -36,8 +39,8 @@ demo-data: setup  ## write the synthetic demo competition to input/demo/
 folds: setup  ## multilabel-stratified folds -> folds/<data>.csv (FORCE=1 to rewrite)
 	$(MMFOLD) folds $(COMMON)
 
-train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect
-	$(MMFOLD) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD))
+train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP
+	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD))
 
 collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))

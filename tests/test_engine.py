@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -318,3 +319,29 @@ def test_two_cpu_processes_write_each_oof_row_once(comp, project: Path) -> None:
     n_valid = (folds() == 0).sum()
     assert oof.shape == (n_valid, 1 + 4) and oof["id"].is_unique
     assert len(list((project / "runs" / "ddp").glob("log.jsonl"))) == 1
+
+
+def test_cli_train_under_a_two_process_launcher(project: Path) -> None:
+    """``mmfold train`` as users launch it on several GPUs (``make train GPUS=N`` runs
+    ``accelerate launch -m mmfold``; on CPU, accelerate runs one process, so torchrun stands
+    in): every fold trains with both ranks, rank 0 alone writes, OOF has each id once."""
+    import yaml
+
+    from tests.test_faults import TINY_FUSION
+
+    write_competition(project)
+    (project / "configs" / "models" / "tf.yaml").write_text(yaml.safe_dump(TINY_FUSION))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMFOLD_HOME": str(project)}
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=project, env=env,  # noqa: E731
+                                      capture_output=True, text=True, timeout=300)
+    assert run("-m", "mmfold", "folds", "--data", "tiny").returncode == 0
+    res = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+              "-m", "mmfold", "train", "--data", "tiny", "--model", "tf", "train.threads=1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    oof = pd.read_parquet(project / "oof" / "tiny" / "tf.parquet")
+    train = pd.read_csv(project / "input" / "tiny" / "train.csv")
+    assert oof["id"].is_unique and set(oof["id"]) == set(train["ImageID"])
+    for k in range(3):
+        done = json.loads((project / "runs" / "tiny" / "tf" / f"fold{k}" / "done.json").read_text())
+        assert done["num_processes"] == 2
+    assert res.stdout.count("tf: CV samples-F1") == 1  # one rank reports and collects

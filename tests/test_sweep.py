@@ -130,16 +130,18 @@ def test_requeue_killed_trial_keeps_params_and_run() -> None:
     assert requeue_interrupted(study) == []
 
 
-def test_pruned_on_epoch_hook(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the engine hook, a bad trial stops inside its first fold, after one epoch."""
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_pruned_on_epoch_hook(demo: Path, monkeypatch: pytest.MonkeyPatch, warmup: int) -> None:
+    """With the engine hook, a bad trial stops inside its first fold, right after the
+    ``warmup`` epochs the pruner leaves alone."""
     monkeypatch.setattr(train, "EPOCH_CALLBACKS", [], raising=False)
-    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [3]})
-    study = sweep(opts(pruner="median", startup=1, sampler="grid"))
+    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [4]})
+    study = sweep(opts(pruner="median", startup=1, sampler="grid", warmup=warmup))
     df = results_table(study).set_index("model.params.quality")
     assert df.loc[0.1, "number"] > 0  # the seeded grid order puts a good trial first
     assert df.loc[0.1, "state"] == "PRUNED"
     bad = [calls for name, calls in CALLS if name == df.loc[0.1, "run"]]
-    assert bad == [1]  # one fold, stopped after its first epoch
+    assert bad == [warmup + 1]  # one fold, stopped at the first epoch it may be pruned
     assert df.loc[0.9, "state"] == "COMPLETE"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,6 +117,30 @@ def test_interrupted_study_resumes_with_its_trials(tmp_path: Path) -> None:
     other = OptunaBlender(n_trials=3, threshold_params=THR, storage=storage).fit(P[:2], y)
     assert other.study_.study_name != first.study_.study_name
     assert len(other.study_.trials) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands in for a dead process
+def test_trial_of_a_killed_run_is_marked_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILLed blend leaves its trial RUNNING; once its heartbeat is older than the grace
+    period, the next blend on the study marks it FAIL instead of keeping a zombie forever."""
+    import optuna
+
+    monkeypatch.setattr(blend, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(blend, "GRACE_S", 1)
+    blend._storage.cache_clear()
+    P, y, _ = make_stack(n=200)
+    url = f"sqlite:///{tmp_path / 'blend.db'}"
+    first = OptunaBlender(n_trials=3, threshold_params=THR, storage=url).fit(P, y)
+    storage = blend._storage(url)
+    study = optuna.load_study(study_name=first.study_.study_name, storage=storage)
+    zombie = study.ask()  # what a killed process leaves: RUNNING, heartbeat then silence
+    storage.record_heartbeat(zombie._trial_id)
+    time.sleep(2.5)
+    again = OptunaBlender(n_trials=3, threshold_params=THR, storage=url).fit(P, y)
+    states = {t.number: t.state for t in again.study_.trials}
+    assert states[zombie.number] == optuna.trial.TrialState.FAIL
+    assert len(blend._complete(again.study_)) == 3
+    blend._storage.cache_clear()
 
 
 def test_greedy_selection_prefers_real_models() -> None:

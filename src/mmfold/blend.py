@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import sqlite3
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -391,6 +392,10 @@ class OptunaBlender(WeightedBlender):
         storage = _storage(self.storage) if self.storage else None
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     sampler=_sampler(self.seed), load_if_exists=True)
+        if storage is not None:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # trials of a killed run
         if not study.trials:
             for point in _anchor_points(len(Q)):
                 study.enqueue_trial({**point, **self._unit_exponents(len(Q))})
@@ -428,6 +433,12 @@ class OptunaBlender(WeightedBlender):
         return weights, exps
 
 
+# A trial whose process was killed stays RUNNING forever unless something notices: with a
+# heartbeat, a trial silent for GRACE_S seconds is marked FAIL when a study is next opened.
+HEARTBEAT_S = 10
+GRACE_S = 60
+
+
 @functools.lru_cache(maxsize=8)
 def _storage(url: str) -> Any:
     """Optuna storage for a URL; SQLite gets write-ahead logging.
@@ -444,12 +455,15 @@ def _storage(url: str) -> Any:
     path = url.removeprefix("sqlite:///")
 
     def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=60)
+        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)  # heartbeat thread
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect})
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect},
+                                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 
 def _sampler(seed: int) -> Any:

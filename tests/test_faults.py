@@ -105,7 +105,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path: Path) -> N
     work = max(total - startup, 0.5)
 
     rng = np.random.default_rng(0)
-    kills = 0
+    kills, left_temps = 0, set()
     while True:
         proc = subprocess.Popen(_mmfold(killed, *cmd), env=_env(killed), cwd=killed,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -119,15 +119,19 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path: Path) -> N
             proc.wait()
             kills += 1
             check_artifacts(killed)
+            left_temps |= {p.name for d in ("runs", "oof") for p in (killed / d).rglob(".*.tmp")}
             continue
         assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
         break
     assert kills >= 3, f"the schedule should interrupt the run several times (startup {startup:.1f}s, total {total:.1f}s)"
+    orphans = [p for d in ("runs", "oof") for p in (killed / d).rglob(".*.tmp")]
+    assert not orphans, f"temp files of killed writers were not swept: {orphans}"
     for name in ("tf.parquet", "tf.test.parquet"):
         a = pd.read_parquet(clean / "oof" / "tiny" / name)
         b = pd.read_parquet(killed / "oof" / "tiny" / name)
         pd.testing.assert_frame_equal(a, b)
-    print(f"{kills} kills, resumed to identical OOF/test probabilities")
+    print(f"{kills} kills ({len(left_temps)} temp files left by them, all swept), "
+          "resumed to identical OOF/test probabilities")
 
 
 def test_blend_killed_during_study_resumes_and_keeps_log(project: Path) -> None:
@@ -163,6 +167,23 @@ def test_second_trainer_on_same_fold_refuses(project: Path) -> None:
         with pytest.raises(io.LockedError, match="another run on this fold"):
             run_fold(cfg, comp, load_folds(comp), 0)
     assert not (paths.run_dir("tiny", "tfidf_lr", 0) / "done.json").exists()
+
+
+def test_resume_sweeps_temp_files_of_a_killed_writer(project: Path, capsys) -> None:
+    write_competition(project)
+    assert main(["folds", "--data", "tiny"]) == 0
+    rd, oof_dir = paths.run_dir("tiny", "tfidf_lr", 0), paths.oof_dir("tiny")
+    # what SIGKILL between mkstemp and rename leaves: a hidden temp beside the destination
+    orphans = [rd / ".last.pt.k1ll3d.tmp", oof_dir / ".tfidf_lr.parquet.k1ll3d.tmp"]
+    for p in orphans:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    other = oof_dir / ".other_model.parquet.x.tmp"  # another model's collect may be writing it
+    other.write_bytes(b"not ours")
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr"]) == 0
+    assert not any(p.exists() for p in orphans)
+    assert other.exists()
+    assert "removed 1 temp file(s) left by an interrupted run" in capsys.readouterr().out
 
 
 def test_different_folds_side_by_side_and_collect_refuses_partial(project: Path, capsys) -> None:

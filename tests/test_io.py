@@ -1,6 +1,8 @@
 """Atomic writes, never-overwrite, append-only logs and process locks."""
 
 import multiprocessing as mp
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -60,3 +62,42 @@ def test_lock_refuses_second_holder_and_dies_with_process(tmp_path: Path) -> Non
     proc.join()
     with io.file_lock(lock):
         pass
+
+
+def test_waiting_lock_blocks_until_the_holder_is_done(tmp_path: Path) -> None:
+    lock = tmp_path / "x.lock"
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold, args=(str(lock), ready, release))
+    proc.start()
+    assert ready.wait(10)
+    threading.Timer(0.5, release.set).start()
+    start = time.perf_counter()
+    with io.file_lock(lock, wait=True):  # waits instead of raising LockedError
+        waited = time.perf_counter() - start
+        assert release.is_set()
+    proc.join()
+    assert waited >= 0.4
+
+
+def test_orphan_temps_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    def killed(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt  # stands in for SIGKILL: leave the temp, as a dead process does
+
+    real_unlink = Path.unlink
+    Path.unlink = lambda self, missing_ok=False: None  # type: ignore[method-assign]
+    try:
+        for name in ("last.pt", "oof.parquet"):
+            with pytest.raises(KeyboardInterrupt):
+                io.atomic_write(tmp_path / name, killed)
+    finally:
+        Path.unlink = real_unlink  # type: ignore[method-assign]
+    io.write_text(tmp_path / "keep.json", "{}")
+    (tmp_path / "user.tmp").write_text("a user's own file")  # not one of ours: not hidden
+    temps = sorted(p.name for p in tmp_path.glob(".*.tmp"))
+    assert len(temps) == 2
+
+    assert [p.name for p in io.remove_orphan_temps(tmp_path, ["oof.parquet"])] == [t for t in temps if "oof" in t]
+    assert [p.name for p in io.remove_orphan_temps(tmp_path)] == [t for t in temps if "last" in t]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json", "user.tmp"]

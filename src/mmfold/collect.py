@@ -97,10 +97,17 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     oof = merge_oof(cfg, comp, fold_of_row)
     test = mean_test(cfg, comp, n)
     meta = _meta(cfg, comp, oof, fold_of_row, infos)
-    io.write_parquet(oof, paths.oof_file(cfg.data.name, cfg.model.name))
-    if test is not None:
-        io.write_parquet(test, paths.test_pred_file(cfg.data.name, cfg.model.name))
-    io.write_json(paths.oof_meta_file(cfg.data.name, cfg.model.name), meta)
+    files = [paths.oof_file(cfg.data.name, cfg.model.name),
+             paths.test_pred_file(cfg.data.name, cfg.model.name),
+             paths.oof_meta_file(cfg.data.name, cfg.model.name)]
+    # two fold runs finishing together both collect: one at a time, and each clears the
+    # temp files a killed collect of this model left behind
+    with io.file_lock(files[0].with_name(f".{cfg.model.name}.collect.lock"), wait=True):
+        io.remove_orphan_temps(files[0].parent, [f.name for f in files])
+        io.write_parquet(oof, files[0])
+        if test is not None:
+            io.write_parquet(test, files[1])
+        io.write_json(files[2], meta)
     cv = meta["cv"]["samples"], meta.get("cv_tuned", {}).get("samples", float("nan"))
     print(f"{cfg.model.name}: CV samples-F1 {cv[0]:.4f} at 0.5, {cv[1]:.4f} with tuned thresholds")
     return meta

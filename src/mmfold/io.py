@@ -61,6 +61,26 @@ def _temp_beside(path: Path) -> Path:
     return Path(name)
 
 
+def remove_orphan_temps(folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Delete temp files that a killed writer left in ``folder``; return what was removed.
+
+    :func:`atomic_write` cleans up after itself unless the process dies (SIGKILL, power cut)
+    between creating its temp file and renaming it. Call this only while holding the lock
+    that serialises writers of ``folder`` (or of ``names`` in it): a live writer's temp file
+    must not vanish under it.
+
+    Args:
+        folder: The folder to sweep (not recursive).
+        names: Only temps of these destination file names; all of them when None.
+    """
+    folder = Path(folder)
+    patterns = [f".{n}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    removed = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 def _fsync(path: Path) -> None:
     """Flush a file to disk so the rename never exposes an empty file after a power cut."""
     with open(path, "rb+") as f:
@@ -138,20 +158,25 @@ def _cell(v: Any) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[Path]:
-    """Hold an exclusive, non-blocking lock on ``path`` for the duration of the block.
+def file_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` for the duration of the block.
 
     ``flock`` locks die with their process, so a killed run never leaves a stale lock behind.
 
+    Args:
+        path: The lock file (created if missing).
+        wait: Block until the holder is done instead of refusing (for short critical sections
+            such as collecting a model, which two fold runs may reach at the same time).
+
     Raises:
-        LockedError: another live process holds it.
+        LockedError: another live process holds it and ``wait`` is False.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             holder = Path(path).read_text(errors="replace").strip() or "another process"
             raise LockedError(f"{path} is locked by {holder}; is another run on this fold?") from e

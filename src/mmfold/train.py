@@ -113,8 +113,16 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
         if force and rd.exists():
             _backup(rd)
         rd.mkdir(parents=True, exist_ok=True)
+        _sweep_temps(rd)
         out = runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
         return _write_outputs(cfg, comp, fold_of_row, fold, rd, out)
+
+
+def _sweep_temps(folder: Path) -> None:
+    """Remove temp files a killed earlier run left behind (safe: we hold the fold's lock)."""
+    removed = io.remove_orphan_temps(folder)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) left by an interrupted run in {folder}")
 
 
 def _backup(rd: Path) -> None:

@@ -12,6 +12,7 @@ from mmfold.metrics import METRICS, binarize
 from mmfold.thresholds import (
     THRESHOLD_METRICS,
     ThresholdOptimizer,
+    _columns,
     _global_bins,
     _Search,
     benchmark,
@@ -86,8 +87,8 @@ def test_global_scores_equal_brute_force(metric: str, min_labels: int) -> None:
     """One threshold for every label: vectorised scores equal recomputation."""
     P, y = small_problem(3, n=15, L=4)
     cands = np.unique(P)
-    got = THRESHOLD_METRICS.get(metric).global_scores(_global_bins(P, cands, min_labels >= 1),
-                                                     y.astype(bool), len(cands))
+    bins = _global_bins(P, _columns(P, y.astype(bool)), cands, min_labels >= 1)
+    got = THRESHOLD_METRICS.get(metric).global_scores(bins, y.astype(bool), len(cands))
     want = [score_of(P, y, np.full(4, c), metric, min_labels) for c in cands]
     np.testing.assert_allclose(got, want, atol=1e-12)
 
@@ -203,3 +204,13 @@ def test_benchmark_quick_is_faster_and_no_worse() -> None:
     assert r["speedup"] > 5  # ~100x+ even here; loose so a busy CI box passes
     assert r["baseline_time_extrapolated"] and r["baseline_labels_timed"] == 2
     assert r["baseline_seconds"] == pytest.approx(3 * r["baseline_seconds_measured"], rel=1e-2)
+
+
+def test_column_bins_equal_searchsorted_with_ties() -> None:
+    """The sorted-column shortcut counts candidates <= each cell exactly, ties included."""
+    P, y = small_problem(5, n=200, L=6)  # rounded: many ties
+    cols = _columns(P, y.astype(bool))
+    cands = np.unique(np.concatenate([P[::7, 0], [-1.0, 0.5, 2.0]]))
+    for j, col in enumerate(cols):
+        np.testing.assert_array_equal(col.bins(cands), np.searchsorted(cands, P[:, j], side="right"))
+        np.testing.assert_array_equal(col.values, np.sort(P[:, j]))

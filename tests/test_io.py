@@ -4,6 +4,7 @@ import multiprocessing as mp
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -48,13 +49,19 @@ def _hold(path: str, ready, release) -> None:
         release.wait(10)
 
 
-def test_lock_refuses_second_holder_and_dies_with_process(tmp_path: Path) -> None:
-    lock = tmp_path / "x.lock"
+def _holder(lock: Path) -> tuple[mp.process.BaseProcess, Any]:
+    """Another process holding ``lock`` until the returned event is set."""
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_hold, args=(str(lock), ready, release))
     proc.start()
     assert ready.wait(10)
+    return proc, release
+
+
+def test_lock_refuses_second_holder_and_dies_with_process(tmp_path: Path) -> None:
+    lock = tmp_path / "x.lock"
+    proc, _ = _holder(lock)
     with pytest.raises(io.LockedError, match="locked by pid"):
         with io.file_lock(lock):
             pass
@@ -66,11 +73,7 @@ def test_lock_refuses_second_holder_and_dies_with_process(tmp_path: Path) -> Non
 
 def test_waiting_lock_blocks_until_the_holder_is_done(tmp_path: Path) -> None:
     lock = tmp_path / "x.lock"
-    ctx = mp.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold, args=(str(lock), ready, release))
-    proc.start()
-    assert ready.wait(10)
+    proc, release = _holder(lock)
     threading.Timer(0.5, release.set).start()
     start = time.perf_counter()
     with io.file_lock(lock, wait=True):  # waits instead of raising LockedError

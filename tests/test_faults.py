@@ -77,6 +77,11 @@ def check_artifacts(root: Path) -> int:
     return n
 
 
+def _temps(root: Path) -> list[Path]:
+    """Temp files of atomic writes under runs/ and oof/ (a killed writer leaves them)."""
+    return [p for d in ("runs", "oof") for p in (root / d).rglob(f".*{io.TEMP_SUFFIX}")]
+
+
 def _timed_run(root: Path, cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd`` to completion; (seconds until the first run file appeared, total seconds).
 
@@ -119,13 +124,12 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path: Path) -> N
             proc.wait()
             kills += 1
             check_artifacts(killed)
-            left_temps |= {p.name for d in ("runs", "oof") for p in (killed / d).rglob(".*.tmp")}
+            left_temps |= {p.name for p in _temps(killed)}
             continue
         assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
         break
     assert kills >= 3, f"the schedule should interrupt the run several times (startup {startup:.1f}s, total {total:.1f}s)"
-    orphans = [p for d in ("runs", "oof") for p in (killed / d).rglob(".*.tmp")]
-    assert not orphans, f"temp files of killed writers were not swept: {orphans}"
+    assert not _temps(killed), f"temp files of killed writers were not swept: {_temps(killed)}"
     for name in ("tf.parquet", "tf.test.parquet"):
         a = pd.read_parquet(clean / "oof" / "tiny" / name)
         b = pd.read_parquet(killed / "oof" / "tiny" / name)

@@ -84,18 +84,8 @@ def test_waiting_lock_blocks_until_the_holder_is_done(tmp_path: Path) -> None:
 
 
 def test_orphan_temps_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: Path) -> None:
-    def killed(tmp: Path) -> None:
-        tmp.write_bytes(b"half")
-        raise KeyboardInterrupt  # stands in for SIGKILL: leave the temp, as a dead process does
-
-    real_unlink = Path.unlink
-    Path.unlink = lambda self, missing_ok=False: None  # type: ignore[method-assign]
-    try:
-        for name in ("last.pt", "oof.parquet"):
-            with pytest.raises(KeyboardInterrupt):
-                io.atomic_write(tmp_path / name, killed)
-    finally:
-        Path.unlink = real_unlink  # type: ignore[method-assign]
+    for name in ("last.pt", "oof.parquet"):  # a SIGKILL after mkstemp, before the rename
+        io._temp_beside(tmp_path / name).write_bytes(b"half")
     io.write_text(tmp_path / "keep.json", "{}")
     (tmp_path / "user.tmp").write_text("a user's own file")  # not one of ours: not hidden
     temps = sorted(p.name for p in tmp_path.glob(".*.tmp"))

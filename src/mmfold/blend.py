@@ -13,11 +13,12 @@ are fitted on the other folds only and scored on fold k.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import sqlite3
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,8 +394,7 @@ class OptunaBlender(WeightedBlender):
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     sampler=_sampler(self.seed), load_if_exists=True)
         if storage is not None:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with _heartbeat_api():
                 optuna.storages.fail_stale_trials(study)  # trials of a killed run
         if not study.trials:
             for point in _anchor_points(len(Q)):
@@ -439,6 +439,16 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 
 
+@contextlib.contextmanager
+def _heartbeat_api() -> Iterator[None]:
+    """Optuna flags its heartbeat API "experimental"; we rely on it knowingly, so say nothing."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 @functools.lru_cache(maxsize=8)
 def _storage(url: str) -> Any:
     """Optuna storage for a URL; SQLite gets write-ahead logging.
@@ -460,8 +470,7 @@ def _storage(url: str) -> Any:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _heartbeat_api():
         return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect},
                                           heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 

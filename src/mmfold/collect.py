@@ -97,17 +97,18 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     oof = merge_oof(cfg, comp, fold_of_row)
     test = mean_test(cfg, comp, n)
     meta = _meta(cfg, comp, oof, fold_of_row, infos)
-    files = [paths.oof_file(cfg.data.name, cfg.model.name),
-             paths.test_pred_file(cfg.data.name, cfg.model.name),
-             paths.oof_meta_file(cfg.data.name, cfg.model.name)]
+    data, model = cfg.data.name, cfg.model.name
+    oof_path, test_path, meta_path = (paths.oof_file(data, model),
+                                      paths.test_pred_file(data, model),
+                                      paths.oof_meta_file(data, model))
     # two fold runs finishing together both collect: one at a time, and each clears the
     # temp files a killed collect of this model left behind
-    with io.file_lock(files[0].with_name(f".{cfg.model.name}.collect.lock"), wait=True):
-        io.remove_orphan_temps(files[0].parent, [f.name for f in files])
-        io.write_parquet(oof, files[0])
+    with io.file_lock(paths.oof_dir(data) / f".{model}.collect.lock", wait=True):
+        io.remove_orphan_temps(paths.oof_dir(data), [oof_path.name, test_path.name, meta_path.name])
+        io.write_parquet(oof, oof_path)
         if test is not None:
-            io.write_parquet(test, files[1])
-        io.write_json(files[2], meta)
+            io.write_parquet(test, test_path)
+        io.write_json(meta_path, meta)
     cv = meta["cv"]["samples"], meta.get("cv_tuned", {}).get("samples", float("nan"))
     print(f"{cfg.model.name}: CV samples-F1 {cv[0]:.4f} at 0.5, {cv[1]:.4f} with tuned thresholds")
     return meta

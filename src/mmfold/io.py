@@ -49,13 +49,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(name: str) -> str:
+    """Temp files are hidden and start with their destination's name, so a sweep can tell
+    whose they are."""
+    return f".{name}."
+
+
 def _temp_beside(path: Path) -> Path:
     """An empty hidden temp file in ``path``'s folder (same filesystem, so rename is atomic).
 
     Made world-readable like a normal file (``mkstemp`` alone would leave it 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     os.fchmod(fd, 0o644)
     os.close(fd)
     return Path(name)
@@ -74,7 +83,8 @@ def remove_orphan_temps(folder: str | Path, names: list[str] | None = None) -> l
         names: Only temps of these destination file names; all of them when None.
     """
     folder = Path(folder)
-    patterns = [f".{n}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    prefixes = [_temp_prefix(n) for n in names] if names is not None else ["."]
+    patterns = [f"{prefix}*{TEMP_SUFFIX}" for prefix in prefixes]
     removed = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
     for p in removed:
         p.unlink(missing_ok=True)

@@ -229,7 +229,7 @@ def test_every_registered_method_blends_honestly(method: str) -> None:
     P, y, folds = make_stack(n=300, L=3)
     folds = folds % 3  # 3 folds keep the nested stacker fits few
     oofs = blend.OOFSet(["a", "b", "noise"], ["x", "y", "z"], [str(i) for i in range(300)], folds, P)
-    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=5))
+    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=5), "samples")
     assert fit.best_single[0] in ("a", "b") and fit.singles["noise"].mean < fit.honest.mean
     assert fit.honest.mean > fit.singles["a"].mean - 0.05 and fit.in_sample >= fit.honest.mean - 0.05
     assert fit.blender.predict(P).shape == y.shape and fit.thresholds.thresholds_.shape == (3,)
@@ -238,11 +238,11 @@ def test_every_registered_method_blends_honestly(method: str) -> None:
 
 def test_bad_blend_settings_are_refused() -> None:
     with pytest.raises(UserError, match="unknown blend method 'magic'"):
-        blend.build_blender(BlendConfig(method="magic"))
+        blend.build_blender(BlendConfig(method="magic"), "samples")
     with pytest.raises(UserError, match="power"):
-        blend.build_blender(BlendConfig(method="mean", transform="power"))
+        blend.build_blender(BlendConfig(method="mean", transform="power"), "samples")
     with pytest.raises(UserError, match="unknown blend transform"):
-        blend.build_blender(BlendConfig(transform="log"))
+        blend.build_blender(BlendConfig(transform="log"), "samples")
 
 
 # ---- loading OOF files ---------------------------------------------------------------------

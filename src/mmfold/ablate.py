@@ -182,8 +182,8 @@ def blend_vs_single(ab: Ablation, v: Variant) -> Result:
         return Result(v.name, v.what, None, 0.0, f"no other collected model in {paths.oof_dir(ab.data)}")
     start = time.perf_counter()
     P = np.stack([ab.base_prob] + [_collected(ab, m) for m in present])
-    cv = nested_cv(P, ab.y(), ab.row_folds(), lambda k: build_blender(ab.base.blend),
-                   lambda: ThresholdOptimizer(**threshold_params(ab.base.blend)))
+    cv = nested_cv(P, ab.y(), ab.row_folds(), lambda k: build_blender(ab.base.blend, ab.base.data.metric),
+                   lambda: ThresholdOptimizer(**threshold_params(ab.base.blend, ab.base.data.metric)))
     what = f"{ab.base.blend.method} blend of base + {', '.join(f'`{m}`' for m in present)}"
     return Result(v.name, what, list(cv.per_fold), time.perf_counter() - start)
 

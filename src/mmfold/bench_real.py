@@ -144,7 +144,7 @@ def blend_members(data: str, models: list[str], comp: Competition, fold: np.ndar
 
     oofs = blend.load_oofs(data, models, comp, fold, with_test=False)
     y = comp.y()
-    fit = blend.fit_blend(oofs, y, cfg.blend, storage=None, study_name=f"bench-{data}")
+    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, storage=None, study_name=f"bench-{data}")
     rows = {m: _scores(all_metrics, y, s) for m, s in fit.singles.items()}
     rows["blend"] = _scores(all_metrics, y, fit.honest)
     weights = {m: round(float(w), 4) for m, w in zip(models, fit.blender.weights_)}

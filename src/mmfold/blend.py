@@ -30,6 +30,7 @@ from mmfold.config import BlendConfig
 from mmfold.errors import UserError
 from mmfold.metrics import METRICS
 from mmfold.registry import Registry
+from mmfold.scoring import threshold_params
 from mmfold.thresholds import ThresholdOptimizer
 
 BLENDERS = Registry("blend method")
@@ -275,7 +276,7 @@ class MeanBlender(WeightedBlender):
         self.transform = transform
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, storage: str | None, study_name: str) -> MeanBlender:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> MeanBlender:
         """From ``blend.*`` (storage and study name are unused)."""
         return cls(transform=cfg.transform)
 
@@ -306,9 +307,9 @@ class GreedyBlender(WeightedBlender):
         self.transform = transform
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, storage: str | None, study_name: str) -> GreedyBlender:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> GreedyBlender:
         """From ``blend.*``."""
-        return cls(threshold_params=threshold_params(cfg), transform=cfg.transform)
+        return cls(threshold_params=threshold_params(cfg, metric), transform=cfg.transform)
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> GreedyBlender:
         """Run the selection; ``trajectory_`` holds the score after each step."""
@@ -366,9 +367,9 @@ class OptunaBlender(WeightedBlender):
         self.study_name = study_name
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, storage: str | None, study_name: str) -> OptunaBlender:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> OptunaBlender:
         """From ``blend.*``, with the study stored in ``storage`` under ``study_name``."""
-        return cls(cfg.n_trials, threshold_params(cfg), cfg.transform, cfg.seed, storage,
+        return cls(cfg.n_trials, threshold_params(cfg, metric), cfg.transform, cfg.seed, storage,
                    study_name)
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> OptunaBlender:
@@ -533,7 +534,7 @@ class LGBMStacker:
         self.num_threads = num_threads
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, storage: str | None, study_name: str) -> LGBMStacker:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> LGBMStacker:
         """From ``blend.*``; trees are invariant to monotone transforms, so none is applied."""
         return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed)
 
@@ -610,19 +611,14 @@ class SingleModel(WeightedBlender):
 # building from the config, honest scoring
 
 
-def threshold_params(cfg: BlendConfig) -> dict[str, Any]:
-    """:class:`ThresholdOptimizer` arguments from ``blend.*``."""
-    return {"metric": cfg.metric, "min_labels": cfg.min_labels, "max_labels": cfg.max_labels,
-            "top_k": cfg.top_k}
-
-
-def build_blender(cfg: BlendConfig, storage: str | None = None, study_name: str = "blend") -> Any:
+def build_blender(cfg: BlendConfig, metric: str, storage: str | None = None,
+                  study_name: str = "blend") -> Any:
     """A fresh blender for ``blend.method`` (one per fold: nothing is shared between fits)."""
     TRANSFORMS.get(cfg.transform)  # an unknown name fails here, listing the registered ones
     if cfg.transform == "power" and cfg.method != "optuna":
         raise UserError("blend.transform=power tunes exponents, which only "
                         "blend.method=optuna does")
-    return BLENDERS.get(cfg.method).from_config(cfg, storage, study_name)
+    return BLENDERS.get(cfg.method).from_config(cfg, metric, storage, study_name)
 
 
 @dataclass
@@ -694,19 +690,19 @@ class BlendFit:
         return name, self.singles[name]
 
 
-def fit_blend(oofs: OOFSet, y: np.ndarray, cfg: BlendConfig, storage: str | None = None,
-              study_name: str = "blend") -> BlendFit:
+def fit_blend(oofs: OOFSet, y: np.ndarray, cfg: BlendConfig, metric: str,
+              storage: str | None = None, study_name: str = "blend") -> BlendFit:
     """Nested CV of the blend and of each model alone, then the final fit on all OOF."""
     P, folds = oofs.P, oofs.folds
-    thr_params = threshold_params(cfg)
+    thr_params = threshold_params(cfg, metric)
 
     def make_thresholds() -> ThresholdOptimizer:
         return ThresholdOptimizer(**thr_params)
 
-    honest = nested_cv(P, y, folds, lambda k: build_blender(cfg, storage, f"{study_name}-fold{k}"),
-                       make_thresholds, cfg.metric)
-    blender = build_blender(cfg, storage, f"{study_name}-all").fit(P, y, folds)
+    honest = nested_cv(P, y, folds, lambda k: build_blender(cfg, metric, storage, f"{study_name}-fold{k}"),
+                       make_thresholds, metric)
+    blender = build_blender(cfg, metric, storage, f"{study_name}-all").fit(P, y, folds)
     thresholds = make_thresholds().fit(blender.oof_, y)
     singles = {m: nested_cv(P[i : i + 1], y, folds, lambda k: SingleModel(0), make_thresholds,
-                            cfg.metric) for i, m in enumerate(oofs.models)}
+                            metric) for i, m in enumerate(oofs.models)}
     return BlendFit(oofs.models, blender, thresholds, honest, thresholds.score_, singles)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                         "pick another NAME=...")
     oofs = blend.load_oofs(cfg.data.name, models, comp, folds)
     y = comp.y()
-    fit = blend.fit_blend(oofs, y, cfg.blend, study_storage(cfg.data.name), "+".join(models))
+    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, study_storage(cfg.data.name), "+".join(models))
     report = build_report(name, cfg, fit, oofs, y)
     if sub_path is not None:
         report["submission"] = str(write_submission(comp, fit, oofs, sub_path))
@@ -88,7 +88,7 @@ def log_row(name: str, cfg: Config, fit: blend.BlendFit, commit: str) -> dict[st
     best, single = fit.best_single
     return {
         "name": name, "time": submit.utc_now(), "models": " ".join(fit.models),
-        "method": cfg.blend.method, "metric": cfg.blend.metric,
+        "method": cfg.blend.method, "metric": cfg.data.metric,
         "weights": {m: round(float(w), 4) for m, w in zip(fit.models, fit.blender.weights_)},
         "cv_mean": f"{fit.honest.mean:.6f}", "cv_std": f"{fit.honest.std:.6f}",
         "cv_in_sample": f"{fit.in_sample:.6f}", "best_single": best,
@@ -105,7 +105,7 @@ def build_report(name: str, cfg: Config, fit: blend.BlendFit, oofs: blend.OOFSet
     report = {
         "name": name, "data": cfg.data.name, "time": submit.utc_now(),
         "commit": submit.git_commit(),
-        "method": cfg.blend.method, "metric": cfg.blend.metric, "transform": cfg.blend.transform,
+        "method": cfg.blend.method, "metric": cfg.data.metric, "transform": cfg.blend.transform,
         "models": fit.models, "n_folds": int(len(np.unique(oofs.folds))),
         "cv": {**fit.honest.summary(), "in_sample": fit.in_sample},
         "models_cv": {m: s.summary() for m, s in fit.singles.items()},

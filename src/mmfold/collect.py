@@ -18,7 +18,8 @@ from mmfold.config import Config, load_config
 from mmfold.data import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.manifest import describe, fingerprints, stale
-from mmfold.metrics import all_metrics, binarize
+from mmfold.metrics import all_metrics, metric_label
+from mmfold.scoring import at_half, honest_cv
 
 
 def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
@@ -72,19 +73,14 @@ def mean_test(cfg: Config, comp: Competition, n_folds: int) -> pd.DataFrame | No
     return out
 
 
-def cv_summary(y: np.ndarray, probs: np.ndarray, fold_of_row: np.ndarray) -> dict:
-    """CV metrics at 0.5, and with per-label thresholds fitted on the other folds (honest)."""
-    out = {"cv": all_metrics(y, binarize(probs, 0.5))}
-    try:
-        from mmfold.thresholds import ThresholdOptimizer
-    except ImportError:  # blending module not installed yet
-        return out
-    tuned = np.zeros_like(y, dtype=bool)
-    for k in np.unique(fold_of_row):
-        fit, score = fold_of_row != k, fold_of_row == k
-        tuned[score] = ThresholdOptimizer().fit(probs[fit], y[fit]).predict(probs[score])
-    out["cv_tuned"] = all_metrics(y, tuned)
-    return out
+def cv_summary(cfg: Config, y: np.ndarray, probs: np.ndarray, fold_of_row: np.ndarray) -> dict:
+    """CV metrics at 0.5, and with thresholds fitted on the other folds (honest), in the
+    competition metric's terms (``data.metric``; every metric is stored)."""
+    tuned = honest_cv(probs, y, fold_of_row, cfg.blend, cfg.data.metric)
+    half = at_half(probs, y, fold_of_row, cfg.blend, cfg.data.metric)
+    return {"metric": cfg.data.metric,
+            "cv": all_metrics(y, half.pred), "cv_tuned": all_metrics(y, tuned.pred),
+            "cv_tuned_per_fold": tuned.per_fold, "cv_tuned_std": tuned.std}
 
 
 def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> dict:
@@ -109,8 +105,10 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
         if test is not None:
             io.write_parquet(test, test_path)
         io.write_json(meta_path, meta)
-    cv = meta["cv"]["samples"], meta.get("cv_tuned", {}).get("samples", float("nan"))
-    print(f"{cfg.model.name}: CV samples-F1 {cv[0]:.4f} at 0.5, {cv[1]:.4f} with tuned thresholds")
+    metric = cfg.data.metric
+    print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "
+          f"{meta['cv_tuned'][metric]:.4f} with tuned thresholds (honest: each fold decided by "
+          "thresholds fitted on the other folds)")
     return meta
 
 
@@ -120,7 +118,7 @@ def _meta(cfg: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.nda
     return {
         "model": cfg.model.name,
         "kind": cfg.model.kind,
-        **cv_summary(comp.y(), probs, fold_of_row),
+        **cv_summary(cfg, comp.y(), probs, fold_of_row),
         "per_fold": infos,
         "params_trainable": infos[0].get("params_trainable"),
         "params_total": infos[0].get("params_total"),

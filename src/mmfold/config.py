@@ -47,6 +47,7 @@ class DataConfig:
     allow_empty_labels: bool = False
     check_images: bool = True
     models: list[str] = field(default_factory=list)
+    metric: str = "samples"  # the competition metric: drives early stopping, CV lines, blend, sweeps
 
 
 @dataclass
@@ -107,7 +108,6 @@ class BlendConfig:
     """How model OOF probabilities are combined and thresholded."""
 
     method: str = "optuna"
-    metric: str = "samples"
     n_trials: int = 100
     transform: str = "none"
     min_labels: int = 1
@@ -139,6 +139,10 @@ RUN_LENGTH_KEYS = frozenset(
     {"train.epochs", "train.patience", "train.num_workers", "train.progress", "train.device",
      "train.stop_after_epochs", "train.threads"}
 )
+
+
+# Keys that moved: an old name is refused with a pointer to the new one.
+MOVED_KEYS = {"blend.metric": "data.metric"}
 
 
 def configs_dir() -> Path:
@@ -186,7 +190,20 @@ def load_config(data: str = "demo", model: str | None = None, overrides: list[st
         merge(cfg, _read_yaml(mpath), str(mpath))
         cfg.model.name = model
     apply_overrides(cfg, overrides)
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need the whole config; run when it loads, before any work starts.
+
+    Raises:
+        ConfigError: an unknown metric (listing the known ones).
+    """
+    from mmfold.metrics import METRICS
+
+    if cfg.data.metric not in METRICS:
+        raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {sorted(METRICS)}")
 
 
 def _names(folder: Path) -> list[str]:
@@ -211,7 +228,8 @@ def merge(obj: Any, values: dict[str, Any], where: str, prefix: str = "") -> Non
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in valid:
-            raise ConfigError(f"{where}: unknown key '{dotted}'; valid keys: {sorted(valid)}")
+            hint = f" ('{dotted}' is now '{MOVED_KEYS[dotted]}')" if dotted in MOVED_KEYS else ""
+            raise ConfigError(f"{where}: unknown key '{dotted}'{hint}; valid keys: {sorted(valid)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -286,6 +304,9 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint)."""
     cfg = Config()
+    d = copy.deepcopy(d)
+    if "metric" in d.get("blend", {}):  # saved before the metric became one data-level setting
+        d.setdefault("data", {})["metric"] = d["blend"].pop("metric")
     merge(cfg, d, "saved config")
     return cfg
 

@@ -69,6 +69,11 @@ METRICS = {
 }
 
 
+def metric_label(metric: str) -> str:
+    """How a metric name reads in a console line or a table header (``samples-F1``)."""
+    return f"{metric}-F1" if metric in ("samples", "micro", "macro") else metric
+
+
 def all_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Every metric in :data:`METRICS` for one prediction."""
     return {name: fn(y, pred) for name, fn in METRICS.items()}

@@ -37,6 +37,7 @@ class DataConfig:
     root: str = "input/demo"
     train_csv: str = "train.csv"
     test_csv: str | None = "test.csv"
+    sample_submission: str | None = None  # its header (and id order check) shapes the submission
     id_col: str = "ImageID"
     label_col: str = "Labels"
     caption_col: str | None = "Caption"

@@ -9,11 +9,12 @@ work itself is done by a *runner*: the torch engine for neural kinds, or a CPU m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mmfold import io, paths
-from mmfold.config import Config, list_models, load_config, save_config
+from mmfold.config import Config, TrainConfig, list_models, load_config, save_config
 from mmfold.data import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.manifest import fingerprints
@@ -81,6 +82,57 @@ def runner_for(kind: str) -> Runner:
             return runner
     known = sorted(k for registry, _ in pairs for k in registry)
     raise UserError(f"unknown model kind '{kind}'; registered kinds: {known}")
+
+
+# train.* keys that only act on one side of a model: refused for kinds without that side.
+IMAGE_TRAIN_KEYS = frozenset({"train.augment", "train.image_size", "train.channels_last", "train.tta"})
+TEXT_TRAIN_KEYS = frozenset({"train.max_len"})
+
+
+def used_train_keys(kind: str) -> frozenset[str]:
+    """The ``train.*`` keys that change what a model of ``kind`` does.
+
+    CPU members take every option from ``model.params`` (their heads have their own epochs,
+    learning rates, seeds), so no ``train.*`` key reaches them; torch kinds use the whole
+    training loop, less the image (text) options when they read no images (captions).
+    """
+    from mmfold.models import MODELS
+
+    runner_for(kind)  # an unknown kind fails here, listing the registered ones
+    if kind not in MODELS:
+        return frozenset()
+    builder = MODELS.get(kind)
+    keys = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    if not getattr(builder, "needs_image", False):
+        keys -= IMAGE_TRAIN_KEYS
+    if not getattr(builder, "needs_text", False):
+        keys -= TEXT_TRAIN_KEYS
+    return frozenset(keys)
+
+
+def check_used_keys(cfg: Config, keys: Iterable[str], where: str) -> None:
+    """Refuse ``train.*`` keys that the model's kind ignores (a sweep over them, an ablation
+    of them or an override of them would measure nothing).
+
+    Args:
+        cfg: The model's resolved config (its ``model.kind`` decides).
+        keys: Dotted keys a user set (overrides, search-space or ablation keys).
+        where: What set them, for the message (``override``, ``search_space``...).
+
+    Raises:
+        UserError: naming the kind and the ``train.*`` keys it does use.
+    """
+    used = used_train_keys(cfg.model.kind)
+    unused = sorted({k for k in keys if k.split(".")[0] == "train" and _train_key(k) not in used})
+    if unused:
+        does = ", ".join(sorted(used)) if used else "none: its options are model.params.*"
+        raise UserError(f"{where}: {unused} do nothing for model '{cfg.model.name}' (kind "
+                        f"{cfg.model.kind}); the train.* keys it uses: {does}")
+
+
+def _train_key(key: str) -> str:
+    """``train.loss_params.gamma`` -> ``train.loss_params`` (dict-valued fields nest)."""
+    return ".".join(key.split(".")[:2])
 
 
 def fold_lock(data: str, model: str, fold: int) -> Path:

@@ -58,4 +58,5 @@ def test_saved_config_round_trips_and_diff(project: Path) -> None:
     again = config_from_dict(yaml.safe_load((project / "c.yaml").read_text()))
     assert again == cfg
     other = load_config("demo", None, ["train.epochs=5", "train.lr=0.5"])
-    assert diff(cfg.to_dict(), other.to_dict(), frozenset({"train.epochs"})) == {"train.lr": (0.001, 0.5)}
+    assert diff(cfg.to_dict(), other.to_dict(), frozenset({"train.epochs", "overrides"})) == {"train.lr": (0.001, 0.5)}
+    assert again.overrides == ["train.epochs=2"] and again.source == "demo"

@@ -130,8 +130,16 @@ def test_config_change_is_refused_with_the_difference(comp, tmp_path: Path) -> N
     with pytest.raises(UserError, match=r"train\.lr: checkpoint 0\.003 -> now 0\.01"):
         train(make_cfg("lstm_text", "train.lr=0.01"), comp, tmp_path)
     # run-length settings and settings that do not affect training may change
-    out = train(make_cfg("lstm_text", "train.epochs=2", "train.patience=5", "blend.n_trials=3"), comp, tmp_path)
-    assert out.info["epochs"] == 2
+    out = train(make_cfg("lstm_text", "train.patience=5", "blend.n_trials=3"), comp, tmp_path)
+    assert out.info["epochs"] == 3
+
+
+def test_changing_epochs_on_resume_is_refused(comp, tmp_path: Path) -> None:
+    """The cosine schedule is laid out over train.epochs: a new count would make the LR jump."""
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("lstm_text", "train.stop_after_epochs=1"), comp, tmp_path)
+    with pytest.raises(UserError, match=r"train\.epochs: checkpoint 3 -> now 5"):
+        train(make_cfg("lstm_text", "train.epochs=5"), comp, tmp_path)
 
 
 def test_kill_during_checkpoint_write_keeps_previous_last_pt(comp, tmp_path: Path, monkeypatch) -> None:

@@ -224,7 +224,8 @@ def test_changed_model_config_is_detected(project: Path, capsys) -> None:
     yml = project / "configs" / "models" / "tfidf_lr.yaml"
     yml.write_text(yml.read_text().replace("min_df: 2", "min_df: 1"))
     assert main(["blend", "--data", "tiny", "--models", "tfidf_lr", "blend.method=mean"]) == 2
-    assert "the model's config changed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "its config changed" in err and "model.params.min_df: trained 2 -> now 1" in err
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "I;16", "P", "huge"])

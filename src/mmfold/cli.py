@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # no source lines
-    args = build_parser(argv[0]).parse_args(argv[1:])
+    args = build_parser(argv[0]).parse_intermixed_args(argv[1:])  # overrides may follow options
     try:
         return int(args._run(args) or 0)
     except UserError as e:

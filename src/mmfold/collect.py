@@ -12,12 +12,14 @@ import json
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from mmfold import io, paths
-from mmfold.config import Config, load_config
+from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config
 from mmfold.data import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.manifest import describe, fingerprints, stale
+from mmfold.manifest import (config_drift, data_fingerprints, describe, fingerprints, learning_view,
+                             stale)
 from mmfold.metrics import all_metrics, metric_label
 from mmfold.scoring import at_half, honest_cv
 
@@ -29,16 +31,46 @@ def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
 
 
 def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> list[dict]:
-    """Each fold's done.json, refusing folds made from other inputs than the current ones."""
-    current = fingerprints(cfg, comp)
-    infos = []
+    """Each fold's done.json, refusing folds made from other inputs than the current ones.
+
+    Data (folds, labels, files) must match what is on disk now; every fold must have been
+    trained with the same settings (a fold trained with other overrides is named, with the
+    keys that differ); and those settings must still be what the model's YAML plus those
+    overrides resolve to.
+    """
+    current = data_fingerprints(comp)
+    infos, configs = [], []
     for k in range(n_folds):
-        info = json.loads((paths.run_dir(cfg.data.name, cfg.model.name, k) / "done.json").read_text())
+        rd = paths.run_dir(cfg.data.name, cfg.model.name, k)
+        info = json.loads((rd / "done.json").read_text())
         changed = stale(info.get("hashes", {}), current)
         if changed:
             raise UserError(f"{cfg.model.name} fold {k} is stale: {describe(changed)}; retrain it (FORCE=1)")
         infos.append(info)
+        configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
+    _check_same_settings(cfg.model.name, infos, configs)
+    drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
+    if drift:
+        raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
+                        f"(YAML now + overrides {configs[0].get('overrides', [])}):\n"
+                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it (FORCE=1) or restore the YAML")
     return infos
+
+
+def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> None:
+    """Every fold of one model trained the same way, or its OOF mixes two models."""
+    first = infos[0].get("hashes", {}).get("config")
+    for k, (info, conf) in enumerate(zip(infos, configs)):
+        if info.get("hashes", {}).get("config") != first:
+            changed = learning_diff(learning_view(configs[0]), learning_view(conf))
+            raise UserError(f"{model}: fold {k} was trained with other settings than fold 0:\n"
+                            f"{describe_diff(changed, 'fold 0', f'fold {k}')}\n"
+                            f"retrain it with fold 0's settings (FORCE=1 FOLD={k})")
+
+
+def trained_config(data: str, model: str) -> Config:
+    """The resolved config fold 0 of ``model`` was trained with (all folds agree, checked)."""
+    return config_from_dict(yaml.safe_load((paths.run_dir(data, model, 0) / "config.yaml").read_text()))
 
 
 def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> pd.DataFrame:
@@ -92,7 +124,7 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     infos = _fold_infos(cfg, comp, n)
     oof = merge_oof(cfg, comp, fold_of_row)
     test = mean_test(cfg, comp, n)
-    meta = _meta(cfg, comp, oof, fold_of_row, infos)
+    meta = _meta(cfg, trained_config(cfg.data.name, cfg.model.name), comp, oof, fold_of_row, infos)
     data, model = cfg.data.name, cfg.model.name
     oof_path, test_path, meta_path = (paths.oof_file(data, model),
                                       paths.test_pred_file(data, model),
@@ -112,8 +144,10 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     return meta
 
 
-def _meta(cfg: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.ndarray, infos: list[dict]) -> dict:
-    """The model's CV card: metrics, per-fold info, sizes, time, config, input hashes."""
+def _meta(cfg: Config, trained: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.ndarray,
+          infos: list[dict]) -> dict:
+    """The model's CV card: metrics (scored with ``cfg``'s blend settings and metric), per-fold
+    info, sizes, time, the config it was trained with and its input hashes."""
     probs = oof[comp.classes].to_numpy(np.float32)
     return {
         "model": cfg.model.name,
@@ -124,8 +158,8 @@ def _meta(cfg: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.nda
         "params_total": infos[0].get("params_total"),
         "train_time_s": float(sum(i.get("train_time_s", 0.0) for i in infos)),
         "images_per_s": _mean([i.get("images_per_s") for i in infos]),
-        "config": cfg.to_dict(),
-        "hashes": fingerprints(cfg, comp),
+        "config": trained.to_dict(),
+        "hashes": fingerprints(trained, comp),
     }
 
 

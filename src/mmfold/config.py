@@ -128,6 +128,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    # the ``key=value`` overrides this config was resolved with: provenance, not a setting, so
+    # a run's freshness can be re-checked later as "the YAML now + the same overrides"
+    overrides: list[str] = field(default_factory=list)
+    source: str = ""  # the --data argument it came from: a name, or a YAML file's path
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe)."""
@@ -136,10 +140,31 @@ class Config:
 
 # Settings that only change how long a run goes, not what it learns per step. A resumed run
 # may change these; anything else differing from the checkpoint's config is refused.
+# ``train.epochs`` is not one of them: the cosine schedule's length is the epoch count, so
+# changing it mid-run would make the learning rate jump (start over with FORCE=1 instead).
 RUN_LENGTH_KEYS = frozenset(
-    {"train.epochs", "train.patience", "train.num_workers", "train.progress", "train.device",
+    {"train.patience", "train.num_workers", "train.progress", "train.device",
      "train.stop_after_epochs", "train.threads"}
 )
+
+# Key prefixes that cannot change what a fold learns: which models a data config lists, the
+# image check, blending, a model's sweep/ablation declarations, its name, the override record.
+NOT_LEARNING = ("data.models", "data.check_images", "data.sample_submission", "blend.",
+                "model.name", "model.search_space", "model.ablations", "overrides", "source")
+
+
+def learning_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Differences between two config dicts that change what a fold learns.
+
+    The one definition used by resume (the checkpoint's config against the current one) and by
+    freshness (a model's saved config against what it claims to be now).
+    """
+    return {k: v for k, v in diff(a, b, ignore=RUN_LENGTH_KEYS).items() if not k.startswith(NOT_LEARNING)}
+
+
+def describe_diff(changed: dict[str, tuple[Any, Any]], before: str, after: str) -> str:
+    """``  key: <before> a -> <after> b`` lines for an error message."""
+    return "\n".join(f"  {k}: {before} {a!r} -> {after} {b!r}" for k, (a, b) in changed.items())
 
 
 # Keys that moved: an old name is refused with a pointer to the new one.
@@ -152,8 +177,16 @@ def configs_dir() -> Path:
 
 
 def data_yaml(data: str) -> Path:
-    """``configs/data/<data>.yaml``."""
+    """``configs/data/<data>.yaml``, or ``data`` itself when it names a YAML file (a data
+    config kept outside the repo's configs/)."""
+    if data.endswith((".yaml", ".yml")):
+        return Path(data)
     return configs_dir() / "data" / f"{data}.yaml"
+
+
+def data_name(data: str) -> str:
+    """The dataset's name for every artifact path (``folds/<name>.csv``...): the YAML's stem."""
+    return Path(data).stem if data.endswith((".yaml", ".yml")) else data
 
 
 def model_yaml(model: str) -> Path:
@@ -183,7 +216,7 @@ def load_config(data: str = "demo", model: str | None = None, overrides: list[st
         merge(cfg, _read_yaml(path), str(path))
     elif data != "demo":
         raise ConfigError(f"no data config {path}; available: {_names(configs_dir() / 'data')}")
-    cfg.data.name = data
+    cfg.data.name = data_name(data)
     if model:
         mpath = model_yaml(model)
         if not mpath.exists():
@@ -191,6 +224,7 @@ def load_config(data: str = "demo", model: str | None = None, overrides: list[st
         merge(cfg, _read_yaml(mpath), str(mpath))
         cfg.model.name = model
     apply_overrides(cfg, overrides)
+    cfg.overrides, cfg.source = list(overrides), data
     validate(cfg)
     return cfg
 
@@ -201,10 +235,10 @@ def validate(cfg: Config) -> None:
     Raises:
         ConfigError: an unknown metric (listing the known ones).
     """
-    from mmfold.metrics import METRICS
+    from mmfold.thresholds import THRESHOLD_METRICS
 
-    if cfg.data.metric not in METRICS:
-        raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {sorted(METRICS)}")
+    if cfg.data.metric not in THRESHOLD_METRICS:  # what thresholds, blends and training optimise
+        raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {list(THRESHOLD_METRICS)}")
 
 
 def _names(folder: Path) -> list[str]:
@@ -220,6 +254,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+    for key in ("overrides", "source"):
+        if key in doc:
+            raise ConfigError(f"{path}: '{key}' is recorded by mmfold, not set in a YAML file")
     return doc
 
 

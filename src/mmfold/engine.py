@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from mmfold import io
 from mmfold.cache import image_cache, token_cache
-from mmfold.config import RUN_LENGTH_KEYS, Config, ConfigError, TrainConfig, diff, save_config
+from mmfold.config import (RUN_LENGTH_KEYS, Config, ConfigError, TrainConfig, describe_diff, learning_diff,
+                           save_config)
 from mmfold.data import Competition
 from mmfold.errors import UserError
-from mmfold.metrics import binarize, samples_f1
+from mmfold.metrics import METRICS, binarize
 from mmfold.train import EPOCH_CALLBACKS, FoldOutput
 
 CKPT_VERSION = 1
@@ -364,23 +365,19 @@ def load_checkpoint(path: Path, device: Any = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-# Config keys that cannot change what a fold learns (the model list, blending, sweeps).
-NOT_TRAINING = ("data.models", "data.check_images", "blend.", "model.search_space", "model.ablations")
-
-
 def check_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     """Refuse to resume under a config that would train differently.
 
     Raises:
         UserError: listing each differing key with the checkpoint's and the current value.
     """
-    changed = {k: v for k, v in diff(saved, cfg.to_dict(), ignore=RUN_LENGTH_KEYS).items()
-               if not k.startswith(NOT_TRAINING)}
+    changed = learning_diff(saved, cfg.to_dict())
     if changed:
-        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
-        raise UserError(f"{path} was trained with a different config:\n{lines}\n"
+        raise UserError(f"{path} was trained with a different config:\n"
+                        f"{describe_diff(changed, 'checkpoint', 'now')}\n"
                         f"resume with the checkpoint's settings, or start over with FORCE=1 "
-                        f"(only {sorted(RUN_LENGTH_KEYS)} may change on resume)")
+                        f"(only {sorted(RUN_LENGTH_KEYS)} may change on resume; train.epochs "
+                        "may not, since the learning-rate schedule is laid out over it)")
 
 
 class Run:
@@ -500,9 +497,10 @@ def _in_order(probs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def score(y: np.ndarray, probs: np.ndarray) -> float:
-    """Early-stopping metric: samples-F1 at threshold 0.5 (at least one label per row)."""
-    return samples_f1(y, binarize(probs, 0.5))
+def score(y: np.ndarray, probs: np.ndarray, metric: str = "samples") -> float:
+    """Early-stopping and best-checkpoint score: the competition metric (``data.metric``) at
+    threshold 0.5 (at least one label per row)."""
+    return float(METRICS[metric](y, binarize(probs, 0.5)))
 
 
 def bce(y: np.ndarray, probs: np.ndarray) -> float:
@@ -554,6 +552,9 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     loss_fn = build_loss(t, pos_weight).to(acc.device)
     run = Run(run_dir, cfg, acc)
     prog = run.resume(net, opt, sched, ema)
+    if prog.epoch or prog.batch:
+        acc.print(f"resuming {cfg.model.name} fold {fold} from epoch {prog.epoch}"
+                  + (f", batch {prog.batch}" if prog.batch else "") + f" of {t.epochs} ({run.last})")
     if acc.is_main_process:
         save_config(cfg, run.dir / "config.yaml")
     y_valid = comp.y()[valid_rows].astype(np.float32)
@@ -599,7 +600,7 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
             prog.loss_sum, prog.epoch_time_s = loss_sum.item(), prog.epoch_time_s + time.perf_counter() - tick
             eval_model = ema.module if ema is not None else net
             probs = predict(eval_model, valid_dl, data, acc, t.tta, t.channels_last)
-            row = _end_epoch(prog, epoch, y_valid, probs, opt)
+            row = _end_epoch(prog, epoch, y_valid, probs, opt, cfg.data.metric)
             if prog.best_epoch == epoch:
                 run.save_best(eval_model, prog)
             run.save_last(net, opt, sched, ema, prog)
@@ -618,13 +619,14 @@ def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
-def _end_epoch(prog: Progress, epoch: int, y: np.ndarray, probs: np.ndarray, opt: Any) -> dict[str, Any]:
+def _end_epoch(prog: Progress, epoch: int, y: np.ndarray, probs: np.ndarray, opt: Any,
+               metric: str) -> dict[str, Any]:
     """Score the epoch, update best/patience and totals, reset the per-epoch counters.
 
     Returns:
         The epoch's ``log.jsonl`` row.
     """
-    f1 = score(y, probs)
+    f1 = score(y, probs, metric)
     if f1 > prog.best_score:
         prog.best_score, prog.best_epoch, prog.bad_epochs = f1, epoch, 0
     else:

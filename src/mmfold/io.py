@@ -19,9 +19,11 @@ from typing import Any
 
 import pandas as pd
 
+from mmfold.errors import UserError
 
-class LockedError(RuntimeError):
-    """Another live process holds the lock."""
+
+class LockedError(UserError, RuntimeError):
+    """Another live process holds the lock (a user error: printed in one line, no traceback)."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -8,11 +8,15 @@ If the folds, the label vocabulary, the data files or the model's config change 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from mmfold import paths
-from mmfold.config import RUN_LENGTH_KEYS, Config, flatten, stable_hash
+from mmfold.config import (NOT_LEARNING, RUN_LENGTH_KEYS, Config, describe_diff, flatten,
+                           learning_diff, load_config, model_yaml, stable_hash)
 from mmfold.data import Competition
+from mmfold.errors import UserError
 
 
 def file_hash(path: Path) -> str:
@@ -26,15 +30,36 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def model_config_hash(cfg: Config) -> str:
-    """Hash of what changes a model's predictions: model + train sections, data columns.
+def learning_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened settings a model's predictions depend on: its model and train sections
+    (less what does not change learning, :data:`mmfold.config.NOT_LEARNING` and the run-length
+    keys) and the data columns and metric it was trained to read and optimise."""
+    flat = flatten(config)
+    keep = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train")}
+    keep |= {f"data.{c}": flat.get(f"data.{c}") for c in DATA_LEARNING_KEYS}
+    return {k: v for k, v in keep.items() if k not in RUN_LENGTH_KEYS and not k.startswith(NOT_LEARNING)}
 
-    Run-length settings (epochs cap, progress bars, workers) are excluded, like for resume.
+
+# data.* settings that change what a model learns from the same files
+DATA_LEARNING_KEYS = ("id_col", "label_col", "caption_col", "image_dir", "image_ext", "label_sep", "metric")
+
+
+def model_config_hash(cfg: Config | dict[str, Any]) -> str:
+    """Hash of :func:`learning_view`: equal hashes, same training."""
+    return stable_hash(learning_view(cfg.to_dict() if isinstance(cfg, Config) else cfg))
+
+
+def config_drift(data: str, model: str, trained: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """How the config a run claims to be (its YAML files now, plus the overrides it was
+    trained with) differs from the resolved config it was trained with (``trained``).
+
+    Empty when nothing that changes learning moved. A model whose YAML no longer exists
+    cannot be re-resolved and is taken as it was trained.
     """
-    flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k.split(".")[0] in ("model", "train")}
-    flat = {k: v for k, v in flat.items() if k not in RUN_LENGTH_KEYS and k != "model.name"}
-    cols = (cfg.data.id_col, cfg.data.label_col, cfg.data.caption_col, cfg.data.image_dir, cfg.data.label_sep)
-    return stable_hash([flat, cols])
+    if "@" in model or not model_yaml(model).exists():  # sweep/ablation variants, deleted YAML
+        return {}
+    claimed = load_config(trained.get("source") or data, model, trained.get("overrides", [])).to_dict()
+    return learning_diff(learning_view(trained), learning_view(claimed))
 
 
 def data_fingerprints(comp: Competition) -> dict[str, str]:
@@ -53,27 +78,28 @@ def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
 def check_fresh(model: str, comp: Competition) -> None:
     """Refuse a collected model whose inputs changed since it was trained.
 
-    The saved hashes live in ``oof/<data>/<model>.json``; the config is compared only when
-    the model's YAML still exists (a deleted config cannot be checked, the data can).
+    The data side (folds, labels, data files) is compared by hash; the config side by
+    re-resolving the model's YAML with the overrides it was trained with and comparing that
+    to the resolved config saved in ``oof/<data>/<model>.json`` (so a model trained with
+    ``ARGS="train.lr=..."`` stays blendable, and an edited YAML is caught, naming the keys).
 
     Raises:
         UserError: naming the model and what changed.
     """
-    import json
-
-    from mmfold.config import load_config, model_yaml
-    from mmfold.errors import UserError
-
-    meta = paths.oof_meta_file(comp.cfg.name, model)
-    if not meta.exists():
-        raise UserError(f"{meta} missing: re-run `make collect MODEL={model}` (or retrain it)")
-    saved = json.loads(meta.read_text()).get("hashes", {})
-    current = data_fingerprints(comp)
-    if model_yaml(model).exists() and "@" not in model:
-        current["config"] = model_config_hash(load_config(comp.cfg.name, model))
-    changed = stale(saved, current)
+    meta_path = paths.oof_meta_file(comp.cfg.name, model)
+    if not meta_path.exists():
+        raise UserError(f"{meta_path} missing: re-run `make collect MODEL={model}` (or retrain it)")
+    meta = json.loads(meta_path.read_text())
+    saved = meta.get("hashes", {})
+    changed = stale(saved, data_fingerprints(comp))
     if changed:
         raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it (make train MODEL={model} FORCE=1)")
+    drift = config_drift(comp.cfg.name, model, meta.get("config", {}))
+    if drift:
+        raise UserError(f"model '{model}' is stale: its config changed since it was trained "
+                        f"(YAML now + its overrides {meta.get('config', {}).get('overrides', [])}):\n"
+                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it (make train "
+                        f"MODEL={model} FORCE=1) or restore the YAML")
 
 
 def stale(saved: dict[str, str], current: dict[str, str]) -> list[str]:

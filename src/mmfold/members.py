@@ -558,6 +558,30 @@ def _lgbm_blocks(split: Split, p: dict[str, Any]) -> list[Features]:
     return blocks
 
 
+MEMBER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tfidf_linear": TFIDF_DEFAULTS, "frozen_embed": EMBED_DEFAULTS, "lgbm": LGBM_DEFAULTS,
+}
+
+
+def validate_params(cfg: Config) -> None:
+    """Every ``model.params`` key of a member, nested options included, checked up front.
+
+    A typo must surface before a fold is moved aside or reported stale, not minutes into
+    fitting: the head (and TF-IDF options) are built once here, cheaply, and thrown away.
+
+    Raises:
+        UserError: naming the model, the kind and the bad key.
+    """
+    p = resolve_params(cfg, MEMBER_DEFAULTS.get(cfg.model.kind, dict(cfg.model.params)))
+    build_head(p.get("head", "lgbm"), _sub(p, "head_params"))
+    for key in ("tfidf_params",):
+        if key in p:
+            try:
+                tfidf_vectorizer(**_sub(p, key))
+            except TypeError as e:
+                raise UserError(f"model '{cfg.model.name}' ({cfg.model.kind}): model.params.{key}: {e}") from e
+
+
 def modalities(cfg: Config) -> set[str]:
     """Which inputs (``text``/``image``) a member config reads: lets callers skip members
     that a data config cannot feed (e.g. image encoders on caption-only COMP5329)."""

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from mmfold import io, paths
-from mmfold.config import Config, TrainConfig, list_models, load_config, save_config
+from mmfold.config import Config, TrainConfig, list_models, load_config, model_yaml, save_config
 from mmfold.data import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.manifest import fingerprints
-from mmfold.metrics import all_metrics, binarize
+from mmfold.metrics import all_metrics, binarize, metric_label
 
 
 
@@ -202,7 +203,8 @@ def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
         **out.info,
     }
     io.write_json(rd / "done.json", info)
-    print(f"{cfg.model.name} fold {fold}: samples-F1@0.5 {info['metrics']['samples']:.4f}")
+    metric = cfg.data.metric
+    print(f"{cfg.model.name} fold {fold}: {metric_label(metric)} at 0.5 {info['metrics'][metric]:.4f}")
     return info
 
 
@@ -225,12 +227,19 @@ def prob_frame(ids: pd.Series | Sequence[str], probs: np.ndarray, classes: list[
 
 def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[int] | None = None,
                 force: bool = False, collect: bool = True) -> list[dict]:
-    """Train one model on the given folds (default all), then collect if every fold is done."""
+    """Train one model on the given folds (default all), then collect if every fold is done.
+
+    Everything that can be wrong with the request (a fold the folds file does not have, an
+    unknown kind, a misspelt ``model.params`` key, a ``train.*`` key the kind ignores) is
+    refused before any fold is touched, so ``FORCE=1`` never moves a finished fold aside for
+    a run that then fails.
+    """
     from mmfold.collect import collect_model, missing_folds
 
     comp = comp or load_competition(cfg.data)
     fold_of_row = load_folds(comp)
-    todo = range(int(fold_of_row.max()) + 1) if folds is None else folds
+    todo = check_folds(folds, fold_of_row, comp.cfg.name)
+    validate_model(cfg)
     infos = [run_fold(cfg, comp, fold_of_row, int(k), force) for k in todo]
     if collect and is_main_process():
         missing = missing_folds(cfg.data.name, cfg.model.name, fold_of_row)
@@ -239,6 +248,58 @@ def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[in
         else:
             collect_model(cfg, comp, fold_of_row)
     return infos
+
+
+def check_folds(folds: Sequence[int] | None, fold_of_row: np.ndarray, data: str) -> list[int]:
+    """The requested folds (default all), each one the folds file has.
+
+    Raises:
+        UserError: naming the folds that do not exist and the ones that do.
+    """
+    n = int(fold_of_row.max()) + 1
+    todo = list(range(n)) if folds is None else [int(k) for k in folds]
+    bad = [k for k in todo if not 0 <= k < n]
+    if bad:
+        raise UserError(f"fold {bad[0] if len(bad) == 1 else bad} does not exist: "
+                        f"{paths.folds_file(data)} has folds 0-{n - 1} (FOLD=0..{n - 1})")
+    return todo
+
+
+def validate_model(cfg: Config) -> None:
+    """Check a model's config completely without training anything.
+
+    Raises:
+        UserError: an unknown kind, an unknown (possibly nested) ``model.params`` key, or
+            ``train.*`` keys in the model's YAML that its kind ignores.
+    """
+    runner_for(cfg.model.kind)
+    from mmfold.members import MEMBERS, validate_params
+
+    if cfg.model.kind in MEMBERS:
+        validate_params(cfg)
+    else:
+        from mmfold.models import parse_params
+
+        parse_params(cfg)
+    yml = model_yaml(cfg.model.name)
+    if yml.exists():
+        own = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("train") or {}
+        check_used_keys(cfg, [f"train.{k}" for k in own], str(yml))
+
+
+def overrides_for(cfg: Config, overrides: Sequence[str], models: Sequence[Config]) -> list[str]:
+    """The overrides that apply to ``cfg``'s model: ``train.*`` keys its kind ignores are left
+    out (with a note) when another model of the run uses them, refused when none does."""
+    keep = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".")[0] != "train" or _train_key(key) in used_train_keys(cfg.model.kind):
+            keep.append(item)
+            continue
+        if not any(_train_key(key) in used_train_keys(m.model.kind) for m in models):
+            check_used_keys(cfg, [key], "override")
+        print(f"note: {key} does nothing for {cfg.model.name} ({cfg.model.kind}); not applied to it")
+    return keep
 
 
 def model_names(cfg: Config, requested: str | None) -> list[str]:
@@ -257,10 +318,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train every requested model/fold, then collect each model whose folds are all done."""
+    """Validate every requested model and fold first, then train each, then collect."""
     base = load_config(args.data, None, args.overrides)
     comp = load_competition(base.data)
-    for name in model_names(base, args.model):
-        cfg = load_config(args.data, name, args.overrides)
+    check_folds(args.fold, load_folds(comp), comp.cfg.name)
+    names = model_names(base, args.model)
+    plain = [load_config(args.data, name, args.overrides) for name in names]
+    cfgs = [load_config(args.data, c.model.name, overrides_for(c, args.overrides, plain)) for c in plain]
+    for cfg in cfgs:
+        validate_model(cfg)
+    for cfg in cfgs:
         train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
     return 0

@@ -1,0 +1,198 @@
+"""What a user hits in `make train` / `collect` / `blend` on day one (issue 12).
+
+Each test reproduces one report: trained-with-overrides models that could never be blended,
+train.* keys that silently did nothing, FOLD=9, FORCE=1 with a typo, a locked fold's
+traceback, a data config outside configs/data, the competition metric ignored by training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import write_competition
+from mmfold import io, paths
+from mmfold.cli import main
+from mmfold.config import ConfigError, load_config
+from mmfold.train import fold_lock
+
+TEXT = ["--model", "demo_text", "train.epochs=2", "train.progress=false", "train.batch_size=16"]
+
+
+@pytest.fixture
+def folded(project: Path) -> Path:
+    """The tiny competition with its folds written."""
+    write_competition(project)
+    assert main(["folds", "--data", "tiny"]) == 0
+    return project
+
+
+def _err(capsys: pytest.CaptureFixture) -> str:
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+# ------------------------------------------------------------------ 1. freshness of overrides
+
+
+def test_model_trained_with_overrides_can_be_blended(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "model.params.min_df=1"]) == 0
+    meta = json.loads(paths.oof_meta_file("tiny", "tfidf_lr").read_text())
+    assert meta["config"]["overrides"] == ["model.params.min_df=1"]
+    assert meta["config"]["model"]["params"]["min_df"] == 1
+    capsys.readouterr()
+    assert main(["blend", "--data", "tiny", "--models", "tfidf_lr", "--name", "a", "blend.method=mean"]) == 0
+    # the same overrides passed to blend change nothing either
+    assert main(["blend", "--data", "tiny", "--models", "tfidf_lr", "--name", "b", "blend.method=mean",
+                 "model.params.min_df=1"]) == 0
+    assert main(["collect", "--data", "tiny", "--model", "tfidf_lr"]) == 0  # without the overrides
+
+
+def test_yaml_edited_after_training_with_overrides_is_caught(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "model.params.min_df=1"]) == 0
+    yml = folded / "configs" / "models" / "tfidf_lr.yaml"
+    yml.write_text(yml.read_text().replace("C: 2.0", "C: 0.5"))
+    capsys.readouterr()
+    assert main(["blend", "--data", "tiny", "--models", "tfidf_lr", "blend.method=mean"]) == 2
+    err = _err(capsys)
+    assert "stale" in err and "model.params.head_params.C: trained 2.0 -> now 0.5" in err
+
+
+def test_folds_trained_with_other_overrides_are_not_collected(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--fold", "1"]) == 0
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "2", "model.params.min_df=1"]) == 2
+    err = _err(capsys)
+    assert "fold 2 was trained with other settings than fold 0" in err
+    assert "model.params.min_df: fold 0 2 -> fold 2 1" in err
+    assert not paths.oof_file("tiny", "tfidf_lr").exists()
+
+
+# ------------------------------------------------------------------ 4. unused train.* keys
+
+
+def test_train_key_a_cpu_member_ignores_is_refused(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "train.loss=focal"]) == 2
+    err = _err(capsys)
+    assert "['train.loss'] do nothing for model 'tfidf_lr' (kind tfidf_linear)" in err
+    assert "model.params" in err  # says what it does use
+    assert not paths.run_dir("tiny", "tfidf_lr", 0).exists()
+
+
+def test_train_key_in_a_member_yaml_is_refused(folded: Path, capsys) -> None:
+    yml = folded / "configs" / "models" / "tfidf_lr.yaml"
+    yml.write_text(yml.read_text() + "train:\n  lr: 0.1\n")
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr"]) == 2
+    assert "['train.lr'] do nothing for model 'tfidf_lr'" in _err(capsys)
+
+
+def test_image_key_on_a_text_model_is_refused(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", *TEXT, "train.augment=[{name: HorizontalFlip}]"]) == 2
+    assert "['train.augment'] do nothing for model 'demo_text' (kind lstm_text)" in _err(capsys)
+
+
+def test_mixed_run_applies_a_train_key_only_where_it_is_used(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr,demo_text", "train.epochs=1",
+                 "train.progress=false", "--fold", "0", "--no-collect"]) == 0
+    assert "train.epochs does nothing for tfidf_lr (tfidf_linear); not applied to it" in _err(capsys)
+    saved = yaml.safe_load((paths.run_dir("tiny", "tfidf_lr", 0) / "config.yaml").read_text())
+    assert saved["overrides"] == []
+    torch_saved = yaml.safe_load((paths.run_dir("tiny", "demo_text", 0) / "config.yaml").read_text())
+    assert torch_saved["train"]["epochs"] == 1
+
+
+# ------------------------------------------------------------------ 6. the first day
+
+
+@pytest.mark.parametrize("fold", ["9", "-1"])
+def test_a_fold_the_folds_file_lacks_is_refused_before_anything_runs(folded: Path, capsys, fold: str) -> None:
+    assert main(["train", "--data", "tiny", *TEXT, "--fold", fold]) == 2
+    assert f"fold {fold} does not exist" in _err(capsys)
+    assert not (folded / "runs").exists() or not list((folded / "runs").rglob(f"fold{fold}"))
+
+
+def test_force_with_a_misspelt_param_keeps_the_finished_fold(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--no-collect"]) == 0
+    rd = paths.run_dir("tiny", "tfidf_lr", 0)
+    before = (rd / "done.json").read_bytes()
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--force",
+                 "model.params.head_params.Cc=1"]) == 2
+    assert "Cc" in _err(capsys)
+    assert (rd / "done.json").read_bytes() == before
+    assert not list(rd.parent.glob("fold0.bak-*"))
+
+
+def test_misspelt_nested_param_on_a_finished_fold_names_the_key(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "model.params.head_params.Cc=1"]) == 2
+    err = _err(capsys)
+    assert "Cc" in err and "stale" not in err
+
+
+def test_misspelt_torch_param_is_refused_before_training(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", *TEXT, "model.params.lstm.hiden=3"]) == 2
+    assert "hiden" in _err(capsys)
+
+
+def test_a_locked_fold_is_one_line_not_a_traceback(folded: Path, capsys) -> None:
+    with io.file_lock(fold_lock("tiny", "tfidf_lr", 0)):
+        assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "is locked by" in err and "Traceback" not in err
+
+
+def test_data_config_outside_configs_data(folded: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(folded / "configs" / "data" / "tiny.yaml", elsewhere / "mycomp.yaml")
+    yml = str(elsewhere / "mycomp.yaml")
+    assert load_config(yml).data.name == "mycomp"
+    assert main(["folds", "--data", yml]) == 0
+    assert (folded / "folds" / "mycomp.csv").exists()
+    assert not (elsewhere / "mycomp.csv").exists()
+    assert main(["train", "--data", yml, "--model", "tfidf_lr"]) == 0
+    assert paths.oof_file("mycomp", "tfidf_lr").exists()
+
+
+# ------------------------------------------------------------------ the metric and the console
+
+
+def test_unknown_metric_is_refused_when_the_config_loads(folded: Path) -> None:
+    with pytest.raises(ConfigError, match="data.metric: unknown metric 'f2'"):
+        load_config("tiny", None, ["data.metric=f2"])
+    with pytest.raises(ConfigError, match=r"'blend.metric' is now 'data.metric'"):
+        load_config("tiny", None, ["blend.metric=micro"])
+
+
+def test_the_metric_drives_training_collect_and_the_console(folded: Path, capsys) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from mmfold.data import load_competition
+    from mmfold.metrics import binarize, micro_f1, samples_f1
+
+    assert main(["train", "--data", "tiny", *TEXT, "data.metric=micro"]) == 0
+    out = _err(capsys)
+    assert "CV micro-F1" in out and "honest" in out and "micro-F1 at 0.5" in out
+    meta = json.loads(paths.oof_meta_file("tiny", "demo_text").read_text())
+    assert meta["metric"] == "micro"
+    comp = load_competition(load_config("tiny").data)
+    rd = paths.run_dir("tiny", "demo_text", 0)
+    oof = pd.read_parquet(rd / "oof.parquet").set_index("id")
+    y = pd.DataFrame(comp.y(), index=comp.train["id"], columns=comp.classes).loc[oof.index].to_numpy()
+    pred = binarize(oof[comp.classes].to_numpy(), 0.5)
+    done = json.loads((rd / "done.json").read_text())
+    # best.pt was chosen by micro-F1 of the validation fold: its predictions score exactly that
+    assert done["best_score"] == pytest.approx(micro_f1(y, pred), abs=1e-6)
+    assert not np.isclose(done["best_score"], samples_f1(y, pred))
+
+
+def test_resume_says_where_it_resumes(folded: Path, capsys) -> None:
+    assert main(["train", "--data", "tiny", *TEXT, "--fold", "0", "train.stop_after_epochs=1"]) == 130
+    capsys.readouterr()
+    assert main(["train", "--data", "tiny", *TEXT, "--fold", "0", "--no-collect"]) == 0
+    assert "resuming demo_text fold 0 from epoch 1 of 2" in _err(capsys)

@@ -196,3 +196,24 @@ def test_resume_says_where_it_resumes(folded: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["train", "--data", "tiny", *TEXT, "--fold", "0", "--no-collect"]) == 0
     assert "resuming demo_text fold 0 from epoch 1 of 2" in _err(capsys)
+
+
+def test_a_value_with_spaces_passes_through_make_when_quoted(project: Path) -> None:
+    """`make folds ARGS='data.root="/path with spaces"'` (the README's way) reaches the config."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_competition(project, name="spaced")
+    spaced = project / "input" / "my data"
+    shutil.move(data, spaced)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MMFOLD_HOME": str(project)}
+    cmd = ["make", "-s", "-C", str(repo), "folds", "DATA=spaced", f"PY={sys.executable}",
+           f"ARGS=data.root=\"{spaced}\""]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (project / "folds" / "spaced.csv").exists()
+    unquoted = subprocess.run([*cmd[:-1], f"ARGS=data.root={spaced}", "FORCE=1"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert unquoted.returncode != 0 and "needs quotes inside ARGS" in unquoted.stderr

@@ -317,7 +317,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
     """Apply ``section.key=value`` overrides (``model.params.x=1`` reaches into dicts)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value; a value with "
+                              "spaces needs quotes inside ARGS: ARGS='data.root=\"/my data\"'")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else None
         merge(cfg, _nest(key.strip().split("."), value), "override")

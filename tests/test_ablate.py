@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -12,6 +13,12 @@ from mmfold import paths
 from mmfold.ablate import ablate, parse_ablations
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
+from mmfold.data import load_competition, load_folds
+from mmfold.errors import UserError
+from mmfold.blend import build_blender, nested_cv
+from mmfold.report import load_probs
+from mmfold.scoring import at_half, honest_cv, threshold_params
+from mmfold.thresholds import ThresholdOptimizer
 from mmfold.train import train_model
 from tests.conftest import install_demo
 
@@ -88,10 +95,59 @@ def test_training_overrides_get_their_own_base(demo: Path) -> None:
     assert done_mtimes("tfidf", [0, 1]) == before
 
 
-def test_one_fold_scores_at_half(demo: Path) -> None:
-    df = ablate("demo", "tfidf", folds=[0], only=["thresholds_0.5"]).set_index("variant")
-    assert df.loc["thresholds_0.5", "diff"] == 0  # nothing to fit thresholds on: both at 0.5
-    assert "base is also at 0.5" in df.loc["thresholds_0.5", "note"]
+def base_oof(run: str, folds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The base run's fold OOFs in train order on the rows of ``folds``: probs, y, fold per row."""
+    comp = load_competition(load_config("demo", "tfidf").data)
+    fold_of_row = load_folds(comp)
+    rows = np.flatnonzero(np.isin(fold_of_row, folds))
+    oof = pd.concat([pd.read_parquet(paths.run_dir("demo", run, k) / "oof.parquet") for k in folds])
+    ids = comp.train["id"].astype(str).iloc[rows]
+    probs = oof.set_index(oof["id"].astype(str)).loc[ids, comp.classes].to_numpy(np.float64)
+    return probs, comp.y()[rows], fold_of_row[rows]
+
+
+@pytest.mark.parametrize("folds", [[0, 1], [0]])
+def test_scores_are_the_honest_cv_in_the_metric_with_blend_rules(demo: Path, folds: list[int]) -> None:
+    """Every row is scored like the blend scores a model: ``scoring.honest_cv`` with
+    ``data.metric`` and the ``blend.*`` post-rules (one fold: seeded halves), and the 0.5 row
+    by ``scoring.at_half``."""
+    over = ["data.metric=micro", "blend.min_labels=2"]
+    df = ablate("demo", "tfidf", folds=folds, overrides=over, only=["thresholds_0.5"]).set_index("variant")
+    cfg = load_config("demo", "tfidf", over)
+    probs, y, fold = base_oof("tfidf@base", folds)  # data.metric changes training: its own base
+    tuned = honest_cv(probs, y, fold, cfg.blend, "micro")
+    half = at_half(probs, y, fold, cfg.blend, "micro")
+    assert df.loc["base", "cv"] == pytest.approx(tuned.mean, abs=1e-12)
+    assert df.loc["thresholds_0.5", "cv"] == pytest.approx(half.mean, abs=1e-12)
+    assert df.loc["thresholds_0.5", "diff"] == pytest.approx(half.mean - tuned.mean, abs=1e-12)
+    md = (paths.reports_dir("demo") / "ablate_tfidf.md").read_text()
+    assert "CV micro-F1" in md
+
+
+def test_blend_row_is_scored_in_the_metric(demo: Path) -> None:
+    """``blend_vs_single`` is the blend's nested CV in ``data.metric``, not samples-F1; one
+    fold has nothing to fit a blend on and says so."""
+    over = ["data.metric=micro", "blend.method=mean"]
+    df = ablate("demo", "tfidf", folds=[0, 1], overrides=over, only=["blend_vs_single"]).set_index("variant")
+    cfg = load_config("demo", "tfidf", over)
+    probs, y, fold = base_oof("tfidf@base", [0, 1])
+    comp = load_competition(cfg.data)
+    ids = comp.train["id"].astype(str)[np.isin(load_folds(comp), [0, 1])].tolist()
+    P = np.stack([probs, load_probs(paths.oof_file("demo", "other"), ids, comp.classes)])
+    want = nested_cv(P, y, fold, lambda k: build_blender(cfg.blend, "micro"),
+                     lambda: ThresholdOptimizer(**threshold_params(cfg.blend, "micro")), metric="micro")
+    assert df.loc["blend_vs_single", "cv"] == pytest.approx(float(np.mean(want.per_fold)), abs=1e-12)
+    one = ablate("demo", "tfidf", folds=[0], overrides=over, only=["blend_vs_single"]).set_index("variant")
+    assert pd.isna(one.loc["blend_vs_single", "cv"]) and "2 or more folds" in one.loc["blend_vs_single", "note"]
+
+
+def test_variant_of_keys_the_kind_ignores_is_refused_before_training(demo: Path) -> None:
+    """``train.loss=focal`` on a CPU member would print +0.0000: refused, nothing trained."""
+    write_model(demo, "tfidf", {**BASE, "ablations": {**ABLATIONS, "focal": ["train.loss=focal"]}})
+    with pytest.raises(UserError, match=r"ablation 'focal'.*\['train.loss'\] do nothing.*tfidf_linear"):
+        ablate("demo", "tfidf", folds=[0, 1])
+    assert not paths.run_dir("demo", "tfidf", 0).exists()
+    assert not paths.run_dir("demo", "tfidf@word_only", 0).exists()
 
 
 def test_declaration_errors() -> None:

@@ -1,7 +1,8 @@
 """``mmfold sweep``: grid reproduction, results table, best YAML, pruning, resume after interruption.
 
 A fake CPU member stands in for a model: its quality is a config value, it "trains" in epochs
-(emitting each epoch through the engine's epoch hook when one exists), counts its calls, and can
+(``model.params.epochs``: a CPU member uses no ``train.*`` key, and a sweep refuses those),
+emitting each epoch through the engine's epoch hook when one exists, counts its calls, and can
 be told to raise KeyboardInterrupt mid-sweep, so resume is tested exactly. One test runs the
 real TF-IDF member on the demo data through the CLI.
 """
@@ -19,11 +20,13 @@ import yaml
 from mmfold import paths, train
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
+from mmfold.data import load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.members import MEMBERS
 from mmfold.metrics import binarize, samples_f1
-from mmfold.sweep import (SweepOptions, check_space, grid_space, parse_space, requeue_interrupted, results_table,
-                          sweep)
+from mmfold.scoring import honest_cv
+from mmfold.sweep import (Objective, SweepOptions, check_space, grid_space, parse_space, requeue_interrupted,
+                          results_table, sweep)
 from tests.conftest import install_demo
 
 CALLS: list[tuple[str, int]] = []  # (run name, epochs emitted) per fold trained
@@ -39,9 +42,10 @@ def fake_member(cfg, comp, train_idx, valid_idx):
     y = comp.y()[valid_idx].astype(float)
     rng = np.random.default_rng(len(valid_idx))
     prob = np.clip(q * y + (1 - q) * rng.random(y.shape), 0, 1)
-    for epoch in range(cfg.train.epochs):
+    epochs = int(cfg.model.params.get("epochs", 1))
+    for epoch in range(epochs):
         CALLS[-1] = (cfg.model.name, epoch + 1)
-        f1 = samples_f1(y, binarize(prob, 0.5)) * (epoch + 1) / cfg.train.epochs
+        f1 = samples_f1(y, binarize(prob, 0.5)) * (epoch + 1) / epochs
         for callback in list(getattr(train, "EPOCH_CALLBACKS", None) or []):
             callback({"epoch": epoch, "valid_f1": f1, "model": cfg.model.name, "fold": -1})
     return prob, None, {"images_per_s": 1.0}
@@ -51,7 +55,7 @@ if "fake_sweep" not in MEMBERS:
     MEMBERS.register("fake_sweep")(fake_member)
 
 SPACE = {"model.params.quality": {"type": "float", "low": 0.1, "high": 0.9, "grid": [0.2, 0.9]},
-         "train.epochs": {"type": "int", "low": 1, "high": 3, "grid": [1, 2]}}
+         "model.params.epochs": {"type": "int", "low": 1, "high": 3, "grid": [1, 2]}}
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def test_grid_reproduces_every_combination(demo: Path) -> None:
     study = sweep(opts())
     df = results_table(study)
     assert len(df) == 4 and (df["state"] == "COMPLETE").all()
-    combos = {(r["model.params.quality"], r["train.epochs"]) for _, r in df.iterrows()}
+    combos = {(r["model.params.quality"], r["model.params.epochs"]) for _, r in df.iterrows()}
     assert combos == {(0.2, 1), (0.2, 2), (0.9, 1), (0.9, 2)}
     assert df["train_time_s"].notna().all() and df["wall_s"].notna().all()
     assert study.best_params["model.params.quality"] == 0.9
@@ -91,7 +95,8 @@ def test_grid_reproduces_every_combination(demo: Path) -> None:
     assert "train time (s)" in md and "(best)" in md
     assert (paths.reports_dir("demo") / "figures" / "sweep_fake.png").stat().st_size > 8000
     tuned = load_config("demo", "fake_tuned")
-    assert tuned.model.params["quality"] == 0.9 and tuned.train.epochs == study.best_params["train.epochs"]
+    assert tuned.model.params["quality"] == 0.9
+    assert tuned.model.params["epochs"] == study.best_params["model.params.epochs"]
 
 
 def test_resume_after_interruption_repeats_no_finished_work(demo: Path) -> None:
@@ -110,7 +115,7 @@ def test_resume_after_interruption_repeats_no_finished_work(demo: Path) -> None:
     df = results_table(study)
     done = df[df["state"] == "COMPLETE"]
     assert len(done) == 4
-    assert {(r["model.params.quality"], r["train.epochs"]) for _, r in done.iterrows()} == \
+    assert {(r["model.params.quality"], r["model.params.epochs"]) for _, r in done.iterrows()} == \
         {(0.2, 1), (0.2, 2), (0.9, 1), (0.9, 2)}
     CALLS.clear()
     sweep(opts())  # a finished study costs nothing
@@ -135,7 +140,7 @@ def test_pruned_on_epoch_hook(demo: Path, monkeypatch: pytest.MonkeyPatch, warmu
     """With the engine hook, a bad trial stops inside its first fold, right after the
     ``warmup`` epochs the pruner leaves alone."""
     monkeypatch.setattr(train, "EPOCH_CALLBACKS", [], raising=False)
-    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [4]})
+    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "model.params.epochs": [4]})
     study = sweep(opts(pruner="median", startup=1, sampler="grid", warmup=warmup))
     df = results_table(study).set_index("model.params.quality")
     assert df.loc[0.1, "number"] > 0  # the seeded grid order puts a good trial first
@@ -147,7 +152,7 @@ def test_pruned_on_epoch_hook(demo: Path, monkeypatch: pytest.MonkeyPatch, warmu
 
 def test_pruned_between_folds_without_hook(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(train, "EPOCH_CALLBACKS", raising=False)
-    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "train.epochs": [1]})
+    write_fake(demo, {"model.params.quality": [0.9, 0.1, 0.85], "model.params.epochs": [1]})
     study = sweep(opts(pruner="median", startup=1, folds=[0, 1, 2]))
     df = results_table(study).set_index("model.params.quality")
     assert df.loc[0.1, "number"] > 0  # the seeded grid order puts a good trial first
@@ -190,3 +195,74 @@ def test_cli_sweep_tfidf_on_demo(demo: Path) -> None:
     df = pd.read_csv(paths.reports_dir("demo") / "sweep_tfidf.csv")
     assert len(df) == 2 and df["value"].between(0, 1).all()
     assert (demo / "configs" / "models" / "tfidf_tuned.yaml").exists()
+
+
+def test_space_of_keys_the_kind_ignores_is_refused_before_training(demo: Path) -> None:
+    """``train.loss`` on a CPU member would spend every trial measuring nothing."""
+    doc = {"model": {"kind": "tfidf_linear", "params": {"min_df": 1},
+                     "search_space": {"train.loss": ["bce", "focal"], "model.params.min_df": [1, 2]}}}
+    (demo / "configs" / "models" / "tfidf.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match=r"search_space.*\['train.loss'\] do nothing.*tfidf_linear"):
+        sweep(opts(model="tfidf", study="tfidf"))
+    assert not (demo / "runs").exists()
+
+
+def fold_oof(run: str, folds: list[int], comp, fold_of_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A run's fold OOFs in train order on the rows of ``folds``: (probs, row indices)."""
+    oof = pd.concat([pd.read_parquet(paths.run_dir("demo", run, k) / "oof.parquet") for k in folds])
+    rows = np.flatnonzero(np.isin(fold_of_row, folds))
+    ids = comp.train["id"].astype(str).iloc[rows]
+    return oof.set_index(oof["id"].astype(str)).loc[ids, comp.classes].to_numpy(np.float64), rows
+
+
+@pytest.mark.parametrize("folds", [[0, 1], [2]])
+def test_trial_value_is_the_honest_tuned_cv_in_the_metric(demo: Path, folds: list[int]) -> None:
+    """A trial scores what the blend will see: thresholds fitted out of fold, ``data.metric``,
+    ``blend.*`` post-rules (one fold: seeded halves), not F1 at 0.5."""
+    over = ["data.metric=micro", "blend.min_labels=2"]
+    study = sweep(opts(folds=folds, overrides=over))
+    cfg = load_config("demo", "fake", over)
+    comp = load_competition(cfg.data)
+    fold_of_row = load_folds(comp)
+    for t in study.trials:
+        probs, rows = fold_oof(t.user_attrs["run"], folds, comp, fold_of_row)
+        want = honest_cv(probs, comp.y()[rows], fold_of_row[rows], cfg.blend, "micro")
+        assert t.value == pytest.approx(want.mean, abs=1e-12)
+        assert t.user_attrs["fold_scores"] == pytest.approx(want.per_fold, abs=1e-12)
+    md = (paths.reports_dir("demo") / "sweep_fake.md").read_text()
+    assert "micro-F1" in md and "at 0.5" not in md
+
+
+def test_tpe_reuses_a_finished_trial_with_the_same_parameters(demo: Path) -> None:
+    """Two combinations, six trials: TPE samples repeats, and only distinct ones train."""
+    write_fake(demo, {"model.params.quality": [0.2, 0.9], "model.params.epochs": [1]})
+    study = sweep(opts(sampler="tpe", n_trials=6))
+    df = results_table(study)
+    assert len(df) == 6 and (df["state"] == "COMPLETE").all()
+    distinct = {(r["model.params.quality"], r["model.params.epochs"]) for _, r in df.iterrows()}
+    assert len(distinct) < 6  # the sampler did repeat itself
+    assert len(CALLS) == 2 * len(distinct)  # one training per distinct combination and fold
+    for t in study.trials:
+        twin = t.user_attrs.get("reused_from")
+        if twin is not None:
+            assert study.trials[twin].params == t.params and study.trials[twin].value == t.value
+            assert t.user_attrs["run"] == study.trials[twin].user_attrs["run"]
+    assert df["reused_from"].notna().sum() == 6 - len(distinct)
+
+
+def test_twin_of_a_pruned_trial_is_pruned_without_training(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same parameters as a pruned trial: pruned again at once, its run dir and scores reused."""
+    monkeypatch.setattr(train, "EPOCH_CALLBACKS", [], raising=False)
+    write_fake(demo, {"model.params.quality": [0.9, 0.1], "model.params.epochs": [3]})
+    o = opts(pruner="median", startup=1, warmup=0)
+    space = parse_space(load_config("demo", "fake").model.search_space, "fake.yaml")
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(1, 0))
+    for q in (0.9, 0.1, 0.1):
+        study.enqueue_trial({"model.params.quality": q, "model.params.epochs": 3})
+    study.optimize(Objective(o, space), n_trials=3)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [name for name, _ in CALLS] == ["fake@trial0", "fake@trial0", "fake@trial1"]
+    twin = study.trials[2]
+    assert twin.user_attrs["reused_from"] == 1 and twin.user_attrs["run"] == "fake@trial1"
+    assert twin.user_attrs["train_time_s"] == 0.0 and twin.intermediate_values == {}

@@ -17,7 +17,12 @@ The variants are declared in the model's YAML, not in code (``model.ablations``)
 A trained variant runs through the normal fold runner as ``<model>@<variant>`` (its own run
 dirs, resumable, reused when nothing changed). Every row is scored on the same folds as the
 base, fold by fold, so the difference from the base is *paired*: its fold-to-fold spread says
-whether an effect is bigger than the noise between folds.
+whether an effect is bigger than the noise between folds. The score is the one the blend gives
+a model, :func:`mmfold.scoring.honest_cv` (thresholds fitted out of fold with the ``blend.*``
+rules, ``data.metric``), so an ablation's Δ is the Δ the blend would see.
+
+A variant that sets a ``train.*`` key its model's kind ignores (``train.loss`` on a CPU member)
+is refused before anything trains: its row would print +0.0000 and mean nothing.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ from mmfold import io, paths
 from mmfold.config import Config, ConfigError, load_config, model_yaml
 from mmfold.data import Competition, load_folds
 from mmfold.errors import UserError
-from mmfold.metrics import METRICS, binarize
+from mmfold.metrics import metric_label
 from mmfold.registry import Registry
-from mmfold.sweep import (VARIANT_SEP, Competitions, learned_config, read_fold_oof, run_variant_fold,
-                          variant_config)
+from mmfold.scoring import at_half, honest_cv, threshold_params
+from mmfold.sweep import VARIANT_SEP, Competitions, fold_probs, learned_config, run_variant_fold, variant_config
 from mmfold.thresholds import ThresholdOptimizer
+from mmfold.train import check_used_keys
 
 COMPUTED = Registry("computed ablation")
 NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")  # variant names become directory names
@@ -83,20 +89,23 @@ def parse_ablations(ablations: dict[str, Any], where: str) -> list[Variant]:
     return out
 
 
+def check_variants(data: str, model: str, overrides: list[str], variants: Sequence[Variant]) -> None:
+    """Refuse, before anything trains, a variant setting ``train.*`` keys its kind ignores.
+
+    A variant whose config does not even load is left to :func:`run_trained`, which reports
+    it as a failed row (as any variant that does not apply).
+    """
+    for v in variants:
+        if not v.overrides:
+            continue
+        try:
+            cfg = variant_config(data, model, f"{model}{VARIANT_SEP}{v.name}", overrides + v.overrides)
+        except UserError:
+            continue
+        check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in v.overrides], f"ablation '{v.name}'")
+
+
 # ------------------------------------------------------------------------------------ scoring
-
-
-def fold_scores(prob: np.ndarray, y: np.ndarray, folds: np.ndarray, tuned: bool) -> list[float]:
-    """Samples-F1 per fold, with thresholds fitted on the other evaluated folds (or at 0.5)."""
-    out = []
-    for k in np.unique(folds):
-        fit, te = folds != k, folds == k
-        if tuned:
-            pred = ThresholdOptimizer().fit(prob[fit], y[fit]).predict(prob[te])
-        else:
-            pred = binarize(prob[te], 0.5)
-        out.append(float(METRICS["samples"](y[te], pred)))
-    return out
 
 
 @dataclass
@@ -110,7 +119,6 @@ class Ablation:
     overrides: list[str]
     comps: Competitions
     fold_of_row: np.ndarray
-    tuned: bool  # thresholds fitted on other folds (needs >= 2 folds), else 0.5
     base_prob: np.ndarray | None = None  # (n_eval, L) rows of the evaluated folds, train order
     rows: np.ndarray | None = None  # train-row indices of the evaluated folds
 
@@ -123,6 +131,20 @@ class Ablation:
 
     def row_folds(self) -> np.ndarray:
         return self.fold_of_row[self.rows]
+
+    @property
+    def metric(self) -> str:
+        """The table's one metric: the base's ``data.metric``."""
+        return self.base.data.metric
+
+    def scores(self, prob: np.ndarray, cfg: Config | None = None) -> list[float]:
+        """Per-fold honest CV of ``prob`` on the evaluated rows, as the blend scores a model.
+
+        Thresholds for fold k are fitted on the other evaluated folds (one fold: seeded halves)
+        with the ``blend.*`` rules of ``cfg`` (a variant may change them; default the base's).
+        """
+        blend = (cfg or self.base).blend
+        return honest_cv(prob, self.y(), self.row_folds(), blend, self.metric).per_fold
 
 
 @dataclass
@@ -140,16 +162,13 @@ def train_variant(ab: Ablation, cfg: Config) -> tuple[np.ndarray, float]:
     """Train/reuse every evaluated fold of ``cfg``; its OOF on the evaluated rows and the time."""
     comp = ab.comps.get(cfg)
     spent = sum(float(run_variant_fold(cfg, comp, ab.fold_of_row, k).get("train_time_s") or 0.0) for k in ab.folds)
-    oof = read_fold_oof(cfg, comp, ab.folds).set_index("id")
-    ids = ab.comp.train["id"].astype(str).iloc[ab.rows]
-    oof.index = oof.index.astype(str)
-    return oof.loc[ids, ab.comp.classes].to_numpy(np.float64), spent
+    return fold_probs(cfg, comp, ab.folds, ab.rows), spent
 
 
 def run_base(ab: Ablation) -> Result:
     """The base config; its OOF is kept for the computed variants."""
     ab.base_prob, spent = train_variant(ab, ab.base)
-    return Result("base", f"`{ab.base.model.name}`", fold_scores(ab.base_prob, ab.y(), ab.row_folds(), ab.tuned), spent)
+    return Result("base", f"`{ab.base.model.name}`", ab.scores(ab.base_prob), spent)
 
 
 def run_trained(ab: Ablation, v: Variant) -> Result:
@@ -161,29 +180,32 @@ def run_trained(ab: Ablation, v: Variant) -> Result:
     except (UserError, RuntimeError, ValueError) as e:  # a variant that does not apply to this kind
         print(f"{name}: failed: {e}")
         return Result(v.name, v.what, None, 0.0, f"failed: {e}")
-    return Result(v.name, v.what, fold_scores(prob, ab.y(), ab.row_folds(), ab.tuned), spent)
+    return Result(v.name, v.what, ab.scores(prob, cfg), spent)
 
 
 @COMPUTED.register("thresholds_0.5")
 def thresholds_at_half(ab: Ablation, v: Variant) -> Result:
-    """The base model with one threshold of 0.5 instead of tuned per-label thresholds."""
-    scores = fold_scores(ab.base_prob, ab.y(), ab.row_folds(), tuned=False)
-    note = "" if ab.tuned else "base is also at 0.5 (one fold: nothing to fit thresholds on)"
-    return Result(v.name, "base at threshold 0.5", scores, 0.0, note)
+    """The base model with one threshold of 0.5 instead of tuned per-label thresholds (the
+    ``blend.min_labels`` fallback still applies, as in a submission)."""
+    half = at_half(ab.base_prob, ab.y(), ab.row_folds(), ab.base.blend, ab.metric)
+    return Result(v.name, "base at threshold 0.5", half.per_fold, 0.0)
 
 
 @COMPUTED.register("blend_vs_single")
 def blend_vs_single(ab: Ablation, v: Variant) -> Result:
-    """The blend (``blend.*`` settings) of the base with other collected models, nested CV."""
-    from mmfold.blend import build_blender, nested_cv, threshold_params
+    """The blend (``blend.*`` settings) of the base with other collected models, nested CV in
+    the table's metric. The blender is fitted on other folds, so one fold is not enough."""
+    from mmfold.blend import build_blender, nested_cv
 
     present = [m for m in _blend_members(ab, v) if m != ab.model and paths.oof_file(ab.data, m).exists()]
     if not present:
         return Result(v.name, v.what, None, 0.0, f"no other collected model in {paths.oof_dir(ab.data)}")
+    if len(ab.folds) < 2:
+        return Result(v.name, v.what, None, 0.0, "needs 2 or more folds (the blend is fitted on the others)")
     start = time.perf_counter()
     P = np.stack([ab.base_prob] + [_collected(ab, m) for m in present])
-    cv = nested_cv(P, ab.y(), ab.row_folds(), lambda k: build_blender(ab.base.blend, ab.base.data.metric),
-                   lambda: ThresholdOptimizer(**threshold_params(ab.base.blend, ab.base.data.metric)))
+    cv = nested_cv(P, ab.y(), ab.row_folds(), lambda k: build_blender(ab.base.blend, ab.metric),
+                   lambda: ThresholdOptimizer(**threshold_params(ab.base.blend, ab.metric)), metric=ab.metric)
     what = f"{ab.base.blend.method} blend of base + {', '.join(f'`{m}`' for m in present)}"
     return Result(v.name, what, list(cv.per_fold), time.perf_counter() - start)
 
@@ -197,7 +219,7 @@ def other_model(ab: Ablation, v: Variant) -> Result:
         return Result(v.name, f"`{other}`", None, 0.0,
                       f"`{other}` not collected: run `make train MODEL={other}` first")
     prob = _collected(ab, other)
-    return Result(v.name, f"`{other}`", fold_scores(prob, ab.y(), ab.row_folds(), ab.tuned), 0.0,
+    return Result(v.name, f"`{other}`", ab.scores(prob), 0.0,
                   "collected model, training time not counted")
 
 
@@ -244,14 +266,16 @@ def markdown(df: pd.DataFrame, ab: Ablation, figure: str) -> str:
     from mmfold.report import md_table
 
     shown = pd.DataFrame({
-        "variant": df["variant"], "what": df["what"], "CV samples-F1": df["cv"].map(_fmt),
+        "variant": df["variant"], "what": df["what"], f"CV {metric_label(ab.metric)}": df["cv"].map(_fmt),
         "Δ vs base": df["diff"].map(lambda v: _fmt(v, signed=True)),
         "± fold std of Δ": df["diff_std"].map(_fmt), "folds better": df["better_folds"],
         "time (s)": df["time_s"].map(lambda t: f"{t:.1f}"), "note": df["note"],
     })
-    how = "thresholds fitted on the other evaluated folds" if ab.tuned else "threshold 0.5"
+    how = ("per-label thresholds fitted on the other evaluated folds" if len(ab.folds) > 1 else
+           "per-label thresholds fitted on the other half of the fold (one fold)")
     return (f"# Ablations of `{ab.model}` on `{ab.data}`\n\n"
-            f"Folds {ab.folds}; CV samples-F1 with {how}. Δ is the mean over folds of (variant − base) "
+            f"Folds {ab.folds}; honest CV {metric_label(ab.metric)} as the blend scores a model: {how}, "
+            "with the `blend.*` rules. Δ is the mean over folds of (variant − base) "
             "on the same fold; its std across folds is the noise to compare it with: an effect "
             "smaller than its std is not distinguishable from fold-to-fold variation. Time is "
             "training time summed over the folds (reused folds count their original time).\n\n"
@@ -282,6 +306,7 @@ def ablate(data: str, model: str, folds: Sequence[int] | None = None, overrides:
         if unknown:
             raise UserError(f"unknown variants {unknown}; declared: {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in only]
+    check_variants(data, model, overrides, variants)
     ab = _setup(data, model, base, folds, overrides)
     results = [run_base(ab)] + [_run(ab, v) for v in variants]
     df = table(results)
@@ -295,7 +320,7 @@ def _setup(data: str, model: str, base: Config, folds: Sequence[int] | None, ove
     fold_of_row = load_folds(comps.get(base))
     chosen = sorted(int(k) for k in (folds if folds is not None else np.unique(fold_of_row)))
     rows = np.flatnonzero(np.isin(fold_of_row, chosen))
-    return Ablation(data, model, base, chosen, overrides, comps, fold_of_row, len(chosen) >= 2, rows=rows)
+    return Ablation(data, model, base, chosen, overrides, comps, fold_of_row, rows=rows)
 
 
 def _run(ab: Ablation, v: Variant) -> Result:

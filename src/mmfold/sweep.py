@@ -2,9 +2,15 @@
 
 Each trial is the model's config plus the sampled values, trained through the normal fold
 runner under its own name ``<model>@trial<k>`` (so trials never share a run dir and each one
-resumes like any fold), scored by the mean samples-F1 at 0.5 of the chosen folds. Trials are
-pruned by Optuna's pruner on what they report: the validation F1 of every epoch (through the
-engine's epoch hook, see :func:`epoch_hooks`) and the running CV mean after every fold.
+resumes like any fold), and scored by the number the blend will see for it: the honest tuned
+CV of :func:`mmfold.scoring.honest_cv` on the out-of-fold predictions of the folds it trained
+(thresholds fitted out of fold, ``blend.*`` post-rules, ``data.metric``). Trials are pruned by
+Optuna's pruner on what they report: the validation F1 of every epoch (through the engine's
+epoch hook, see :func:`epoch_hooks`) and the honest CV of the folds done after every fold.
+
+Before anything trains, a search-space key the model's kind ignores (``train.loss`` on a CPU
+member) is refused, and a sampled parameter set that equals a finished trial's (TPE repeats
+itself on small discrete spaces) takes that trial's result instead of training it again.
 
 The study lives in SQLite (``sweeps/<data>/<study>.db``), so a killed or interrupted sweep
 resumes: finished trials are kept, and a trial that was cut off is re-queued with the same
@@ -45,7 +51,10 @@ from mmfold import io, paths
 from mmfold.config import Config, ConfigError, flatten, load_config, merge, model_yaml, stable_hash
 from mmfold.data import Competition, load_competition, load_folds
 from mmfold.errors import UserError
+from mmfold.metrics import metric_label
 from mmfold.registry import Registry
+from mmfold.scoring import HonestCV, honest_cv, threshold_params
+from mmfold.train import check_used_keys
 
 VARIANT_SEP = "@"  # <model>@<trial or variant>: a run dir of its own, hidden from the main report
 STRIDE = 1000  # pruning step = fold position * STRIDE + epoch, so folds never share a step
@@ -132,6 +141,26 @@ def read_fold_oof(cfg: Config, comp: Competition, folds: Sequence[int]) -> pd.Da
     """The chosen folds' ``oof.parquet`` of a variant, concatenated (``id``, ``fold``, classes)."""
     parts = [pd.read_parquet(paths.run_dir(cfg.data.name, cfg.model.name, k) / "oof.parquet") for k in folds]
     return pd.concat(parts, ignore_index=True)
+
+
+def fold_probs(cfg: Config, comp: Competition, folds: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """A variant's out-of-fold probabilities on train rows ``rows`` (train order), read from
+    the ``oof.parquet`` of ``folds`` (which must cover those rows)."""
+    oof = read_fold_oof(cfg, comp, folds)
+    oof.index = oof["id"].astype(str)
+    ids = comp.train["id"].astype(str).iloc[rows]
+    return oof.loc[ids, comp.classes].to_numpy(np.float64)
+
+
+def honest_score(cfg: Config, comp: Competition, fold_of_row: np.ndarray, folds: Sequence[int]) -> HonestCV:
+    """The honest tuned CV of a variant on the folds it trained, as the blend would score it.
+
+    Thresholds for fold k are fitted on the other given folds (one fold: seeded halves), with
+    the variant's ``blend.*`` post-rules, scored by ``data.metric``.
+    """
+    rows = np.flatnonzero(np.isin(fold_of_row, list(folds)))
+    probs = fold_probs(cfg, comp, folds, rows)
+    return honest_cv(probs, comp.y()[rows], fold_of_row[rows], cfg.blend, cfg.data.metric)
 
 
 # ------------------------------------------------------------------------- epoch hook (engine)
@@ -340,9 +369,12 @@ def storage_url(data: str, study: str) -> str:
 
 
 def signature(opts: SweepOptions, space: list[Param]) -> str:
-    """What makes two sweeps the same study: base config, space, folds, sampler, overrides."""
-    base = learned_config(load_config(opts.data, opts.model, opts.overrides).to_dict())
-    return stable_hash([base, [vars(p) for p in space], opts.folds, opts.sampler])
+    """What makes two sweeps the same study: base config, space, folds, sampler, overrides, and
+    how trials are scored (the honest CV's threshold settings), so trials scored another way
+    are never compared with these."""
+    cfg = load_config(opts.data, opts.model, opts.overrides)
+    scoring = ["honest_cv", threshold_params(cfg.blend, cfg.data.metric), cfg.blend.seed]
+    return stable_hash([learned_config(cfg.to_dict()), [vars(p) for p in space], opts.folds, opts.sampler, scoring])
 
 
 def open_study(opts: SweepOptions, space: list[Param], force: bool) -> Any:
@@ -416,6 +448,9 @@ class Objective:
 
     def __call__(self, trial: Any) -> float:
         values = suggest(trial, self.space)
+        twin = finished_twin(trial)
+        if twin is not None:
+            return reuse_twin(trial, twin)
         name = self.run_name(trial)
         trial.set_user_attr("run", name)
         cfg = variant_config(self.opts.data, self.opts.model, name, self.opts.overrides, values)
@@ -426,23 +461,26 @@ class Objective:
             raise
 
     def _train(self, trial: Any, cfg: Config) -> float:
-        """Train the chosen folds one by one, reporting for pruning after epochs and folds."""
+        """Train the chosen folds one by one, reporting for pruning after epochs and folds.
+
+        After each fold the honest CV of the folds done so far is reported (and kept as the
+        trial's ``fold_scores``), so the last report is the trial's value.
+        """
         import optuna
 
-        comp, scores, spent = self.comps.get(cfg), [], 0.0
+        comp, spent, cv = self.comps.get(cfg), 0.0, None
         state = {"pos": 0}
         with on_epoch(lambda rec: self._epoch(trial, cfg, state, rec)):
             for pos, k in enumerate(self.opts.folds):
                 state["pos"] = pos
-                info = run_variant_fold(cfg, comp, self.fold_of_row, k)
-                scores.append(float(info["metrics"]["samples"]))
-                spent += float(info.get("train_time_s") or 0.0)
-                trial.set_user_attr("fold_scores", scores)
+                spent += float(run_variant_fold(cfg, comp, self.fold_of_row, k).get("train_time_s") or 0.0)
+                cv = honest_score(cfg, comp, self.fold_of_row, self.opts.folds[: pos + 1])
+                trial.set_user_attr("fold_scores", cv.per_fold)
                 trial.set_user_attr("train_time_s", spent)
-                trial.report(float(np.mean(scores)), pos * STRIDE + STRIDE - 1)
+                trial.report(cv.mean, pos * STRIDE + STRIDE - 1)
                 if pos + 1 < len(self.opts.folds) and trial.should_prune():
-                    raise optuna.TrialPruned(f"mean of {len(scores)} fold(s) {np.mean(scores):.4f}")
-        return float(np.mean(scores))
+                    raise optuna.TrialPruned(f"honest CV of {pos + 1} fold(s) {cv.mean:.4f}")
+        return cv.mean
 
     @staticmethod
     def _epoch(trial: Any, cfg: Config, state: dict[str, int], rec: dict) -> None:
@@ -456,11 +494,43 @@ class Objective:
             raise optuna.TrialPruned(f"fold {rec.get('fold')} epoch {rec['epoch']}: valid F1 {rec['valid_f1']:.4f}")
 
 
+def finished_twin(trial: Any) -> Any | None:
+    """An earlier complete or pruned trial of the study with exactly this trial's parameters.
+
+    Optuna's samplers may propose a point they already tried (TPE does, often, on a small
+    discrete space); training it again would reproduce the same folds at full cost.
+    """
+    from optuna.trial import TrialState
+
+    done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return next((t for t in done if t.number != trial.number and t.params == trial.params), None)
+
+
+def reuse_twin(trial: Any, twin: Any) -> float:
+    """Take ``twin``'s result: its value (or its pruning), its run dir and fold scores.
+
+    A pruned twin prunes this trial too: training the same config again would report the same
+    values at the same steps. Nothing is trained, so the trial's training time is 0; nothing is
+    reported either, so the pruner does not count one curve twice.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("reused_from", twin.number)
+    trial.set_user_attr("run", twin.user_attrs.get("run", ""))
+    trial.set_user_attr("fold_scores", twin.user_attrs.get("fold_scores") or [])
+    trial.set_user_attr("train_time_s", 0.0)
+    if twin.state == TrialState.PRUNED:  # no reports: the pruner already has this curve once
+        raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
+    return float(twin.value)
+
+
 # ---------------------------------------------------------------------------------- results
 
 
 def results_table(study: Any) -> pd.DataFrame:
-    """One row per trial: state, run, parameters, CV, fold spread, training and wall time."""
+    """One row per trial: state, run, parameters, CV, fold spread, training and wall time, and
+    the trial whose result it reused (same parameters: nothing trained)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         scores = t.user_attrs.get("fold_scores") or []
@@ -469,24 +539,28 @@ def results_table(study: Any) -> pd.DataFrame:
         rows.append({"number": t.number, "state": t.state.name, "run": t.user_attrs.get("run", ""),
                      **{k: v for k, v in t.params.items()}, "value": value,
                      "fold_std": float(np.std(scores)) if len(scores) > 1 else None, "folds_done": len(scores),
-                     "train_time_s": t.user_attrs.get("train_time_s"), "wall_s": wall})
+                     "train_time_s": t.user_attrs.get("train_time_s"), "wall_s": wall,
+                     "reused_from": t.user_attrs.get("reused_from")})
     return pd.DataFrame(rows)
 
 
-def table_markdown(df: pd.DataFrame, best: int | None) -> str:
-    """The results table as markdown, best trial in bold."""
+def table_markdown(df: pd.DataFrame, best: int | None, metric: str) -> str:
+    """The results table as markdown, best trial in bold, the score named by ``metric``."""
     from mmfold.report import md_table
 
     shown = df.copy()
     shown["number"] = [f"**{n}** (best)" if n == best else str(n) for n in shown["number"]]
     for col in ("train_time_s", "wall_s"):
         shown[col] = [("–" if t is None or pd.isna(t) else f"{t:.1f}") for t in shown[col]]
-    shown = shown.rename(columns={"number": "trial", "value": "CV samples-F1", "fold_std": "± fold std",
-                                  "train_time_s": "train time (s)", "wall_s": "wall time (s)"})
+    shown["reused_from"] = ["" if pd.isna(n) else f"trial {int(n)}" for n in shown["reused_from"]]
+    shown = shown.rename(columns={"number": "trial", "value": f"CV {metric_label(metric)}", "fold_std": "± fold std",
+                                  "train_time_s": "train time (s)", "wall_s": "wall time (s)",
+                                  "reused_from": "result of"})
     return md_table(shown)
 
 
-def best_yaml(opts: SweepOptions, params: dict[str, Any], value: float, space: list[Param]) -> str:
+def best_yaml(opts: SweepOptions, params: dict[str, Any], value: float, space: list[Param],
+              metric: str = "samples") -> str:
     """The base model YAML with the CLI overrides and the best values written in."""
     doc = yaml.safe_load(model_yaml(opts.model).read_text()) or {}
     for item in opts.overrides:
@@ -496,7 +570,7 @@ def best_yaml(opts: SweepOptions, params: dict[str, Any], value: float, space: l
     for key, label in params.items():
         doc = deep_merge(doc, nested(key, by_key[key].decode(label) if key in by_key else label))
     head = (f"# Written by `mmfold sweep` from {opts.model} (study '{opts.study}', data {opts.data}):\n"
-            f"# best trial CV samples-F1 at 0.5 = {value:.4f} on folds {opts.folds}.\n")
+            f"# best trial honest CV {metric_label(metric)} = {value:.4f} on folds {opts.folds}.\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -512,7 +586,7 @@ def write_results(study: Any, opts: SweepOptions, space: list[Param]) -> dict[st
     """Results table (csv + md + png) under ``reports/<data>/`` and the best model YAML."""
     from mmfold import plots
 
-    df = results_table(study)
+    df, metric = results_table(study), sweep_metric(opts)
     out = paths.reports_dir(opts.data)
     written = {"csv": io.write_csv(df, out / f"sweep_{opts.study}.csv")}
     complete = df[df["state"] == "COMPLETE"]
@@ -520,15 +594,18 @@ def write_results(study: Any, opts: SweepOptions, space: list[Param]) -> dict[st
     if len(complete):
         written["png"] = plots.sweep_history(df, out / "figures" / f"sweep_{opts.study}.png", opts.study)
     md = [f"# Sweep `{opts.study}` of `{opts.model}` on `{opts.data}`\n",
-          f"Sampler `{opts.sampler}`, pruner `{opts.pruner}`, folds {opts.folds}; score = mean samples-F1 "
-          "at 0.5 over those folds. Train time is summed over the trial's folds (reused folds count "
-          "their original time); wall time includes data loading and reused folds.\n"]
+          f"Sampler `{opts.sampler}`, pruner `{opts.pruner}`, folds {opts.folds}; score = the honest CV "
+          f"{metric_label(metric)} the blend sees: per-label thresholds fitted on the other folds "
+          "(one fold: on the other half of it) with the `blend.*` rules, mean over those folds. "
+          "Train time is summed over the trial's folds (reused folds count their original time; "
+          "a trial with the parameters of an earlier one takes its result, `result of`, and trains "
+          "nothing); wall time includes data loading and reused folds.\n"]
     if "png" in written:
         md.append(f"![sweep](figures/sweep_{opts.study}.png)\n")
-    md.append(table_markdown(df, best) + "\n")
+    md.append(table_markdown(df, best, metric) + "\n")
     if best is not None:
         name = opts.out or f"{opts.model}_tuned"
-        text = best_yaml(opts, study.best_trial.params, study.best_value, space)
+        text = best_yaml(opts, study.best_trial.params, study.best_value, space, metric)
         written["yaml"] = io.write_text(model_yaml(name), text)
         md.append(f"\nBest trial {best}: CV {study.best_value:.4f}; written as `configs/models/{name}.yaml`.\n")
     written["md"] = io.write_text(out / f"sweep_{opts.study}.md", "\n".join(md))
@@ -536,6 +613,11 @@ def write_results(study: Any, opts: SweepOptions, space: list[Param]) -> dict[st
 
 
 # -------------------------------------------------------------------------------------- run
+
+
+def sweep_metric(opts: SweepOptions) -> str:
+    """The competition metric the sweep's trials are scored by (``data.metric``)."""
+    return load_config(opts.data, opts.model, opts.overrides).data.metric
 
 
 def sweep(opts: SweepOptions, force: bool = False) -> Any:
@@ -546,7 +628,8 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
     space = parse_space(cfg.model.search_space, str(model_yaml(opts.model)))
     if not space:
         raise UserError(f"model '{opts.model}' declares no model.search_space in {model_yaml(opts.model)}")
-    check_space(opts.data, opts.model, space)
+    check_space(opts.data, opts.model, space)  # unknown keys first, then keys this kind ignores
+    check_used_keys(cfg, [p.key for p in space], f"search_space of {model_yaml(opts.model)}")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with io.file_lock(sweep_dir(opts.data) / f".{opts.study}.lock"):

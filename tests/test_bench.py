@@ -1,0 +1,37 @@
+"""``make bench`` writes the ratios it measures (timings live there, not in assertions).
+
+A speed ratio depends on how busy the machine is, so no test asserts one; ``mmfold bench``
+measures each section against its own baseline and reports the ratio, its target and whether it
+was met, in the JSON and in a summary table at the top of the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from mmfold import bench
+
+
+def test_thresholds_section_reports_speedup_against_its_target(project: Path) -> None:
+    args = argparse.Namespace(sections=["thresholds"], quick=True, out="reports/bench/quick")
+    assert bench.run(args) == 0
+    res = json.loads((project / "reports" / "bench" / "quick.json").read_text())["thresholds"]
+    ratio = res["baseline_seconds"] / res["ours_seconds"]
+    assert res["speedup"] == pytest.approx(ratio, rel=0.05)
+    assert res["speedup_target"] > 1 and res["ok"] == (res["speedup"] > res["speedup_target"])
+    md = (project / "reports" / "bench" / "quick.md").read_text()
+    summary = md.split("## thresholds")[0]  # the table above the per-section details
+    assert "| section | result | target | ok |" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| thresholds |"))
+    assert f"{res['speedup']:,.1f}x" in row and f"> {res['speedup_target']}x" in row
+    assert f"| {'yes' if res['ok'] else 'NO'} |" in row
+
+
+def test_summary_lists_sections_without_a_headline() -> None:
+    """A section that reports no headline (or no target) still gets its summary row."""
+    md = bench.to_markdown({"x": {"seconds": 1.0, "section_wall_s": 1.2}})
+    assert "| x | – | – | – |" in md.split("## x")[0]

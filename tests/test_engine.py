@@ -330,9 +330,9 @@ def test_two_cpu_processes_write_each_oof_row_once(comp, project: Path) -> None:
 
 
 def test_cli_train_under_a_two_process_launcher(project: Path) -> None:
-    """``mmfold train`` as users launch it on several GPUs (``make train GPUS=N`` runs
-    ``accelerate launch -m mmfold``; on CPU, accelerate runs one process, so torchrun stands
-    in): every fold trains with both ranks, rank 0 alone writes, OOF has each id once."""
+    """``mmfold train`` under torchrun (the Makefile's accelerate line is run by
+    tests/test_launch.py): every fold trains with both ranks, rank 0 alone writes, OOF has
+    each id once."""
     import yaml
 
     from tests.test_faults import TINY_FUSION

@@ -306,6 +306,7 @@ def ablate(data: str, model: str, folds: Sequence[int] | None = None, overrides:
         if unknown:
             raise UserError(f"unknown variants {unknown}; declared: {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in only]
+    check_used_keys(base, [o.split("=", 1)[0].strip() for o in overrides], "override")
     check_variants(data, model, overrides, variants)
     ab = _setup(data, model, base, folds, overrides)
     results = [run_base(ab)] + [_run(ab, v) for v in variants]

@@ -260,7 +260,7 @@ def sweep_history(trials: pd.DataFrame, path: str | Path, title: str) -> Path:
         best = done.sort_values("number")
         ax_h.step(best["number"], best["value"].cummax(), where="post", color=ORANGE, label="best so far")
     ax_h.set_xlabel("trial")
-    ax_h.set_ylabel("CV samples-F1 at 0.5")
+    ax_h.set_ylabel("honest CV (tuned thresholds)")
     ax_h.set_title(f"{title}: score per trial", fontsize=10)
     ax_h.legend(fontsize=8, loc="best")
     ax_h.grid(alpha=0.3)
@@ -270,7 +270,7 @@ def sweep_history(trials: pd.DataFrame, path: str | Path, title: str) -> Path:
         ax_t.annotate(str(int(r["number"])), (r["train_time_s"], r["value"]), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")
     ax_t.set_xlabel("training time of the trial (s, summed over folds)")
-    ax_t.set_ylabel("CV samples-F1 at 0.5")
+    ax_t.set_ylabel("honest CV (tuned thresholds)")
     ax_t.set_title(f"{title}: score vs time (label = trial)", fontsize=10)
     ax_t.grid(alpha=0.3)
     return save(fig, path)

@@ -630,6 +630,7 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
         raise UserError(f"model '{opts.model}' declares no model.search_space in {model_yaml(opts.model)}")
     check_space(opts.data, opts.model, space)  # unknown keys first, then keys this kind ignores
     check_used_keys(cfg, [p.key for p in space], f"search_space of {model_yaml(opts.model)}")
+    check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in opts.overrides], "override")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with io.file_lock(sweep_dir(opts.data) / f".{opts.study}.lock"):

@@ -77,3 +77,20 @@ def test_make_style_exit_code_and_message(tiny: Path, project: Path) -> None:
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert second.returncode != 0 and "FORCE=1" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_misspelt_group_col_lists_the_columns(project: Path, capsys) -> None:
+    data = write_competition(project, "grp", n_train=30)
+    lines = (data / "train.csv").read_text().splitlines()
+    head, rows = lines[0], lines[1:]
+    a, b, c = head.split(",")
+    (data / "train.csv").write_text("\n".join([f"{a},{b},Group,{c}"] + [
+        ",".join(r.split(",", 2)[:2] + [f"g{i % 7}", r.split(",", 2)[2]]) for i, r in enumerate(rows)]) + "\n")
+    assert main(["folds", "--data", "grp", "folds.group_col=group"]) == 2
+    err = capsys.readouterr().err
+    assert "folds.group_col='group'" in err and "'Group'" in err and "Traceback" not in err
+    assert "did you mean 'Group'" in err
+    assert main(["folds", "--data", "grp", "folds.group_col=Group"]) == 0
+    folds = pd.read_csv(project / "folds" / "grp.csv")
+    groups = [f"g{i % 7}" for i in range(30)]
+    assert pd.Series(folds["fold"].to_numpy()).groupby(groups).nunique().max() == 1

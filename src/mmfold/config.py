@@ -47,6 +47,9 @@ class DataConfig:
     image_ext: str = ""
     allow_empty_labels: bool = False
     check_images: bool = True
+    # drop train rows whose image is missing, empty or undecodable (warned, listed); a bad
+    # test image stays an error since every test id must be submitted
+    drop_bad_images: bool = False
     models: list[str] = field(default_factory=list)
     metric: str = "samples"  # the competition metric: drives early stopping, CV lines, blend, sweeps
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import os
 import re
+import stat
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmfold import io as mmio
 from mmfold import paths
 from mmfold.config import DataConfig
 from mmfold.errors import DataError
@@ -33,31 +37,50 @@ def _listing(items: list) -> str:
     return head + (f" ... and {more} more" if more > 0 else "")
 
 
+Overflow = dict[int, tuple[int, list[str]]]  # data row -> (file line, its raw fields)
+
+
 def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """Read a competition CSV as strings, tolerating what spreadsheets do to free text.
 
     Handles a BOM, CRLF, quoted captions with embedded newlines, a trailing comma on every
     line (an empty ``Unnamed: N`` column, dropped), unquoted commas inside the last column
-    (the overflow is joined back into it, as COMP5329's captions need) and quotes left
-    unescaped inside quoted fields (repaired the way COMP5329 competitors did by hand).
+    (the overflow is joined back into it, as COMP5329's captions need, on any row: the first
+    included) and quotes left unescaped inside quoted fields (repaired the way COMP5329
+    competitors did by hand).
 
     Raises:
         DataError: missing file, wrong encoding or broken quoting, naming the line.
     """
+    df, overflow = _read_table(path, encoding)
+    _warn_overflow(path, df, overflow)
+    return df
+
+
+def _read_table(path: Path, encoding: str) -> tuple[pd.DataFrame, Overflow]:
+    """:func:`read_table`, also returning the rows whose overflow was joined back.
+
+    Rows are split by the ``csv`` module and fitted to the header here, not by pandas: pandas
+    silently turns the first column into the index when the *first* data row has one field too
+    many, which shifts every column (labels become caption words) without an error.
+    """
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    text = _decode(path, encoding)
-    escape = None
-    if _quote_error(text):
-        text, escape = _repair_quotes(text), "\\"
-        err = _quote_error(text, escape)
-        if err:
-            raise DataError(f"{path}: cannot parse CSV: {err}")
-    try:
-        df = _parse(text, escape)
-    except pd.errors.ParserError:
-        df = _parse_overflow(text, escape, path)
-    return _fold_trailing(df)
+    records = _records(_decode(path, encoding), path)
+    if not records:
+        raise DataError(f"{path}: empty file (no header line)")
+    header = _column_names(records[0][1])
+    rows, overflow = _fit_rows(records[1:], len(header))
+    df = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header, dtype=str)
+    return _fold_trailing(df), overflow
+
+
+def _warn_overflow(path: Path, df: pd.DataFrame, overflow: Overflow) -> None:
+    """Say which lines had their extra fields joined back (a silent repair hides bad files)."""
+    if overflow:
+        lines = [line for line, _ in overflow.values()]
+        warnings.warn(f"{path}: {len(lines)} line(s) had unquoted commas in the last column "
+                      f"({df.columns[-1]!r}); joined back: line {_listing(lines)}")
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -73,35 +96,64 @@ def _decode(path: Path, encoding: str) -> str:
         ) from e
 
 
-def _quote_error(text: str, escapechar: str | None = None) -> str | None:
-    """First quoting error as 'line N: reason' (the csv module is strict, pandas is not)."""
-    reader = csv.reader(_io.StringIO(text), strict=True, escapechar=escapechar)
+def _records(text: str, path: Path) -> list[tuple[int, list[str]]]:
+    """``(first line, fields)`` of every non-blank record; quotes repaired once if broken."""
     try:
-        for _ in reader:
-            pass
+        return _split_records(text, None)
+    except csv.Error:
+        pass
+    try:
+        return _split_records(_repair_quotes(text), "\\")
     except csv.Error as e:
-        return f"line {reader.line_num}: {e}"
-    return None
+        raise DataError(f"{path}: cannot parse CSV: {e}") from e
 
 
-def _parse(text: str, escapechar: str | None = None) -> pd.DataFrame:
-    """pandas C parser, everything as strings, no NA guessing (a caption 'NA' stays 'NA')."""
-    return pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False, escapechar=escapechar)
+def _split_records(text: str, escapechar: str | None) -> list[tuple[int, list[str]]]:
+    """Strict ``csv`` split (pandas is lenient about quoting, the csv module is not).
+
+    Raises:
+        csv.Error: the first quoting error, as 'line N: reason'.
+    """
+    reader = csv.reader(_io.StringIO(text), strict=True, escapechar=escapechar)
+    out, start = [], 1
+    try:
+        for fields in reader:
+            if fields and not (len(fields) == 1 and not fields[0].strip()):  # blank line
+                out.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise csv.Error(f"line {reader.line_num}: {e}") from e
+    return out
 
 
-def _parse_overflow(text: str, escapechar: str | None, path: Path) -> pd.DataFrame:
-    """Lines with more fields than the header: join the overflow into the last column."""
-    width = len(next(csv.reader(_io.StringIO(text))))
-    merged: list[int] = []
+def _column_names(header: list[str]) -> list[str]:
+    """Header names as pandas gives them: empty -> ``Unnamed: i``, repeats -> ``name.1``."""
+    names: list[str] = []
+    for i, name in enumerate(header):
+        name = name or f"Unnamed: {i}"
+        base, k = name, 0
+        while name in names:
+            k += 1
+            name = f"{base}.{k}"
+        names.append(name)
+    return names
 
-    def fold(fields: list[str]) -> list[str]:
-        merged.append(len(merged))
-        return fields[: width - 1] + [",".join(fields[width - 1 :])]
 
-    df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False, escapechar=escapechar,
-                     engine="python", on_bad_lines=fold)
-    warnings.warn(f"{path}: {len(merged)} line(s) had unquoted commas in the last column; joined back")
-    return df
+def _fit_rows(records: list[tuple[int, list[str]]], width: int) -> tuple[list[list[str]], Overflow]:
+    """Fit every data row to the header the same way, whichever row it is.
+
+    Trailing empty fields past the header are trailing commas (dropped); other extra fields
+    are unquoted commas in the last column (joined back into it); missing fields are empty.
+    """
+    rows, overflow = [], {}
+    for n, (line, fields) in enumerate(records):
+        while len(fields) > width and fields[-1] == "":
+            fields = fields[:-1]
+        if len(fields) > width:
+            overflow[n] = (line, fields)
+            fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
+        rows.append(fields + [""] * (width - len(fields)))
+    return rows, overflow
 
 
 _INNER_QUOTE = re.compile(r'(?<=[^,\n"])"(?=[^,\n"])')
@@ -171,9 +223,8 @@ class Competition:
         return out
 
     def image_path(self, image_id: str) -> Path:
-        """Image file of an id (``image_ext`` is appended when the id has no suffix)."""
-        name = image_id if not self.cfg.image_ext or Path(image_id).suffix else image_id + self.cfg.image_ext
-        return paths.resolve(self.cfg.root) / str(self.cfg.image_dir) / name
+        """Image file of an id (see :func:`image_path`)."""
+        return image_path(self.cfg, image_id)
 
     def ids(self, split: str) -> list[str]:
         """Ids of ``train`` or ``test`` in file order."""
@@ -181,24 +232,18 @@ class Competition:
         return [] if df is None else df["id"].tolist()
 
     def verify_images(self) -> None:
-        """Decode-check every image; raise naming each unreadable file.
+        """Fully decode every train and test image once (cached); raise listing every bad one.
 
-        Grayscale, CMYK, RGBA and 16-bit files are fine (converted to RGB later); only files
-        PIL cannot decode at all are errors.
+        Grayscale, CMYK, RGBA and 16-bit files are fine (converted to RGB later); files PIL
+        cannot decode to the last byte (a truncated JPEG included) are errors, all named at
+        once so one fix-and-rerun suffices.
+
+        Raises:
+            DataError: every missing, empty or undecodable image, and how to drop them.
         """
-        from PIL import Image
-
-        bad = []
-        for split in ("train", "test"):
-            for image_id in self.ids(split):
-                path = self.image_path(image_id)
-                try:
-                    with Image.open(path) as im:
-                        im.verify()
-                except Exception as e:  # PIL raises many types for corrupt files
-                    bad.append(f"{path} ({type(e).__name__}: {e})")
+        bad = image_problems(self.cfg, self.ids("train") + self.ids("test"))
         if bad:
-            raise DataError(f"{len(bad)} unreadable image(s): {_listing(bad)}")
+            raise DataError(_bad_images_message(self.cfg, bad, "unreadable image(s)") + DROP_HINT)
 
 
 def load_competition(
@@ -209,6 +254,8 @@ def load_competition(
     The label vocabulary comes from ``classes`` if given, else from the one saved with the
     folds (``folds/<data>.labels.json``, unless ``use_saved`` is False), else from train. A saved vocabulary that the train
     file no longer matches is an error, since OOF columns would silently shift.
+    With ``data.drop_bad_images``, train rows with a bad image are dropped here, the one place
+    every stage reads the data through, so folds, training and blending see the same rows.
 
     Raises:
         DataError: with the file and the offending rows.
@@ -218,24 +265,29 @@ def load_competition(
         raise DataError(f"data folder {root} not found (set data.root=... or run `make demo-data`)")
     train = _load_split(cfg, root / cfg.train_csv, labelled=True)
     test = _load_split(cfg, root / cfg.test_csv, labelled=False) if cfg.test_csv else None
+    if cfg.image_dir and cfg.drop_bad_images:
+        train = _drop_bad_images(cfg, train, test, root / cfg.train_csv)
     classes = classes or (use_saved and saved_classes(cfg.name)) or sort_classes({t for ls in train["labels"] for t in ls})
     comp = Competition(cfg=cfg, train=train, test=test, classes=classes)
     _check_labels(comp, train, root / cfg.train_csv, "are not in the label vocabulary")
     if test is not None and "labels" in test:
         _check_labels(comp, test, root / str(cfg.test_csv), "never occur in train")
     _check_overlap(comp)
-    if comp.has_images:
+    if comp.has_images and not cfg.drop_bad_images:
         _check_images_exist(comp)
     return comp
 
 
 def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     """One CSV -> ``id``, ``caption``, ``labels`` (+ extra columns), validated."""
-    df = read_table(path, cfg.encoding)
+    df, overflow = _read_table(path, cfg.encoding)
     need = [cfg.id_col] + ([cfg.label_col] if labelled else []) + ([cfg.caption_col] if cfg.caption_col else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} (see configs/data/{cfg.name}.yaml)")
+    if overflow:
+        _check_overflow(cfg, df, overflow, path)
+        _warn_overflow(path, df, overflow)
     out = pd.DataFrame({"id": df[cfg.id_col].str.strip()})
     out["caption"] = df[cfg.caption_col].str.strip() if cfg.caption_col else ""
     if cfg.label_col in df.columns:
@@ -243,9 +295,97 @@ def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     known = {cfg.id_col, cfg.label_col, cfg.caption_col}
     out = pd.concat([out, df[[c for c in df.columns if c not in known]]], axis=1)
     _check_ids(out, path)
-    if labelled and not cfg.allow_empty_labels:
-        _check_nonempty(out, path)
+    if labelled:
+        _warn_label_quirks(out["labels"], cfg.label_sep, path)
+        if not cfg.allow_empty_labels:
+            _check_nonempty(out, path)
     return out.reset_index(drop=True)
+
+
+def _check_overflow(cfg: DataConfig, df: pd.DataFrame, overflow: Overflow, path: Path) -> None:
+    """Rows with extra fields were joined into the last column: refuse where that is wrong.
+
+    Joining is right for free text (a caption) and for a comma-separated label list in the
+    last column; it is wrong when the commas are in a comma-separated label list *before*
+    the last column, or when the last column is an id or a label list split on other
+    characters (the extra commas came from elsewhere in the row and cannot be placed).
+    """
+    last = df.columns[-1]
+    if cfg.label_sep == "," and cfg.label_col in df.columns and last != cfg.label_col:
+        _check_comma_labels(cfg, df, overflow, path)
+    if last == cfg.id_col or (last == cfg.label_col and cfg.label_sep != ","):
+        lines = [line for line, _ in overflow.values()]
+        raise DataError(
+            f"{path}: line {_listing(lines)}: more fields than the header, and the last column {last!r} "
+            "is not free text, so the extra commas cannot be joined back into it; quote the field that "
+            'contains commas ("a, b")'
+        )
+
+
+def _check_comma_labels(cfg: DataConfig, df: pd.DataFrame, overflow: Overflow, path: Path) -> None:
+    """An unquoted ``red,blue`` label cell spills its labels into the next columns.
+
+    Told apart from a caption's unquoted comma by what follows the label field: a token that
+    is a label elsewhere in the file.
+    """
+    at = list(df.columns).index(cfg.label_col)
+    vocab = {t for cell in df[cfg.label_col] for t in split_labels(cell, ",")}
+    hits = [line for line, raw in overflow.values() if raw[at + 1].strip() in vocab]
+    if hits:
+        raise DataError(
+            f"{path}: line {_listing(hits)}: the label list has commas but is not quoted, so the CSV "
+            f"splits it into columns (labels spill into {df.columns[at + 1]!r}); quote the "
+            f'{cfg.label_col} cell ("red,blue") or use another data.label_sep'
+        )
+
+
+SEPARATORS = (" ", "|", ",", ";")  # label separators a file may really use
+SEP_SHARE = 0.5  # a separator is suspected when at least this share of labels contains it
+
+
+def _warn_label_quirks(labels: pd.Series, sep: str, path: Path) -> None:
+    """Warn about label sets that parse but are almost certainly not what was meant."""
+    tokens = {t for ls in labels for t in ls}
+    variants = _case_variants(tokens)
+    if variants:
+        warnings.warn(f"{path}: labels that differ only in case or spaces are separate classes: "
+                      f"{_listing(variants)}; make them identical in the file if they mean the same")
+    hint = _separator_hint(tokens, sep)
+    if hint:
+        warnings.warn(f"{path}: {hint}")
+
+
+def _case_variants(tokens: set[str]) -> list[list[str]]:
+    """Groups of labels equal up to case and whitespace (``Red Circle`` / ``red  circle``)."""
+    groups: dict[str, list[str]] = {}
+    for t in tokens:
+        groups.setdefault(" ".join(t.casefold().split()), []).append(t)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def _separator_hint(tokens: set[str], sep: str) -> str | None:
+    """The separator the labels seem to use instead of ``sep``, as a message, or None.
+
+    With the wrong separator each cell is one label, so the labels are combinations
+    (``blue|red``, 72 of them from 9 real ones) and most contain the real separator.
+    """
+    for c in SEPARATORS:
+        having = sorted(t for t in tokens if c != sep and c in t)
+        if len(having) < max(2, SEP_SHARE * len(tokens)):
+            continue
+        parts = {p.strip() for t in having for p in t.split(c) if p.strip()}
+        if c == " " and not _looks_combined(having, parts, tokens):
+            continue
+        return (f"{len(having)} of {len(tokens)} labels contain {c!r} (e.g. {having[0]!r}; split on it they "
+                f"are {len(parts)} labels): the labels look {c!r}-separated, but data.label_sep={sep!r}; "
+                f"set data.label_sep={c!r}")
+    return None
+
+
+def _looks_combined(having: list[str], parts: set[str], tokens: set[str]) -> bool:
+    """Spaces inside labels are legitimate (``Red Circle``); they separate labels only when
+    the pieces are shared (half as many pieces as labels) or are labels on their own."""
+    return 2 * len(parts) <= len(having) or 2 * len(parts & tokens) >= len(parts)
 
 
 def _rows(mask: pd.Series | np.ndarray, df: pd.DataFrame) -> list[str]:
@@ -291,18 +431,146 @@ def _check_overlap(comp: Competition) -> None:
         raise DataError(f"{comp.cfg.test_csv}: {len(both)} test id(s) also in train: {_listing(both)}")
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_CHECK_FILE = "image_check.json"  # in paths.cache_dir(data): decode results per file
+IMAGE_CHECK_VERSION = 1  # bump when what counts as a bad image changes
+BAD_IMAGES_FILE = "bad_images.txt"  # in paths.cache_dir(data): the full list, when long
+MAX_DECODE_THREADS = 8  # PIL decodes without the GIL; more threads than this only thrash
+DROP_HINT = ("; fix or remove those files, or set data.drop_bad_images=true to drop their train rows "
+             "(a bad test image stays an error: every test id must be submitted)")
+
+
+def image_path(cfg: DataConfig, image_id: str) -> Path:
+    """Image file of an id: ``data.image_ext`` is appended unless the id already ends with it
+    or with a known image extension (any case).
+
+    Known extensions, not ``Path.suffix``, decide: ids with a dot (``img.tr00000``) have a
+    "suffix" that is no extension, and must still get ``image_ext``.
+    """
+    ext = cfg.image_ext
+    done = not ext or image_id.lower().endswith((ext.lower(), *IMAGE_EXTS))
+    return paths.resolve(cfg.root) / str(cfg.image_dir) / (image_id if done else image_id + ext)
+
+
 def _check_images_exist(comp: Competition) -> None:
     """Missing or zero-byte image files, named; cheap (stat only)."""
-    bad = []
-    for split in ("train", "test"):
-        for image_id in comp.ids(split):
-            p = comp.image_path(image_id)
-            if not p.is_file():
-                bad.append(f"{p} (missing)")
-            elif p.stat().st_size == 0:
-                bad.append(f"{p} (zero bytes)")
+    files = {i: comp.image_path(i) for i in comp.ids("train") + comp.ids("test")}
+    _, bad = _stat_images(files)
     if bad:
-        raise DataError(f"{len(bad)} image problem(s): {_listing(bad)}")
+        raise DataError(_bad_images_message(comp.cfg, bad, "image problem(s)") + DROP_HINT)
+
+
+def _stat_images(files: dict[str, Path]) -> tuple[dict[str, tuple[str, int, int]], dict[str, str]]:
+    """``(id -> (absolute path, size, mtime_ns))`` of files to decode, and ``id -> problem``
+    for missing or empty ones (in id order)."""
+    stats, bad, missing = {}, {}, []
+    for i, p in files.items():
+        try:
+            st = p.stat()
+        except OSError:
+            missing.append(i)
+            continue
+        if st.st_size == 0 or not stat.S_ISREG(st.st_mode):
+            bad[i] = f"{p} ({'zero bytes' if stat.S_ISREG(st.st_mode) else 'not a file'})"
+        else:
+            stats[i] = (str(p.absolute()), st.st_size, st.st_mtime_ns)
+    bad.update(_missing_reasons({i: files[i] for i in missing}))
+    return stats, {i: bad[i] for i in files if i in bad}
+
+
+def _missing_reasons(files: dict[str, Path]) -> dict[str, str]:
+    """``path (missing)``, naming a file with the same name plus an image extension if one
+    exists beside it: the usual cause is a wrong or unset ``data.image_ext``."""
+    listings: dict[Path, dict[str, str]] = {}
+    out = {}
+    for i, p in files.items():
+        if p.parent not in listings:
+            names = os.listdir(p.parent) if p.parent.is_dir() else []
+            listings[p.parent] = {n.lower(): n for n in names}
+        base = Path(i).name
+        found = [f for e in IMAGE_EXTS if (f := listings[p.parent].get((base + e).lower())) and f.startswith(base)]
+        hint = f"; {found[0]} exists: set data.image_ext={found[0][len(base):]}" if found else ""
+        out[i] = f"{p} (missing{hint})"
+    return out
+
+
+def image_problems(cfg: DataConfig, ids: list[str]) -> dict[str, str]:
+    """``id -> 'path (problem)'`` for every image that is missing, empty or does not decode.
+
+    A real decode (PIL's ``verify()`` reads headers only) is what catches a JPEG missing its
+    last bytes. Each file is decoded once: results are cached by (path, size, mtime) in
+    ``cache/<data>/image_check.json``, so a re-run only stats the files.
+    """
+    files = {i: image_path(cfg, i) for i in ids}
+    stats, bad = _stat_images(files)
+    cache_file = paths.cache_dir(cfg.name) / IMAGE_CHECK_FILE
+    cache = _read_check_cache(cache_file)
+    todo = [i for i, (key, size, mtime) in stats.items() if cache.get(key, [])[:2] != [size, mtime]]
+    if todo:
+        workers = max(1, min(len(todo), os.cpu_count() or 1, MAX_DECODE_THREADS))
+        with ThreadPoolExecutor(workers) as pool:
+            problems = list(pool.map(_decode_problem, [files[i] for i in todo]))
+        for i, problem in zip(todo, problems):
+            key, size, mtime = stats[i]
+            cache[key] = [size, mtime, problem]
+        mmio.write_text(cache_file, json.dumps({"version": IMAGE_CHECK_VERSION, "files": cache}))
+    bad.update({i: f"{files[i]} ({cache[key][2]})" for i, (key, _, _) in stats.items() if cache[key][2]})
+    return {i: bad[i] for i in files if i in bad}
+
+
+def _decode_problem(path: Path) -> str | None:
+    """Why ``path`` does not decode to the last byte, or None if it does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft(im.mode, (1, 1))  # JPEG: decode at 1/8 scale; every byte is still read
+            im.load()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _read_check_cache(path: Path) -> dict[str, list]:
+    """Cached decode results, or nothing if the cache is absent, unreadable or outdated."""
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(blob, dict) and blob.get("version") == IMAGE_CHECK_VERSION
+    return blob.get("files", {}) if ok else {}
+
+
+def _bad_images_message(cfg: DataConfig, bad: dict[str, str], what: str) -> str:
+    """``N <what>: first ten``, and a file listing all of them when there are more."""
+    items = list(bad.values())
+    msg = f"{len(items)} {what}: {_listing(items)}"
+    if len(items) > MAX_LISTED:
+        listed = mmio.write_text(paths.cache_dir(cfg.name) / BAD_IMAGES_FILE, "\n".join(items) + "\n")
+        msg += f" (all listed in {listed})"
+    return msg
+
+
+def _drop_bad_images(cfg: DataConfig, train: pd.DataFrame, test: pd.DataFrame | None, path: Path) -> pd.DataFrame:
+    """Train rows without a bad image (``data.drop_bad_images``), warning which were dropped.
+
+    Raises:
+        DataError: a bad test image (every test id must be submitted), or no good train image.
+    """
+    test_ids = [] if test is None else test["id"].tolist()
+    bad = image_problems(cfg, train["id"].tolist() + test_ids)
+    bad_test = {i: bad.pop(i) for i in test_ids if i in bad}
+    if bad_test:
+        raise DataError(_bad_images_message(cfg, bad_test, "bad test image(s)") + "; data.drop_bad_images "
+                        "drops train rows only: every test id must be submitted, so fix or replace these files")
+    drop = train["id"].isin(list(bad))
+    if drop.all():
+        raise DataError(f"{path}: every train image is bad ({_listing(list(bad.values()))}); "
+                        "check data.root, data.image_dir and data.image_ext")
+    if drop.any():
+        warnings.warn(f"{path}: dropped " + _bad_images_message(
+            cfg, bad, "train row(s) whose image is bad (data.drop_bad_images=true)"))
+    return train[~drop].reset_index(drop=True)
 
 
 def saved_classes(data: str) -> list[str] | None:

@@ -8,6 +8,7 @@ old file as a timestamped backup.
 from __future__ import annotations
 
 import argparse
+import difflib
 import shutil
 import time
 import warnings
@@ -77,6 +78,28 @@ def write_folds(comp: Competition, fold: np.ndarray, force: bool) -> None:
     io.write_json(labels_path, {"classes": comp.classes, "folds_hash": stable_hash(df.values.tolist())})
 
 
+def group_values(comp: Competition, col: str) -> np.ndarray:
+    """The ``folds.group_col`` column of train, by its name in the train CSV.
+
+    Checked before the (slow) image check, so a typo costs nothing but a clear message.
+
+    Raises:
+        UserError: no such column, listing those that exist (and the closest match).
+    """
+    renamed = {comp.cfg.caption_col: "caption"} if comp.cfg.caption_col else {}
+    if col in renamed or (col in comp.train.columns and col not in ("id", "labels", "caption")):
+        return comp.train[renamed.get(col, col)].to_numpy()
+    known = {comp.cfg.id_col, comp.cfg.label_col, "id", "labels", "caption"}
+    available = list(renamed) + [c for c in comp.train.columns if c not in known]
+    folded = {c.lower(): c for c in available}
+    close = [folded[col.lower()]] if col.lower() in folded else difflib.get_close_matches(col, available, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UserError(
+        f"folds.group_col={col!r} is not a column of {comp.cfg.train_csv}; available: {available}{hint} "
+        "(ids and labels cannot be groups)"
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmfold folds`` has no options beyond the common ones (folds.* overrides)."""
 
@@ -88,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         raise UserError(f"{path} exists; folds are written once (FORCE=1 / --force rewrites, keeping a backup)")
     comp = load_competition(cfg.data, use_saved=not args.force)  # forced: data may have changed
+    groups = group_values(comp, cfg.folds.group_col) if cfg.folds.group_col else None
     if comp.has_images and cfg.data.check_images:
         comp.verify_images()
     y = comp.y()
-    groups = comp.train[cfg.folds.group_col].to_numpy() if cfg.folds.group_col else None
     fold = assign_folds(y, cfg.folds, groups)
     for name in rare_labels(y, comp.classes, cfg.folds.n_splits):
         warnings.warn(f"label {name} has fewer positives than {cfg.folds.n_splits} folds")

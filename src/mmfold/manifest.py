@@ -41,7 +41,8 @@ def learning_view(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # data.* settings that change what a model learns from the same files
-DATA_LEARNING_KEYS = ("id_col", "label_col", "caption_col", "image_dir", "image_ext", "label_sep", "metric")
+DATA_LEARNING_KEYS = ("id_col", "label_col", "caption_col", "image_dir", "image_ext", "label_sep", "metric",
+                      "drop_bad_images")
 
 
 def model_config_hash(cfg: Config | dict[str, Any]) -> str:

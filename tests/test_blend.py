@@ -414,3 +414,180 @@ def test_blend_command_continues_the_stored_study(project: Path) -> None:
     assert a["study"] == b["study"] and a["weights"] == b["weights"] and a["cv"] == b["cv"]
     studies = optuna.get_all_study_names(f"sqlite:///{paths.oof_dir('tiny') / 'blend.db'}")
     assert len(studies) == 3 + 1  # one per outer fold + the final fit, reused by the rerun
+
+
+# ---- one model: nothing to search -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["optuna", "greedy", "mean"])
+def test_a_single_model_is_blended_without_any_search(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One model has one weight, 1.0: a 100-trial study over it is minutes of nothing."""
+    def no_search(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a weight search ran for a single model")
+
+    monkeypatch.setattr(optuna, "create_study", no_search)
+    monkeypatch.setattr(blend, "_score_after_thresholds", no_search)
+    P, y, folds = make_stack(n=300, L=3)
+    oofs = blend.OOFSet(["a"], ["x", "y", "z"], [str(i) for i in range(300)], folds % 3, P[:1])
+    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=100), "samples")
+    assert fit.blender.weights_.tolist() == [1.0]
+    assert "one model" in fit.note
+    assert fit.honest.mean == pytest.approx(fit.singles["a"].mean)
+
+
+def test_blend_command_says_a_single_model_was_not_searched(project: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_blend_project(project)
+    assert cli.main(["blend", "--data", "tiny", "--name", "one", "--models", "good"]) == 0
+    out = capsys.readouterr().out
+    assert "one model" in out
+    report = json.loads((project / "reports/tiny/blend_one.json").read_text())
+    assert report["weights"] == {"good": 1.0} and "one model" in report["note"] and "study" not in report
+    assert "one model" in (project / "reports/tiny/blend_one.md").read_text()
+    log = pd.read_csv(project / "submissions/tiny/log.csv", dtype=str, keep_default_na=False)
+    assert "one model" in log["note"][0]
+
+
+# ---- the log records every setting that changes a submission ---------------------------------
+
+
+OLD_LOG_COLUMNS = ["name", "time", "models", "method", "metric", "weights", "cv_mean", "cv_std",
+                   "cv_in_sample", "best_single", "best_single_cv", "commit", "lb"]
+
+
+def test_log_records_every_setting_that_changes_the_submission(project: Path) -> None:
+    """Two blends differing only in a post-rule are two different rows; an old log still loads."""
+    tiny_blend_project(project)
+    old = pd.DataFrame([dict.fromkeys(OLD_LOG_COLUMNS, "") | {"name": "old", "cv_mean": "0.5", "lb": "0.6"}])
+    log_file = project / "submissions/tiny/log.csv"
+    log_file.parent.mkdir(parents=True)
+    old.to_csv(log_file, index=False)
+    base = ["blend", "--data", "tiny", "--models", "good", "weak", "blend.method=mean"]
+    assert cli.main(base + ["--name", "k2", "blend.top_k=2"]) == 0
+    assert cli.main(base + ["--name", "max3", "blend.max_labels=3", "blend.transform=rank"]) == 0
+    log = pd.read_csv(log_file, dtype=str, keep_default_na=False)
+    assert list(log.columns[: len(OLD_LOG_COLUMNS)]) == OLD_LOG_COLUMNS  # new columns appended
+    settings = ["transform", "n_trials", "seed", "cooccurrence", "min_labels", "max_labels", "top_k",
+                "thresholds", "exponents"]
+    for c in settings:
+        assert c in log.columns, c
+        assert log.loc[0, c] == "", c  # the old row: blank, not invented
+    k2, max3 = log.iloc[1], log.iloc[2]
+    assert (k2["top_k"], k2["max_labels"], k2["transform"]) == ("2", "", "none")
+    assert (max3["top_k"], max3["max_labels"], max3["transform"]) == ("", "3", "rank")
+    assert k2["min_labels"] == "1" and k2["seed"] == "42" and k2["cooccurrence"] == "False"
+    assert k2["thresholds"] and k2["thresholds"] != max3["thresholds"]
+    assert "reports/tiny/blend_k2.json" in k2["thresholds_file"]
+    assert cli.main(["lb", "--data", "tiny", "--show"]) == 0
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def _complete_trials(db: Path, fold: str) -> list[tuple[int, str]]:
+    """(number, params) of the COMPLETE trials of the study of one outer fold, read from SQLite."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT t.number, group_concat(p.param_name || '=' || p.param_value, ',') "
+                "FROM trials t JOIN studies s ON t.study_id = s.study_id "
+                "LEFT JOIN trial_params p ON p.trial_id = t.trial_id "
+                "WHERE s.study_name LIKE ? AND t.state = 'COMPLETE' GROUP BY t.trial_id ORDER BY t.number",
+                (f"%-{fold}-%",)).fetchall()
+    except sqlite3.OperationalError:  # the schema is still being created
+        return []
+    return [(int(n), str(p)) for n, p in rows]
+
+
+def test_ctrl_c_in_blend_is_clean_and_a_rerun_resumes(project: Path) -> None:
+    """SIGINT mid-study: no traceback, exit 130, finished trials kept, the rerun continues them.
+
+    Enough rows that a trial's time is mostly the objective (where Optuna would log a
+    KeyboardInterrupt with its traceback), not Optuna's own bookkeeping.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tiny_blend_project(project, n_train=12000, n_test=50)
+    db = paths.oof_dir("tiny") / "blend.db"
+    cmd = [sys.executable, "-m", "mmfold", "blend", "--data", "tiny", "--name", "x"]
+    env = {**os.environ, "MMFOLD_HOME": str(project)}
+    proc = subprocess.Popen(cmd + ["blend.n_trials=5000"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while len(_complete_trials(db, "fold0")) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert len(err.splitlines()) < 20, err
+    kept = _complete_trials(db, "fold0")
+    assert len(kept) >= 5
+    assert not (project / "submissions/tiny/x.csv").exists()
+    n = len(kept) + 3
+    assert cli.main(["blend", "--data", "tiny", "--name", "x", f"blend.n_trials={n}"]) == 0
+    resumed = _complete_trials(db, "fold0")
+    assert len(resumed) == n and resumed[: len(kept)] == kept
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+
+def test_blend_prints_progress_to_stderr(project: Path, capsys: pytest.CaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_blend_project(project)
+    assert cli.main(["blend", "--data", "tiny", "--name", "a", "blend.n_trials=6"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("loading 2 models", "nested CV fold 1/3", "nested CV fold 3/3", "final fit",
+                  "each model alone"):
+        assert stage in err, (stage, err)
+    assert len(err.splitlines()) < 15, err  # a line per stage, trials only every few seconds
+    monkeypatch.setattr(blend, "PROGRESS_EVERY_S", 0.0)
+    assert cli.main(["blend", "--data", "tiny", "--name", "b", "blend.n_trials=9",
+                     "blend.seed=7"]) == 0
+    err = capsys.readouterr().err
+    assert "trial 9/9" in err and "best " in err, err
+
+
+# ---- sample submission -----------------------------------------------------------------------
+
+
+def test_submission_follows_the_sample_submission(project: Path) -> None:
+    """``Id,Predicted`` in the sample's row order, whatever the data config calls its columns."""
+    test_ids, _ = tiny_blend_project(project)
+    order = test_ids[::-1]
+    sample = project / "input/tiny/sample_submission.csv"
+    pd.DataFrame({"Id": order, "Predicted": "1"}).to_csv(sample, index=False)
+    args = ["blend", "--data", "tiny", "--models", "good", "weak", "blend.method=mean",
+            "data.sample_submission=sample_submission.csv", "--name"]
+    assert cli.main(args + ["s"]) == 0
+    sub = pd.read_csv(project / "submissions/tiny/s.csv", dtype=str)
+    assert list(sub.columns) == ["Id", "Predicted"] and sub["Id"].tolist() == order
+    plain = ["blend", "--data", "tiny", "--models", "good", "weak", "blend.method=mean", "--name", "p"]
+    assert cli.main(plain) == 0
+    ref = pd.read_csv(project / "submissions/tiny/p.csv", dtype=str).set_index("ImageID")["Labels"]
+    assert sub.set_index("Id")["Predicted"].to_dict() == ref.to_dict()  # same predictions
+
+
+def test_a_bad_sample_submission_fails_before_fitting(project: Path, capsys: pytest.CaptureFixture) -> None:
+    test_ids, _ = tiny_blend_project(project)
+    args = ["blend", "--data", "tiny", "blend.method=mean", "data.sample_submission=sample.csv", "--name"]
+    assert cli.main(args + ["a"]) == 2
+    err = capsys.readouterr().err
+    assert "sample.csv" in err and "not found" in err
+    sample = project / "input/tiny/sample.csv"
+    pd.DataFrame({"Id": test_ids, "a": "1", "b": "2"}).to_csv(sample, index=False)
+    assert cli.main(args + ["b"]) == 2
+    assert "3 columns" in capsys.readouterr().err
+    pd.DataFrame({"Id": test_ids[:-1] + ["nope.jpg"], "Predicted": "1"}).to_csv(sample, index=False)
+    assert cli.main(args + ["c"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jpg" in err and repr(test_ids[-1]) in err
+    assert not list((project / "submissions").glob("tiny/*.csv"))

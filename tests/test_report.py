@@ -106,28 +106,82 @@ def test_report_has_every_section_and_figure(trained: Path) -> None:
 
 
 def test_report_cv_matches_collect(trained: Path) -> None:
-    """The table's honest CV is the same protocol as ``collect.cv_summary``'s ``cv_tuned``."""
+    """The table's honest CV is the protocol of ``collect`` (``scoring.honest_cv``): same folds,
+    same threshold settings, same metric."""
     from mmfold.report import build_context
 
     ctx = build_context(load_config("demo"))
     for m in ctx.models:
         meta = json.loads(paths.oof_meta_file("demo", m.name).read_text())
-        assert m.metrics["samples"] == pytest.approx(meta["cv_tuned"]["samples"], abs=1e-9)
+        assert m.fold_scores == pytest.approx(meta["cv_tuned_per_fold"], abs=1e-12)
+        assert m.cv == pytest.approx(np.mean(meta["cv_tuned_per_fold"]), abs=1e-12)
+        assert m.metrics == pytest.approx(meta["cv_tuned"], abs=1e-9)
         assert m.metrics_05 == pytest.approx(meta["cv"], abs=1e-9)
-    assert [m.metrics["samples"] for m in ctx.models] == sorted((m.metrics["samples"] for m in ctx.models), reverse=True)
+    assert [m.cv for m in ctx.models] == sorted((m.cv for m in ctx.models), reverse=True)
     assert ctx.blend is not None and ctx.blend.prob.shape == ctx.models[0].prob.shape
 
 
-def test_report_prefers_a_saved_blend_oof(trained: Path) -> None:
-    """A blend OOF file written by ``mmfold blend`` is used instead of re-mixing members."""
+def test_report_models_follow_the_metric_and_blend_settings(trained: Path) -> None:
+    """``data.metric`` and ``blend.*`` post-rules change the report's honest CV as they change collect's."""
+    from mmfold.report import build_context
+    from mmfold.scoring import honest_cv
+
+    cfg = load_config("demo", overrides=["data.metric=micro", "blend.max_labels=2"])
+    ctx = build_context(cfg)
+    y = ctx.comp.y()
+    for m in ctx.models:
+        want = honest_cv(m.prob, y, ctx.folds, cfg.blend, "micro")
+        assert m.fold_scores == pytest.approx(want.per_fold, abs=1e-12)
+    assert main(["report", "data.metric=micro"]) == 0
+    assert "CV micro-F1" in (paths.reports_dir("demo") / "report.md").read_text()
+
+
+BLENDS = {  # every method and transform, with as few trials as still mean something
+    "mean": ["blend.method=mean"],
+    "greedy": ["blend.method=greedy"],
+    "optuna": ["blend.n_trials=4"],
+    "lgbm": ["blend.method=lgbm"],
+    "rank": ["blend.transform=rank", "blend.n_trials=3"],
+    "power": ["blend.transform=power", "blend.n_trials=3"],
+}
+
+
+def test_report_shows_the_blend_that_was_submitted(trained: Path) -> None:
+    """The report's blend numbers are the blend stage's own nested-CV predictions, for every
+    method: re-mixing members with the logged weights is not what lgbm/rank/power submitted."""
     from mmfold.report import build_context
 
-    oof = pd.read_parquet(paths.oof_file("demo", "tfidf_b"))
-    io.write_parquet(oof, paths.submissions_dir("demo") / "blend1.oof.parquet")
-    ctx = build_context(load_config("demo"))
-    assert "nested-CV blend" in ctx.blend_source
-    b = next(m for m in ctx.models if m.name == "tfidf_b")
-    np.testing.assert_allclose(ctx.blend.prob, b.prob)
+    for name, args in BLENDS.items():
+        assert main(["blend", "--models", "tfidf_a", "tfidf_b", "--name", name, *args]) == 0
+    log = pd.read_csv(paths.submissions_dir("demo") / "log.csv", dtype=str).set_index("name")
+    for name in BLENDS:
+        assert (paths.reports_dir("demo") / f"blend_{name}.oof.parquet").exists(), name
+        saved = json.loads((paths.reports_dir("demo") / f"blend_{name}.json").read_text())
+        b = build_context(load_config("demo"), name).blend
+        assert b.cv == pytest.approx(float(log.loc[name, "cv_mean"]), abs=1e-6), name
+        assert np.std(b.fold_scores) == pytest.approx(float(log.loc[name, "cv_std"]), abs=1e-6), name
+        assert b.fold_scores == pytest.approx(saved["cv"]["per_fold"], abs=1e-12), name
+        assert b.in_sample == pytest.approx(float(log.loc[name, "cv_in_sample"]), abs=1e-6), name
+        assert main(["report", "--blend", name]) == 0
+        md = (paths.reports_dir("demo") / "report.md").read_text()
+        row = md.split(f"| `blend {name}` |")[1].split("\n")[0]  # the thresholds table
+        assert f"{float(log.loc[name, 'cv_mean']):.4f}" in row, (name, row)
+        assert f"honest CV {float(log.loc[name, 'cv_mean']):.4f}" in md, name
+
+
+def test_report_skips_a_blend_saved_before_blend_oofs_existed(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    """An old blend has no saved predictions: say so rather than show numbers it never had."""
+    (paths.reports_dir("demo") / "blend_blend1.oof.parquet").unlink()
+    assert main(["report"]) == 0
+    md = (paths.reports_dir("demo") / "report.md").read_text()
+    assert "blend1" in md.split("## Per-label F1")[1] and "blend_blend1.oof.parquet" in md
+    assert "| `blend blend1` |" not in md
+    capsys.readouterr()
+    assert main(["report", "--blend", "blend1"]) == 2
+    err = capsys.readouterr().err
+    assert "blend_blend1.oof.parquet" in err and "make blend" in err
+    assert main(["report", "--blend", "nope"]) == 2
+    assert "no blend named 'nope'" in capsys.readouterr().err
 
 
 def test_report_before_anything_is_trained(demo: Path) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +27,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def comp(allow_empty: bool = False, sep: str = " ") -> SimpleNamespace:
-    cfg = DataConfig(name="d", id_col="ImageID", label_col="Labels", label_sep=sep,
-                     allow_empty_labels=allow_empty)
+def comp(allow_empty: bool = False, sep: str = " ", sample: str | None = None) -> SimpleNamespace:
+    cfg = DataConfig(name="d", root="input/d", id_col="ImageID", label_col="Labels", label_sep=sep,
+                     allow_empty_labels=allow_empty, sample_submission=sample)
     return SimpleNamespace(cfg=cfg, test=pd.DataFrame({"id": ["a.jpg", "b.jpg", "c.jpg"]}))
 
 
@@ -85,7 +89,7 @@ def test_bad_submission_names_are_refused(home: Path) -> None:
 
 
 def row(name: str, cv: float) -> dict:
-    return {"name": name, "time": "t", "models": "a b", "method": "optuna",
+    return {"name": name, "time": "t", "models": "a b", "method": "optuna", "metric": "samples",
             "weights": {"a": 0.7, "b": 0.3}, "cv_mean": cv, "cv_std": 0.01, "cv_in_sample": cv + 0.01}
 
 
@@ -126,3 +130,109 @@ def test_lb_for_an_unknown_submission_is_an_error(home: Path) -> None:
 
 def test_git_commit_outside_a_repository_is_unknown(home: Path) -> None:
     assert submit.git_commit() == "unknown"
+
+
+# ---- every leaderboard score is kept ----------------------------------------------------------
+
+
+def test_every_lb_score_is_kept_with_its_utc_time(home: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second score for a submission is appended, never written over the first."""
+    submit.append_log("d", row("s0", 0.80))
+    submit.append_log("d", row("s1", 0.82))
+    assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", "0.81"]) == 0
+    assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", "0.812"]) == 0
+    hist = pd.read_csv(submit.lb_path("d"), dtype=str, keep_default_na=False)
+    assert hist["name"].tolist() == ["s0", "s0"] and hist["lb"].tolist() == ["0.81", "0.812"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in hist["time"])
+    assert submit.read_log("d")["lb"].tolist() == ["0.812", ""]  # the log shows the latest
+    table = submit.log_table("d").set_index("name")
+    assert table.loc["s0", "lb"] == 0.812 and table.loc["s0", "lb_n"] == 2
+    assert table.loc["s1", "lb_n"] == 0 and table.loc["s0", "metric"] == "samples"
+    capsys.readouterr()
+    assert cli.main(["lb", "--data", "d", "--show"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert {"metric", "lb", "lb_n", "lb_time", "gap"} <= set(header)
+
+
+def test_an_lb_already_in_an_old_log_joins_the_history(home: Path) -> None:
+    submit.append_log("d", row("s0", 0.80) | {"lb": "0.79"})
+    submit.record_lb("d", "s0", 0.8)
+    hist = submit.read_lb("d")
+    assert hist["lb"].tolist() == ["0.79", "0.8"] and hist["time"][0] == ""
+
+
+def test_lb_scores_outside_the_metric_range_are_refused(home: Path, capsys: pytest.CaptureFixture) -> None:
+    submit.append_log("d", row("s0", 0.80))
+    with pytest.raises(UserError, match=r"samples.*\[0, 1\].*percentage.*LB=0\.812"):
+        submit.record_lb("d", "s0", 81.2)
+    for bad, why in (("-0.1", "[0, 1]"), ("nan", "not a number"), ("abc", "not a number"),
+                     ("81,2", "decimal point")):
+        assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", bad]) == 2, bad
+        assert why in capsys.readouterr().err, bad
+    assert not submit.lb_path("d").exists() and submit.read_log("d")["lb"].tolist() == [""]
+
+
+def test_make_submit_says_what_is_missing_in_make_terms(home: Path) -> None:
+    """No argparse 'expected one argument' or float error for a make user who forgot LB=."""
+    repo = Path(__file__).resolve().parents[1]
+    submit.append_log("d", row("s0", 0.80))
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-C", str(repo), "-o", ".venv/.stamp", "submit", "DATA=d",
+                               f"PY={sys.executable}", *args], capture_output=True, text=True,
+                              env={**os.environ, "MMFOLD_HOME": str(home)}, timeout=120)
+
+    for args in ([], ["NAME=s0"], ["LB=0.8"]):
+        r = make(*args)
+        assert r.returncode != 0, args
+        assert "make submit DATA=d NAME=<submission> LB=<score>" in r.stderr, (args, r.stderr)
+        assert "usage:" not in r.stderr and "argument" not in r.stderr, r.stderr
+    r = make("NAME=s0", "LB=81.2")
+    assert r.returncode != 0 and "percentage" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = make("NAME=s0", "LB=0.812")
+    assert r.returncode == 0 and "recorded LB 0.812 for s0" in r.stdout, r.stderr
+    assert submit.read_lb("d")["lb"].tolist() == ["0.812"]
+
+
+# ---- the sample submission shapes the file ------------------------------------------------------
+
+
+def write_sample(home: Path, text: str, name: str = "sample.csv") -> str:
+    (home / "input/d").mkdir(parents=True, exist_ok=True)
+    (home / "input/d" / name).write_text(text)
+    return name
+
+
+def test_sample_submission_sets_columns_and_row_order(home: Path) -> None:
+    c = comp(sample=write_sample(home, "Id,Predicted\nc.jpg,0\na.jpg,0\nb.jpg,0\n"))
+    fmt = submit.submission_format(c)
+    assert fmt.columns == ["Id", "Predicted"] and fmt.ids == ["c.jpg", "a.jpg", "b.jpg"]
+    df = submit.submission_frame(c, PRED, CLASSES)
+    assert list(df.columns) == ["Id", "Predicted"]
+    assert df.values.tolist() == [["c.jpg", "cat dog 10"], ["a.jpg", "cat 10"], ["b.jpg", "dog"]]
+    submit.validate_submission(df, c, CLASSES)
+    with pytest.raises(SubmissionError, match="sample submission order"):
+        submit.validate_submission(df.iloc[[1, 0, 2]], c, CLASSES)
+    with pytest.raises(SubmissionError, match=r"columns \['ImageID', 'Labels'\] != \['Id', 'Predicted'\]"):
+        submit.validate_submission(submit.submission_frame(comp(), PRED, CLASSES), c, CLASSES)
+
+
+def test_sample_submission_columns_named_as_in_the_config_keep_their_order(home: Path) -> None:
+    c = comp(sample=write_sample(home, "Labels,ImageID\n"))  # header only: test.csv order
+    df = submit.submission_frame(c, PRED, CLASSES)
+    assert list(df.columns) == ["Labels", "ImageID"] and df["ImageID"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    submit.validate_submission(df, c, CLASSES)
+
+
+@pytest.mark.parametrize("text, match", [
+    (None, r"data.sample_submission: .*input/d/sample.csv not found"),
+    ("Id\na.jpg\n", "1 column"),
+    ("Id,A,B\na.jpg,1,2\n", "3 columns"),
+    ("Id,Predicted\na.jpg,0\na.jpg,0\nb.jpg,0\n", r"duplicated.*'a.jpg'.*missing.*'c.jpg'"),
+    ("Id,Predicted\na.jpg,0\nb.jpg,0\nz.jpg,0\n", r"first column 'Id'.*'z.jpg'.*'c.jpg'"),
+])
+def test_a_sample_submission_that_cannot_be_followed_is_refused(home: Path, text: str | None, match: str) -> None:
+    name = write_sample(home, text) if text is not None else "sample.csv"
+    with pytest.raises(UserError, match=match):
+        submit.submission_format(comp(sample=name))

@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
+import signal
 import sqlite3
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -87,8 +91,8 @@ def _check_columns(df: pd.DataFrame, classes: list[str], need: list[str], where:
                         f"{missing[:MAX_SHOWN]}, unexpected {extra[:MAX_SHOWN]}")
 
 
-def _align(df: pd.DataFrame, ids: list[str], where: str) -> pd.DataFrame:
-    """Rows reordered to ``ids``; refuse duplicated, missing or unexpected ids."""
+def align_rows(df: pd.DataFrame, ids: list[str], where: str, fix: str = "re-run `make collect`") -> pd.DataFrame:
+    """Rows reordered to ``ids``; refuse duplicated, missing or unexpected ids (``fix`` says what to do)."""
     got = df["id"].astype(str)
     dup = got[got.duplicated()].tolist()
     if dup:
@@ -99,7 +103,7 @@ def _align(df: pd.DataFrame, ids: list[str], where: str) -> pd.DataFrame:
     if missing or extra:
         raise UserError(f"{where}: ids do not match the folds file: {len(missing)} missing "
                         f"(first: {_first(missing)}), {len(extra)} unexpected "
-                        f"(first: {_first(extra)}); re-run `make collect`")
+                        f"(first: {_first(extra)}); {fix}")
     return df.assign(id=got).set_index("id").loc[ids]
 
 
@@ -110,7 +114,7 @@ def _load_one(data: str, model: str, classes: list[str], ids: list[str],
     where = f"model '{model}' ({path})"
     df = _read(path, model, data)
     _check_columns(df, classes, ["id", "fold"], where)
-    df = _align(df, ids, where)
+    df = align_rows(df, ids, where)
     bad = df["fold"].to_numpy(np.int64) != folds
     if bad.any():
         first = [ids[i] for i in np.flatnonzero(bad)]
@@ -126,7 +130,7 @@ def _load_test(data: str, model: str, classes: list[str], ids: list[str]) -> np.
     where = f"model '{model}' ({path})"
     df = _read(path, model, data)
     _check_columns(df, classes, ["id"], where)
-    return _finite(_align(df, ids, where)[classes].to_numpy(np.float64), where)
+    return _finite(align_rows(df, ids, where)[classes].to_numpy(np.float64), where)
 
 
 def _finite(a: np.ndarray, where: str) -> np.ndarray:
@@ -174,6 +178,51 @@ def load_oofs(data: str, models: list[str], comp: Any, folds: np.ndarray | None 
         out.test_ids = comp.test["id"].astype(str).tolist()
         out.test = np.stack([_load_test(data, m, classes, out.test_ids) for m in models])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+PROGRESS_EVERY_S = 5.0  # at most one trial line per this many seconds: alive, never a flood
+
+
+class Progress:
+    """Which stage a blend is in, as lines on ``stream`` (stderr for ``mmfold blend``).
+
+    A blend on real data runs for minutes; without this, the terminal shows nothing until the
+    end. Stages print at once; Optuna trials at most every :data:`PROGRESS_EVERY_S` seconds.
+    ``Progress()`` (no stream) is silent: library callers and benchmarks pass nothing.
+    """
+
+    def __init__(self, stream: TextIO | None = None, prefix: str = "blend") -> None:
+        self.stream = stream
+        self.prefix = prefix
+        self.where = ""
+
+    def stage(self, message: str) -> None:
+        """Print a stage line; trial lines that follow are labelled with it."""
+        self.where = message
+        self._print(message)
+
+    def trial_callback(self, total: int) -> Callable[[Any, Any], None]:
+        """An Optuna callback printing ``trial done/total, best`` now and then."""
+        last = time.monotonic()
+
+        def report(study: Any, trial: Any) -> None:
+            nonlocal last
+            if self.stream is None or time.monotonic() - last < PROGRESS_EVERY_S:
+                return
+            last = time.monotonic()
+            done = len(_complete(study))
+            best = f", best {study.best_value:.4f}" if done else ""
+            self._print(f"{self.where}: trial {done}/{total}{best}")
+
+        return report
+
+    def _print(self, message: str) -> None:
+        if self.stream is not None:
+            print(f"{self.prefix}: {message}", file=self.stream, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +325,9 @@ class MeanBlender(WeightedBlender):
         self.transform = transform
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> MeanBlender:
-        """From ``blend.*`` (storage and study name are unused)."""
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> MeanBlender:
+        """From ``blend.*`` (storage, study name and progress are unused)."""
         return cls(transform=cfg.transform)
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> MeanBlender:
@@ -307,13 +357,18 @@ class GreedyBlender(WeightedBlender):
         self.transform = transform
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> GreedyBlender:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> GreedyBlender:
         """From ``blend.*``."""
         return cls(threshold_params=threshold_params(cfg, metric), transform=cfg.transform)
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> GreedyBlender:
         """Run the selection; ``trajectory_`` holds the score after each step."""
         Q = self._prepare(P)
+        self.trajectory_ = []
+        if len(Q) == 1:  # one model: weight 1.0, nothing to select
+            self._finish(Q, np.ones(1))
+            return self
         thr = {"n_rounds": 1, **(self.threshold_params or {})}
         counts, total = np.zeros(len(Q)), np.zeros(Q.shape[1:])
         best_counts, self.trajectory_ = counts, []
@@ -350,40 +405,76 @@ class OptunaBlender(WeightedBlender):
         seed: TPE seed (offset by the trials already done, so a resumed study explores anew).
         storage: Optuna storage URL; None keeps the study in memory.
         study_name: Readable prefix of the study name.
+        progress: Where trial progress is printed (silent when None).
 
     Attributes:
         weights_, exponents_, oof_: as for every blender.
-        study_: The Optuna study.
+        study_: The Optuna study (absent for a single model, where no study is run).
     """
 
     def __init__(self, n_trials: int = 100, threshold_params: dict[str, Any] | None = None,
                  transform: str = "none", seed: int = 42, storage: str | None = None,
-                 study_name: str = "blend") -> None:
+                 study_name: str = "blend", progress: Progress | None = None) -> None:
         self.n_trials = n_trials
         self.threshold_params = threshold_params
         self.transform = transform
         self.seed = seed
         self.storage = storage
         self.study_name = study_name
+        self.progress = progress
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> OptunaBlender:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> OptunaBlender:
         """From ``blend.*``, with the study stored in ``storage`` under ``study_name``."""
         return cls(cfg.n_trials, threshold_params(cfg, metric), cfg.transform, cfg.seed, storage,
-                   study_name)
+                   study_name, progress)
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> OptunaBlender:
-        """Create or continue the study, then take the best trial's weights."""
+        """Create or continue the study, then take the best trial's weights.
+
+        A single model gets weight 1.0 without a study: its one weight normalises to 1 whatever
+        a trial picks, and a power exponent is monotone, so per-label thresholds undo it.
+
+        Raises:
+            KeyboardInterrupt: after Ctrl-C, once the running trial is stored (see
+                :func:`_stop_on_interrupt`).
+        """
         Q = self._prepare(P)
+        if len(Q) == 1:
+            self._finish(Q, np.ones(1))
+            return self
         study = self._study(Q, y)
         done = len(_complete(study))
         if done < self.n_trials:
             study.sampler = _sampler(self.seed + done)
-            study.optimize(lambda t: self._objective(t, Q, y), n_trials=self.n_trials - done)
+            self._optimize(study, Q, y, self.n_trials - done)
         self.study_ = study
         weights, self.exponents_ = self._decode(study.best_trial.params, len(Q))
         self._finish(Q, weights)
         return self
+
+    def _optimize(self, study: Any, Q: np.ndarray, y: np.ndarray, n: int) -> None:
+        """Run ``n`` more trials with progress lines; a Ctrl-C stops after the running trial."""
+        import optuna
+
+        progress = self.progress or Progress()
+        with _stop_on_interrupt() as interrupted:
+            def objective(trial: Any) -> float:
+                try:
+                    return self._objective(trial, Q, y)
+                except KeyboardInterrupt:  # a second Ctrl-C: end this trial quietly
+                    interrupted.set()
+                    raise optuna.TrialPruned("interrupted") from None
+
+            def stop(study: Any, trial: Any) -> None:
+                if interrupted.is_set():
+                    study.stop()
+
+            study.optimize(objective, n_trials=n,
+                           callbacks=[progress.trial_callback(self.n_trials), stop])
+        if interrupted.is_set():
+            raise KeyboardInterrupt
 
     def _study(self, Q: np.ndarray, y: np.ndarray) -> Any:
         """Load or create the study; a new one gets the equal and single-model trials first."""
@@ -448,6 +539,36 @@ def _heartbeat_api() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C during a study into "stop after the running trial".
+
+    Why: Optuna logs an exception raised inside a trial with its whole traceback (~60 lines)
+    before re-raising it, and one raised while it records a trial in SQLite can leave that
+    trial half-written. So the first SIGINT only sets the yielded event; the caller stops the
+    study once the running trial is stored and raises KeyboardInterrupt outside Optuna, which
+    the CLI prints as one line. A second SIGINT raises at once. Only the main thread can own
+    signal handlers, and an ignored SIGINT stays ignored; then nothing is changed.
+    """
+    event = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield event
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        os.write(2, b"blend: Ctrl-C: stopping after the running trial (Ctrl-C again to stop now)\n")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @functools.lru_cache(maxsize=8)
@@ -534,7 +655,8 @@ class LGBMStacker:
         self.num_threads = num_threads
 
     @classmethod
-    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str) -> LGBMStacker:
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> LGBMStacker:
         """From ``blend.*``; trees are invariant to monotone transforms, so none is applied."""
         return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed)
 
@@ -612,13 +734,13 @@ class SingleModel(WeightedBlender):
 
 
 def build_blender(cfg: BlendConfig, metric: str, storage: str | None = None,
-                  study_name: str = "blend") -> Any:
+                  study_name: str = "blend", progress: Progress | None = None) -> Any:
     """A fresh blender for ``blend.method`` (one per fold: nothing is shared between fits)."""
     TRANSFORMS.get(cfg.transform)  # an unknown name fails here, listing the registered ones
     if cfg.transform == "power" and cfg.method != "optuna":
         raise UserError("blend.transform=power tunes exponents, which only "
                         "blend.method=optuna does")
-    return BLENDERS.get(cfg.method).from_config(cfg, metric, storage, study_name)
+    return BLENDERS.get(cfg.method).from_config(cfg, metric, storage, study_name, progress)
 
 
 @dataclass
@@ -644,7 +766,7 @@ class NestedCV:
 
 def nested_cv(P: np.ndarray, y: np.ndarray, folds: np.ndarray,
               make_blender: Callable[[int], Any], make_thresholds: Callable[[], ThresholdOptimizer],
-              metric: str = "samples") -> NestedCV:
+              metric: str = "samples", progress: Progress | None = None) -> NestedCV:
     """Score a blend recipe on folds it was never fitted on.
 
     For each fold k: a new blender is fitted on the other folds' OOF (``folds`` passed along,
@@ -658,11 +780,14 @@ def nested_cv(P: np.ndarray, y: np.ndarray, folds: np.ndarray,
         make_blender: ``fold -> unfitted blender``.
         make_thresholds: ``() -> unfitted ThresholdOptimizer``.
         metric: A :data:`mmfold.metrics.METRICS` name to score each fold.
+        progress: Prints ``nested CV fold i/K`` as each fold starts (silent when None).
     """
     P, y, folds = _check_stack(P), np.asarray(y), np.asarray(folds)
     prob, pred = np.zeros(P.shape[1:]), np.zeros(P.shape[1:], np.uint8)
-    scores = []
-    for k in np.unique(folds):
+    scores, ks = [], np.unique(folds)
+    for i, k in enumerate(ks):
+        if progress is not None:
+            progress.stage(f"nested CV fold {i + 1}/{len(ks)} (fitted on the other {len(ks) - 1})")
         tr, te = folds != k, folds == k
         blender = make_blender(int(k)).fit(P[:, tr], y[tr], folds[tr])
         thresholds = make_thresholds().fit(blender.oof_, y[tr])
@@ -682,6 +807,7 @@ class BlendFit:
     honest: NestedCV
     in_sample: float  # weights and thresholds fitted and scored on the same rows
     singles: dict[str, NestedCV] = field(default_factory=dict)
+    note: str = ""  # what the fit skipped and why (e.g. no weight search for one model)
 
     @property
     def best_single(self) -> tuple[str, NestedCV]:
@@ -691,18 +817,29 @@ class BlendFit:
 
 
 def fit_blend(oofs: OOFSet, y: np.ndarray, cfg: BlendConfig, metric: str,
-              storage: str | None = None, study_name: str = "blend") -> BlendFit:
-    """Nested CV of the blend and of each model alone, then the final fit on all OOF."""
+              storage: str | None = None, study_name: str = "blend",
+              progress: Progress | None = None) -> BlendFit:
+    """Nested CV of the blend and of each model alone, then the final fit on all OOF.
+
+    With one model there is no weight to search: weighted methods give it weight 1.0 without
+    a study (``note`` says so); the lgbm stacker still recalibrates it.
+    """
     P, folds = oofs.P, oofs.folds
-    thr_params = threshold_params(cfg, metric)
+    progress = progress or Progress()
+    make_thresholds = functools.partial(ThresholdOptimizer, **threshold_params(cfg, metric))
 
-    def make_thresholds() -> ThresholdOptimizer:
-        return ThresholdOptimizer(**thr_params)
+    def make_blender(label: str) -> Any:
+        return build_blender(cfg, metric, storage, f"{study_name}-{label}", progress)
 
-    honest = nested_cv(P, y, folds, lambda k: build_blender(cfg, metric, storage, f"{study_name}-fold{k}"),
-                       make_thresholds, metric)
-    blender = build_blender(cfg, metric, storage, f"{study_name}-all").fit(P, y, folds)
+    honest = nested_cv(P, y, folds, lambda k: make_blender(f"fold{k}"), make_thresholds, metric,
+                       progress)
+    progress.stage(f"final fit on all {len(np.unique(folds))} folds")
+    blender = make_blender("all").fit(P, y, folds)
     thresholds = make_thresholds().fit(blender.oof_, y)
+    progress.stage(f"each model alone ({len(oofs.models)} models)")
     singles = {m: nested_cv(P[i : i + 1], y, folds, lambda k: SingleModel(0), make_thresholds,
                             metric) for i, m in enumerate(oofs.models)}
-    return BlendFit(oofs.models, blender, thresholds, honest, thresholds.score_, singles)
+    note = ""
+    if len(oofs.models) == 1 and isinstance(blender, WeightedBlender):
+        note = f"one model ({oofs.models[0]}): weight 1.0, no weight search"
+    return BlendFit(oofs.models, blender, thresholds, honest, thresholds.score_, singles, note)

@@ -3,16 +3,25 @@
 The models are ``--models``, else ``blend.models``, else ``data.models``, else every collected
 OOF file. The CV written everywhere is the nested one (:func:`mmfold.blend.nested_cv`); the
 in-sample score is shown next to it only so the optimism is visible.
+
+Besides the submission, its log row and ``reports/<data>/blend_<name>.{md,json}``, the blend's
+own predictions go to ``reports/<data>/blend_<name>.oof.parquet`` (:func:`write_oof`): the
+nested-CV probabilities and 0/1 predictions that the honest CV scored, and the in-sample ones.
+``mmfold report`` reads them, so it shows the blend that was submitted whatever the method
+(a stacker or a rank/power transform cannot be re-made from the logged weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mmfold import blend, io, paths, submit
 from mmfold.config import Config, load_config
@@ -49,7 +58,7 @@ def study_storage(data: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, fit, score, write; prints a summary."""
+    """Load, fit, score, write; progress on stderr, a summary on stdout."""
     from mmfold.data import load_competition, load_folds
 
     cli_models = [m for m in (args.models or []) if "=" not in m]
@@ -63,36 +72,130 @@ def run(args: argparse.Namespace) -> int:
     if sub_path is not None and sub_path.exists():  # fail before minutes of fitting
         raise UserError(f"{sub_path} exists; submissions are never overwritten: "
                         "pick another NAME=...")
+    fmt = submit.submission_format(comp) if comp.test is not None else None  # same: fail early
+    progress = blend.Progress(sys.stderr)
+    progress.stage(f"loading {len(models)} models from {paths.oof_dir(cfg.data.name)}")
     oofs = blend.load_oofs(cfg.data.name, models, comp, folds)
     y = comp.y()
-    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, study_storage(cfg.data.name), "+".join(models))
+    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, study_storage(cfg.data.name),
+                          "+".join(models), progress)
     report = build_report(name, cfg, fit, oofs, y)
+    if sub_path is not None:  # written first: write_new claims the name
+        report["submission"] = str(write_submission(comp, fit, oofs, sub_path, fmt))
+    write_oof(oof_path(cfg.data.name, name), fit, oofs)
     if sub_path is not None:
-        report["submission"] = str(write_submission(comp, fit, oofs, sub_path))
         submit.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"]))
     md, _ = write_report(cfg.data.name, name, report)
     print(summary(report, md))
     return 0
 
 
-def write_submission(comp: Any, fit: blend.BlendFit, oofs: blend.OOFSet, path: Path) -> Path:
+def write_submission(comp: Any, fit: blend.BlendFit, oofs: blend.OOFSet, path: Path,
+                     fmt: submit.SubmissionFormat | None = None) -> Path:
     """Final blender and thresholds applied to the test predictions, validated, written."""
     pred = fit.thresholds.predict(fit.blender.predict(oofs.test))
-    df = submit.submission_frame(comp, pred, oofs.classes)
-    submit.validate_submission(df, comp, oofs.classes)
+    df = submit.submission_frame(comp, pred, oofs.classes, fmt)
+    submit.validate_submission(df, comp, oofs.classes, fmt)
     return submit.write_submission(df, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# the blend's own out-of-fold predictions
+
+
+OOF_KINDS = ("honest_prob", "honest_pred", "in_sample_prob", "in_sample_pred")
+
+
+def oof_path(data: str, name: str) -> Path:
+    """``reports/<data>/blend_<name>.oof.parquet``, next to the blend's report."""
+    return paths.reports_dir(data) / f"blend_{name}.oof.parquet"
+
+
+def _column(kind: str, label: str) -> str:
+    """Column of one label's values of one kind (``honest_prob:<label>``)."""
+    return f"{kind}:{label}"
+
+
+def write_oof(path: Path, fit: blend.BlendFit, oofs: blend.OOFSet) -> Path:
+    """Write, id-keyed and atomically, what the blend's scores were computed from.
+
+    ``honest_*``: each row from the blender and thresholds fitted without its fold (the
+    nested CV, ``cv_mean``); ``in_sample_*``: the final blender's ``oof_`` and the submission's
+    thresholds applied to it (``cv_in_sample``). Probabilities as float32, predictions 0/1.
+    """
+    in_prob = fit.blender.oof_
+    arrays = {"honest_prob": fit.honest.prob, "honest_pred": fit.honest.pred,
+              "in_sample_prob": in_prob, "in_sample_pred": fit.thresholds.predict(in_prob)}
+    frames = [pd.DataFrame({"id": oofs.ids, "fold": np.asarray(oofs.folds, np.int64)})]
+    for kind, a in arrays.items():
+        dtype = np.uint8 if kind.endswith("_pred") else np.float32
+        frames.append(pd.DataFrame(np.asarray(a, dtype),
+                                   columns=[_column(kind, c) for c in oofs.classes]))
+    return io.write_parquet(pd.concat(frames, axis=1), path)
+
+
+def read_oof(path: Path, ids: list[str], classes: list[str],
+             folds: np.ndarray) -> dict[str, np.ndarray]:
+    """A blend's saved predictions in train order: ``{kind: (n, L) array}`` for :data:`OOF_KINDS`.
+
+    Raises:
+        UserError: the file is missing (a blend made before blends saved them), or was made
+            on other ids, labels or folds than the current ones.
+    """
+    if not path.exists():
+        raise UserError(f"{path} not found: this blend was made before `mmfold blend` saved its "
+                        "predictions; re-run `make blend` to report it")
+    where = f"blend predictions {path}"
+    df = blend.align_rows(pd.read_parquet(path), ids, where, "the data changed since the blend; "
+                      "re-run `make blend`")
+    need = [_column(k, c) for k in OOF_KINDS for c in classes]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise UserError(f"{where}: made with other labels (no column {missing[0]!r}); re-run `make blend`")
+    if (df["fold"].to_numpy(np.int64) != np.asarray(folds)).any():
+        raise UserError(f"{where}: made on other folds than {paths.folds_file(path.parent.name)}; "
+                        "re-run `make blend`")
+    return {k: df[[_column(k, c) for c in classes]].to_numpy() for k in OOF_KINDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# log row, report, summary
+
+
+def thresholds_hash(fit: blend.BlendFit) -> str:
+    """Short hash of the submission's decision rule: thresholds and post-rules."""
+    t = fit.thresholds
+    h = hashlib.sha256(np.ascontiguousarray(t.thresholds_, np.float64).tobytes())
+    h.update(repr((t.metric, t.min_labels, t.max_labels, t.top_k)).encode())
+    return h.hexdigest()[:12]
+
+
+def _relative(path: Path) -> str:
+    """A project path as written in the log (relative to the project root when inside it)."""
+    try:
+        return str(path.relative_to(paths.root()))
+    except ValueError:
+        return str(path)
+
+
 def log_row(name: str, cfg: Config, fit: blend.BlendFit, commit: str) -> dict[str, Any]:
-    """One row of ``submissions/<data>/log.csv``."""
+    """One row of ``submissions/<data>/log.csv``: every setting that changes the submission."""
     best, single = fit.best_single
+    b, blender = cfg.blend, fit.blender
+    exponents = ({m: round(float(e), 4) for m, e in zip(fit.models, blender.exponents_)}
+                 if b.transform == "power" and hasattr(blender, "exponents_") else None)
     return {
         "name": name, "time": submit.utc_now(), "models": " ".join(fit.models),
-        "method": cfg.blend.method, "metric": cfg.data.metric,
-        "weights": {m: round(float(w), 4) for m, w in zip(fit.models, fit.blender.weights_)},
+        "method": b.method, "metric": cfg.data.metric,
+        "weights": {m: round(float(w), 4) for m, w in zip(fit.models, blender.weights_)},
         "cv_mean": f"{fit.honest.mean:.6f}", "cv_std": f"{fit.honest.std:.6f}",
         "cv_in_sample": f"{fit.in_sample:.6f}", "best_single": best,
         "best_single_cv": f"{single.mean:.6f}", "commit": commit, "lb": "",
+        "transform": b.transform, "n_trials": b.n_trials, "seed": b.seed,
+        "cooccurrence": b.cooccurrence, "min_labels": b.min_labels, "max_labels": b.max_labels,
+        "top_k": b.top_k, "exponents": exponents, "thresholds": thresholds_hash(fit),
+        "thresholds_file": _relative(report_base(cfg.data.name, name).with_suffix(".json")),
+        "note": fit.note,
     }
 
 
@@ -114,7 +217,8 @@ def build_report(name: str, cfg: Config, fit: blend.BlendFit, oofs: blend.OOFSet
         "weights": {m: float(w) for m, w in zip(fit.models, b.weights_)},
         "post_rules": {"min_labels": cfg.blend.min_labels, "max_labels": cfg.blend.max_labels,
                        "top_k": cfg.blend.top_k},
-        "global_threshold": thr.global_threshold_,
+        "global_threshold": thr.global_threshold_, "thresholds_hash": thresholds_hash(fit),
+        "note": fit.note, "oof": _relative(oof_path(cfg.data.name, name)),
         "per_label": {c: {"threshold": float(t), "f1": float(f), "support": int(s)}
                       for c, t, f, s in zip(oofs.classes, thr.thresholds_, f1, y.sum(0))},
         "honest_metrics": all_metrics(y, fit.honest.pred),
@@ -133,6 +237,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# Blend `{r['name']}` on {r['data']}", "",
              f"{r['method']} blend of {len(r['models'])} models; metric {r['metric']} F1; "
              f"{r['n_folds']} folds; commit {r['commit']}; {r['time']}.", "",
+             *([f"Note: {r['note']}.", ""] if r.get("note") else []),
              "| | honest CV (nested) | per fold |", "|---|---|---|",
              f"| **blend** | **{cv['mean']:.4f} ± {cv['std']:.4f}** | {_folds(cv)} |"]
     lines += [f"| {m} | {s['mean']:.4f} ± {s['std']:.4f} | {_folds(s)} |"
@@ -158,9 +263,14 @@ def _folds(s: dict[str, Any]) -> str:
     return " ".join(f"{v:.4f}" for v in s["per_fold"])
 
 
+def report_base(data: str, name: str) -> Path:
+    """``reports/<data>/blend_<name>``: the stem of the blend's report files."""
+    return paths.reports_dir(data) / f"blend_{name}"
+
+
 def write_report(data: str, name: str, report: dict[str, Any]) -> tuple[Path, Path]:
     """``reports/<data>/blend_<name>.md`` and ``.json``."""
-    base = paths.reports_dir(data) / f"blend_{name}"
+    base = report_base(data, name)
     js = io.write_json(base.with_suffix(".json"), report)
     md = io.write_text(base.with_suffix(".md"), render_markdown(report))
     return md, js
@@ -178,6 +288,7 @@ def summary(r: dict[str, Any], md: Path) -> str:
         f"  best single  {best['mean']:.4f} ± {best['std']:.4f}  ({best['model']}); blend gain "
         f"{r['gain_over_best_single']:+.4f}",
         f"  weights      {weights}",
+        *([f"  note         {r['note']}"] if r.get("note") else []),
         f"  submission   {r['submission'] or 'none (the data has no test set)'}",
         f"  report       {md}",
     ])

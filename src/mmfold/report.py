@@ -1,9 +1,12 @@
 """``mmfold report``: one markdown page with PNG figures about every trained model and blend.
 
 It only reads artifacts (``oof/<data>/*``, ``runs/<data>/*/fold*/log.jsonl``, the submissions
-log, sweep/ablation tables) and writes ``reports/<data>/report.md`` plus ``figures/*.png``.
-Every score it shows is *honest*: per-label thresholds are fitted on the other folds and
-scored on each fold, so the numbers match what a leaderboard can confirm.
+log, the blend's saved predictions ``reports/<data>/blend_<name>.oof.parquet``, sweep/ablation
+tables) and writes ``reports/<data>/report.md`` plus ``figures/*.png``. Every score it shows is
+*honest*: a model's per-label thresholds are fitted on the other folds and scored on each fold
+(:func:`mmfold.scoring.honest_cv`, the ``blend.*`` settings and ``data.metric``, as collect
+does), and a blend's numbers are the blend stage's own nested-CV predictions, so they are the
+ones logged for the submission.
 
 Sections are registered functions ``(ReportContext) -> markdown``; adding one is a function
 and a line in :data:`SECTIONS`. A section with nothing to show says why instead of vanishing,
@@ -22,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfold import io, paths, plots
+from mmfold import blend_cmd, io, paths, plots, submit
 from mmfold.config import Config, load_config
 from mmfold.data import Competition, load_competition, load_folds
-from mmfold.metrics import METRICS, all_metrics, binarize, per_label_f1
+from mmfold.errors import UserError
+from mmfold.metrics import METRICS, all_metrics, binarize, metric_label, per_label_f1
+from mmfold.scoring import at_half, honest_cv, threshold_params
 from mmfold.thresholds import ThresholdOptimizer
 
 VARIANT_SEP = "@"  # sweep trials and ablation variants are named <model>@<what>
@@ -37,36 +42,55 @@ N_NAMED = 3  # strongest/weakest labels named in the text
 
 @dataclass
 class Scored:
-    """One predictor's OOF probabilities and their honest evaluation."""
+    """One predictor's OOF probabilities and their honest evaluation in the competition metric."""
 
     name: str
     prob: np.ndarray  # (n, L) OOF probabilities, train order
-    pred: np.ndarray  # (n, L) bool, thresholds fitted on the other folds
-    fold_scores: list[float]  # honest samples-F1 per fold
-    metrics: dict[str, float]  # all metrics on the honest predictions
-    metrics_05: dict[str, float]  # all metrics at threshold 0.5
-    meta: dict = field(default_factory=dict)  # oof/<data>/<model>.json (empty for a blend)
+    pred: np.ndarray  # (n, L) 0/1, each fold decided by fits that never saw it
+    fold_scores: list[float]  # honest metric per fold
+    fold_scores_05: list[float]  # the metric per fold at threshold 0.5
+    metrics: dict[str, float]  # all metrics on the honest predictions, pooled over rows
+    metrics_05: dict[str, float]  # all metrics at threshold 0.5, pooled
+    meta: dict = field(default_factory=dict)  # oof/<data>/<model>.json, or the blend's report json
+    in_sample: float | None = None  # a blend's in-sample score (fitted on the rows it scores)
+
+    @property
+    def cv(self) -> float:
+        """Mean of the per-fold scores: the CV that collect, the blend log and its report show."""
+        return float(np.mean(self.fold_scores))
+
+    @property
+    def cv_std(self) -> float:
+        return float(np.std(self.fold_scores))
+
+    @property
+    def cv_05(self) -> float:
+        return float(np.mean(self.fold_scores_05))
 
 
-def honest_predictions(prob: np.ndarray, y: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """Binarise each fold with thresholds fitted on the other folds; samples-F1 per fold.
+def score(name: str, prob: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config,
+          meta: dict | None = None) -> Scored:
+    """Evaluate one model honestly (:func:`mmfold.scoring.honest_cv`) and at 0.5.
 
-    Why: thresholds fitted on the rows they score flatter every model by a few points, and
-    flatter weak models most. This is the same protocol as ``collect.cv_summary``.
+    Why the shared scorer: thresholds fitted on the rows they score flatter every model, weak
+    ones most; and a second copy of the protocol would drift from collect's and the blend's.
     """
-    pred = np.zeros(prob.shape, bool)
-    scores = []
-    for k in np.unique(folds):
-        fit, te = folds != k, folds == k
-        pred[te] = ThresholdOptimizer().fit(prob[fit], y[fit]).predict(prob[te])
-        scores.append(METRICS["samples"](y[te], pred[te]))
-    return pred, scores
+    tuned = honest_cv(prob, y, folds, cfg.blend, cfg.data.metric)
+    half = at_half(prob, y, folds, cfg.blend, cfg.data.metric)
+    return Scored(name, prob, tuned.pred, tuned.per_fold, half.per_fold, all_metrics(y, tuned.pred),
+                  all_metrics(y, half.pred), meta or {})
 
 
-def score(name: str, prob: np.ndarray, y: np.ndarray, folds: np.ndarray, meta: dict | None = None) -> Scored:
-    """Evaluate one predictor honestly and at 0.5."""
-    pred, fold_scores = honest_predictions(prob, y, folds)
-    return Scored(name, prob, pred, fold_scores, all_metrics(y, pred), all_metrics(y, binarize(prob, 0.5)), meta or {})
+def score_blend(name: str, saved: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray,
+                cfg: Config, meta: dict) -> Scored:
+    """A blend from its saved predictions: the scores are recomputed, nothing is refitted."""
+    metric = METRICS[cfg.data.metric]
+    pred, prob = saved["honest_pred"], saved["honest_prob"]
+    ks = np.unique(folds)
+    half = at_half(prob, y, folds, cfg.blend, cfg.data.metric)
+    return Scored(f"blend {name}", prob, pred, [float(metric(y[folds == k], pred[folds == k])) for k in ks],
+                  half.per_fold, all_metrics(y, pred), all_metrics(y, half.pred), meta,
+                  float(metric(y, saved["in_sample_pred"])))
 
 
 # ------------------------------------------------------------------------------- loading
@@ -84,61 +108,42 @@ def load_probs(path: Path, ids: list[str], classes: list[str]) -> np.ndarray:
     return df.set_index("id").loc[ids, classes].to_numpy(np.float64)
 
 
-def load_models(data: str, comp: Competition, folds: np.ndarray) -> list[Scored]:
+def load_models(cfg: Config, comp: Competition, folds: np.ndarray) -> list[Scored]:
     """Every collected model, scored, best honest CV first."""
-    ids, y = comp.train["id"].astype(str).tolist(), comp.y()
+    data, ids, y = cfg.data.name, comp.train["id"].astype(str).tolist(), comp.y()
     out = []
     for name in model_names(data):
         if not paths.oof_file(data, name).exists():
             continue
         meta = json.loads(paths.oof_meta_file(data, name).read_text())
-        out.append(score(name, load_probs(paths.oof_file(data, name), ids, comp.classes), y, folds, meta))
-    return sorted(out, key=lambda s: -s.metrics["samples"])
+        out.append(score(name, load_probs(paths.oof_file(data, name), ids, comp.classes), y, folds,
+                         cfg, meta))
+    return sorted(out, key=lambda s: -s.cv)
 
 
 def read_log(data: str) -> pd.DataFrame | None:
-    """The submissions log (``submissions/<data>/log.csv``), or None before the first blend."""
-    path = paths.submissions_dir(data) / "log.csv"
-    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else None
+    """The submissions log with each submission's latest LB and LB count, or None before the
+    first blend."""
+    if not submit.log_path(data).exists():
+        return None
+    log = submit.read_log(data)
+    table = submit.log_table(data).drop_duplicates("name", keep="last").set_index("name")
+    for c in ("lb", "lb_n"):
+        log[c] = log["name"].map(table[c]).map(lambda v: "" if pd.isna(v) else str(v))
+    return log
 
 
-def _json_cell(cell: str) -> object:
-    """A log cell that may hold JSON (models, weights)."""
-    try:
-        return json.loads(cell)
-    except (TypeError, ValueError):
-        return cell
+def load_blend(cfg: Config, comp: Competition, folds: np.ndarray, name: str) -> Scored:
+    """The named blend from the predictions ``mmfold blend`` saved (and its report json).
 
-
-def blend_weights(row: pd.Series) -> dict[str, float]:
-    """``{model: weight}`` from a log row (weights as a dict, or a list aligned with models)."""
-    models, weights = _json_cell(row.get("models", "")), _json_cell(row.get("weights", ""))
-    if isinstance(models, str):
-        models = models.replace(";", " ").replace(",", " ").split()
-    if isinstance(weights, dict):
-        return {str(k): float(v) for k, v in weights.items()}
-    if isinstance(weights, list) and len(weights) == len(models):
-        return {m: float(w) for m, w in zip(models, weights)}
-    return {m: 1.0 / len(models) for m in models} if models else {}
-
-
-def blend_probs(data: str, row: pd.Series, comp: Competition, models: dict[str, Scored]) -> tuple[np.ndarray, str] | None:
-    """The blend's OOF probabilities and where they came from.
-
-    Prefers ``submissions/<data>/<name>.oof.parquet`` (written by ``mmfold blend``: the
-    nested-CV blend itself); otherwise re-mixes the members' OOF with the logged weights,
-    which is close but lets the weights see every fold.
+    Raises:
+        UserError: the blend has no saved predictions, or they do not fit the current data.
     """
     ids = comp.train["id"].astype(str).tolist()
-    saved = paths.submissions_dir(data) / f"{row.get('name', '')}.oof.parquet"
-    if saved.exists():
-        return load_probs(saved, ids, comp.classes), f"`{saved.name}` (nested-CV blend)"
-    w = blend_weights(row)
-    if not w or any(m not in models for m in w):
-        return None
-    total = sum(w.values()) or 1.0
-    prob = sum(models[m].prob * (v / total) for m, v in w.items())
-    return prob, "members' OOF re-mixed with the logged weights (weights fitted on all folds)"
+    saved = blend_cmd.read_oof(blend_cmd.oof_path(cfg.data.name, name), ids, comp.classes, folds)
+    js = blend_cmd.report_base(cfg.data.name, name).with_suffix(".json")
+    meta = json.loads(js.read_text()) if js.exists() else {}
+    return score_blend(name, saved, comp.y(), folds, cfg, meta)
 
 
 # ------------------------------------------------------------------------------- context
@@ -155,7 +160,7 @@ class ReportContext:
     models: list[Scored]
     log: pd.DataFrame | None
     blend: Scored | None = None
-    blend_source: str = ""
+    blend_note: str = ""  # why no blend is shown, when a logged one is not
 
     @property
     def fig_dir(self) -> Path:
@@ -164,6 +169,11 @@ class ReportContext:
     @property
     def best(self) -> Scored | None:
         return self.models[0] if self.models else None
+
+    @property
+    def metric(self) -> str:
+        """How the competition metric reads in a header (``samples-F1``)."""
+        return metric_label(self.cfg.data.metric)
 
     @property
     def freq(self) -> pd.Series:
@@ -180,28 +190,39 @@ class ReportContext:
 
 
 def build_context(cfg: Config, blend_name: str | None = None) -> ReportContext:
-    """Load the competition, every model and the chosen (default: latest) blend."""
+    """Load the competition, every model and the chosen (default: latest logged) blend.
+
+    Raises:
+        UserError: a named blend that is not logged, or has no saved predictions (the latest
+            blend without them is skipped with a note instead).
+    """
     comp = load_competition(cfg.data)
     folds = load_folds(comp)
-    models = load_models(cfg.data.name, comp, folds)
+    models = load_models(cfg, comp, folds)
     ctx = ReportContext(cfg, comp, folds, paths.reports_dir(cfg.data.name), models, read_log(cfg.data.name))
-    row = _blend_row(ctx.log, blend_name)
-    if row is not None:
-        got = blend_probs(cfg.data.name, row, comp, {m.name: m for m in models})
-        if got is not None:
-            ctx.blend = score(f"blend {row.get('name', '')}", got[0], comp.y(), folds)
-            ctx.blend_source = got[1]
+    name = _blend_name(ctx.log, blend_name, cfg.data.name)
+    if name is None:
+        return ctx
+    try:
+        ctx.blend = load_blend(cfg, comp, folds, name)
+    except UserError as e:
+        if blend_name:
+            raise
+        ctx.blend_note = (f"The latest blend, `{name}`, is not shown: {e}. Its numbers cannot be "
+                          "re-made from the members and the logged weights (a stacker, rank and "
+                          "power transforms differ), and a re-mix would not be what was submitted.")
     return ctx
 
 
-def _blend_row(log: pd.DataFrame | None, name: str | None) -> pd.Series | None:
-    """The named log row, else the latest."""
-    if log is None or log.empty:
-        return None
+def _blend_name(log: pd.DataFrame | None, name: str | None, data: str) -> str | None:
+    """The named blend (logged, or saved without a test set), else the latest logged one."""
+    names = [] if log is None or log.empty else log["name"].tolist()
     if name:
-        rows = log[log.get("name", pd.Series(dtype=str)) == name]
-        return rows.iloc[-1] if len(rows) else None
-    return log.iloc[-1]
+        if name not in names and not blend_cmd.oof_path(data, name).exists():
+            raise UserError(f"no blend named {name!r} in {submit.log_path(data)} or "
+                            f"{paths.reports_dir(data)}; logged: {names[-10:]}")
+        return name
+    return names[-1] if names else None
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -240,22 +261,23 @@ def section_models(ctx: ReportContext) -> str:
     head = "## Models\n\n"
     if not ctx.models:
         return head + f"No collected models in `oof/{ctx.cfg.data.name}/` yet (run `make train`).\n"
-    rows = [_model_row(m) for m in ctx.models]
-    note = ("CV samples-F1 is honest: per-label thresholds fitted on the other folds, scored on each "
-            "fold (± is the fold-to-fold std). Micro/macro-F1, exact match, hamming loss and label "
-            "accuracy use the same honest predictions; *F1 @0.5* uses one threshold of 0.5. Time is "
-            "training time per fold; images/s is training throughput (CPU members: rows/s or –).\n\n")
+    rows = [_model_row(m, ctx.metric) for m in ctx.models]
+    note = (f"CV {ctx.metric} is honest: per-label thresholds fitted on the other folds, scored on "
+            "each fold; mean ± std over folds, as collect and the blend log report it. Micro/macro-F1, "
+            "exact match, hamming loss and label accuracy use the same honest predictions, pooled over "
+            "all rows; *@0.5* uses one threshold of 0.5. Time is training time per fold; images/s is "
+            "training throughput (CPU members: rows/s or –).\n\n")
     return head + note + md_table(pd.DataFrame(rows)) + "\n"
 
 
-def _model_row(m: Scored) -> dict[str, object]:
+def _model_row(m: Scored, metric: str) -> dict[str, object]:
     """One line of the models table."""
     per_fold = m.meta.get("per_fold") or []
     fold_time = m.meta.get("train_time_s", 0.0) / max(len(per_fold), 1)
     return {
         "model": f"`{m.name}`", "kind": m.meta.get("kind", ""),
-        "CV samples-F1": f"{m.metrics['samples']:.4f} ± {np.std(m.fold_scores):.4f}",
-        "F1 @0.5": m.metrics_05["samples"], "micro-F1": m.metrics["micro"], "macro-F1": m.metrics["macro"],
+        f"CV {metric}": f"{m.cv:.4f} ± {m.cv_std:.4f}",
+        f"{metric} @0.5": m.cv_05, "micro-F1": m.metrics["micro"], "macro-F1": m.metrics["macro"],
         "exact match": m.metrics["subset_accuracy"], "hamming loss": m.metrics["hamming_loss"],
         "label acc.": m.metrics["label_accuracy"],
         "trainable": _params(m.meta.get("params_trainable")), "total": _params(m.meta.get("params_total")),
@@ -266,8 +288,9 @@ def _model_row(m: Scored) -> dict[str, object]:
 
 LOG_COLUMNS = {  # submissions-log column -> report header (missing columns are skipped)
     "name": "name", "time": "time", "models": "models", "method": "method",
+    "transform": "transform", "metric": "metric",
     "cv_mean": "CV (honest)", "cv_std": "± std", "cv_in_sample": "in-sample CV", "lb": "LB",
-    "best_single": "best single", "best_single_cv": "its CV", "commit": "commit",
+    "lb_n": "LBs", "best_single": "best single", "best_single_cv": "its CV", "commit": "commit",
 }
 
 
@@ -285,8 +308,9 @@ def section_blends(ctx: ReportContext) -> str:
     table = table.map(_short)
     note = ("*CV (honest)* is nested: blend weights and thresholds fitted without the scored fold. "
             "*In-sample CV* fits and scores on the same rows: the gap to the honest CV is optimism. "
-            "*LB* is written back with `make submit NAME=... LB=...`; LB far below CV means the CV "
-            "cannot be trusted (leak, shift, or thresholds overfitted).\n\n")
+            "*LB* is the latest score written back with `make submit NAME=... LB=...` (*LBs*: how "
+            "many; all are in `submissions/<data>/lb.csv`); LB far below CV means the CV cannot be "
+            "trusted (leak, shift, or thresholds overfitted).\n\n")
     details = sorted(ctx.out.glob("blend_*.md"))
     links = "\n\nBlend reports: " + ", ".join(f"[{p.stem}]({p.name})" for p in details) if details else ""
     return head + note + md_table(table) + links + "\n"
@@ -310,8 +334,19 @@ def section_per_label(ctx: ReportContext) -> str:
     f1 = pd.DataFrame({p.name: per_label_f1(y, p.pred) for p in preds}, index=ctx.comp.classes)
     plots.per_label_f1(f1, ctx.freq, ctx.figure("per_label_f1.png"))
     text = [_strong_weak(f1[c], ctx.freq, c) for c in f1.columns]
-    src = f"\n\nBlend probabilities: {ctx.blend_source}." if ctx.blend else "\n\nNo blend to compare yet."
-    return head + ctx.image("per_label_f1.png", "per-label F1") + "\n\n" + "\n".join(text) + src + "\n"
+    return (head + ctx.image("per_label_f1.png", "per-label F1") + "\n\n" + "\n".join(text)
+            + "\n\n" + _blend_source(ctx) + "\n")
+
+
+def _blend_source(ctx: ReportContext) -> str:
+    """Where the blend's numbers come from, with its honest and in-sample CV; or why none."""
+    if ctx.blend is None:
+        return ctx.blend_note or "No blend to compare yet."
+    b, name = ctx.blend, ctx.blend.name.removeprefix("blend ")
+    in_sample = f", in-sample {b.in_sample:.4f}" if b.in_sample is not None else ""
+    return (f"**{b.name}**: honest CV {b.cv:.4f} ± {b.cv_std:.4f} ({ctx.metric}, nested: blender and "
+            f"thresholds fitted without the scored fold){in_sample}. Its predictions are the ones "
+            f"`mmfold blend` scored and logged (`{blend_cmd.oof_path(ctx.cfg.data.name, name).name}`).")
 
 
 def _strong_weak(f1: pd.Series, freq: pd.Series, who: str) -> str:
@@ -428,17 +463,28 @@ def section_thresholds(ctx: ReportContext) -> str:
     if target is None:
         return head + "No models yet.\n"
     y = ctx.comp.y()
-    thr = pd.Series(ThresholdOptimizer().fit(target.prob, y).thresholds_, index=ctx.comp.classes)
+    thr = pd.Series(_submission_thresholds(ctx, target), index=ctx.comp.classes)
     f1 = pd.DataFrame({"at 0.5": per_label_f1(y, binarize(target.prob, 0.5)),
                        "tuned": per_label_f1(y, target.pred)}, index=ctx.comp.classes)
     plots.thresholds(thr, f1, ctx.figure("thresholds.png"))
     preds = ctx.models + ([ctx.blend] if ctx.blend else [])
-    table = pd.DataFrame([{"predictor": f"`{p.name}`", "samples-F1 @0.5": p.metrics_05["samples"],
-                           "tuned (honest)": p.metrics["samples"],
-                           "gain": p.metrics["samples"] - p.metrics_05["samples"]} for p in preds])
-    return (head + f"Thresholds of **{target.name}**, fitted on all OOF rows (what a submission uses). "
-            "The F1 bars and the table use thresholds fitted on the other folds.\n\n"
+    table = pd.DataFrame([{"predictor": f"`{p.name}`", f"{ctx.metric} @0.5": p.cv_05,
+                           "tuned (honest)": p.cv, "gain": p.cv - p.cv_05} for p in preds])
+    how = ("as its submission applied them (fitted on the blend's in-sample OOF, saved with its report)"
+           if target is ctx.blend else "fitted on all OOF rows (what a submission would use)")
+    return (head + f"Thresholds of **{target.name}**, {how}. The F1 bars and the table use "
+            "thresholds fitted without the scored fold.\n\n"
             + ctx.image("thresholds.png", "thresholds") + "\n\n" + md_table(table) + "\n")
+
+
+def _submission_thresholds(ctx: ReportContext, target: Scored) -> np.ndarray:
+    """A blend's thresholds as its report saved them (what its submission used); a model's
+    fitted on all of its OOF rows with the ``blend.*`` settings."""
+    per_label = target.meta.get("per_label") if target is ctx.blend else None
+    if per_label and all(c in per_label for c in ctx.comp.classes):
+        return np.array([per_label[c]["threshold"] for c in ctx.comp.classes])
+    params = threshold_params(ctx.cfg.blend, ctx.cfg.data.metric)
+    return ThresholdOptimizer(**params).fit(target.prob, ctx.comp.y()).thresholds_
 
 
 def section_experiments(ctx: ReportContext) -> str:

@@ -1,21 +1,28 @@
 """Submission files and the submissions log; the ``mmfold lb`` command.
 
-A submission is checked against the competition's test set before it is written (row count,
-every test id exactly once and in ``test.csv`` order, known label tokens, no empty label list
-unless the data config allows it) and is never overwritten: a name is used once. Every
-submission appends a row to ``submissions/<data>/log.csv``; ``mmfold lb`` writes the
-leaderboard score back into that row and shows the log with each submission's CV-LB gap, the
-number that tells you whether your CV can be trusted.
+A submission has the competition's format: the header and row order of its sample
+submission when the data config names one (``data.sample_submission``), else
+``<id_col>,<label_col>`` in ``test.csv`` order. It is checked before it is written (columns,
+row count, every test id exactly once and in that order, known label tokens, no empty label
+list unless the data config allows it) and is never overwritten: a name is used once.
+
+Every submission appends a row to ``submissions/<data>/log.csv`` holding every setting that
+changed it. ``mmfold lb`` appends each leaderboard score, with its UTC time, to
+``submissions/<data>/lb.csv`` (a second score never replaces the first), copies the latest
+into the log row, and shows the log with each submission's CV-LB gap, the number that tells
+you whether your CV can be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,10 +32,18 @@ import pandas as pd
 
 from mmfold import io, paths
 from mmfold.errors import UserError
+from mmfold.metrics import metric_label
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+RESERVED_NAMES = ("log", "lb")  # submissions/<data>/log.csv and lb.csv
+# The first 13 are the original columns: an older log keeps them, later ones are appended.
 LOG_COLUMNS = ["name", "time", "models", "method", "metric", "weights", "cv_mean", "cv_std",
-               "cv_in_sample", "best_single", "best_single_cv", "commit", "lb"]
+               "cv_in_sample", "best_single", "best_single_cv", "commit", "lb",
+               "transform", "n_trials", "seed", "cooccurrence", "min_labels", "max_labels",
+               "top_k", "exponents", "thresholds", "thresholds_file", "note"]
+LB_COLUMNS = ["name", "time", "lb", "metric"]
+SCORE_RANGE = (0.0, 1.0)  # every metric in mmfold.metrics.METRICS is a share
+MAX_SHOWN = 5  # ids named in a mismatch message
 
 
 class SubmissionError(UserError):
@@ -37,7 +52,7 @@ class SubmissionError(UserError):
 
 def submission_path(data: str, name: str) -> Path:
     """``submissions/<data>/<name>.csv``; the name must be a plain file name."""
-    if not NAME_RE.fullmatch(name) or name == "log":
+    if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
         raise UserError(f"bad submission name {name!r}: use letters, digits and ._+- only")
     return paths.submissions_dir(data) / f"{name}.csv"
 
@@ -47,20 +62,104 @@ def log_path(data: str) -> Path:
     return paths.submissions_dir(data) / "log.csv"
 
 
-def submission_frame(comp: Any, pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Competition-format table: the id column and the label tokens joined by the separator.
+@dataclass
+class SubmissionFormat:
+    """What the leaderboard expects: header, which column is which, and the row order."""
+
+    columns: list[str]  # the header, in order
+    id_col: str
+    label_col: str
+    ids: list[str]  # the row order: the sample submission's, else test.csv's
+    order: str = "test.csv"  # where the row order comes from, for messages
+
+
+def submission_format(comp: Any) -> SubmissionFormat:
+    """The format of ``data.sample_submission`` if the data config names one, else the default.
+
+    The sample's header is followed exactly (names and order, e.g. ``Id,Predicted``). Its id
+    column is the one named ``data.id_col``, else the one not named ``data.label_col``, else
+    the first (the Kaggle convention); when the sample has rows they must be exactly the test
+    ids, and their order is the submission's.
+
+    Raises:
+        UserError: the file is missing, or has columns that cannot be mapped to one id column
+            and one label-list column, or ids that are not the test ids.
+    """
+    cfg = comp.cfg
+    test_ids = comp.test["id"].astype(str).tolist()
+    if not cfg.sample_submission:
+        return SubmissionFormat([cfg.id_col, cfg.label_col], cfg.id_col, cfg.label_col, test_ids)
+    from mmfold.data import read_table
+
+    path = paths.resolve(cfg.root) / cfg.sample_submission
+    if not path.exists():
+        raise UserError(f"data.sample_submission: {path} not found (the path is relative to "
+                        f"data.root={cfg.root}; set data.sample_submission=null to use "
+                        f"{cfg.id_col},{cfg.label_col})")
+    sample = read_table(path, cfg.encoding)
+    id_col, label_col, how = _sample_columns(list(sample.columns), cfg, path)
+    ids = sample[id_col].astype(str).tolist()
+    if ids:
+        _check_sample_ids(ids, test_ids, f"{path}: its {how} {id_col!r}")
+    return SubmissionFormat(list(sample.columns), id_col, label_col, ids or test_ids,
+                            "sample submission" if ids else "test.csv")
+
+
+def _sample_columns(cols: list[str], cfg: Any, path: Path) -> tuple[str, str, str]:
+    """(id column, label column, how the id column was chosen) of a sample submission."""
+    if len(cols) != 2 or cols[0] == cols[1]:
+        raise UserError(f"{path}: {len(cols)} column{'s' if len(cols) != 1 else ''} {cols}; mmfold "
+                        "writes one id column and one column of labels joined by data.label_sep "
+                        "(set data.sample_submission=null to write "
+                        f"{cfg.id_col},{cfg.label_col})")
+    if cfg.id_col in cols:
+        id_col, how = cfg.id_col, "column named data.id_col"
+    elif cfg.label_col in cols:
+        id_col, how = next(c for c in cols if c != cfg.label_col), "column not named data.label_col"
+    else:
+        id_col, how = cols[0], "first column"
+    return id_col, next(c for c in cols if c != id_col), how
+
+
+def _check_sample_ids(ids: list[str], test_ids: list[str], where: str) -> None:
+    """The sample's ids are the test ids, each once (else it belongs to another test set)."""
+    s = pd.Series(ids)
+    dup = s[s.duplicated()].tolist()
+    extra = [i for i in ids if i not in set(test_ids)]
+    missing = [i for i in test_ids if i not in set(ids)]
+    if dup or extra or missing:
+        parts = ([f"duplicated {_first(dup)}"] if dup else []) + \
+                ([f"{len(extra)} not in test.csv (first: {_first(extra)})"] if extra else []) + \
+                ([f"missing {len(missing)} test ids (first: {_first(missing)})"] if missing else [])
+        raise UserError(f"{where} should hold every test id once: {'; '.join(parts)}")
+
+
+def _first(ids: list[str]) -> str:
+    """The first few ids, quoted."""
+    more = f" ... ({len(ids)} in all)" if len(ids) > MAX_SHOWN else ""
+    return ", ".join(repr(i) for i in ids[:MAX_SHOWN]) + more
+
+
+def submission_frame(comp: Any, pred: np.ndarray, classes: list[str],
+                     fmt: SubmissionFormat | None = None) -> pd.DataFrame:
+    """Competition-format table: ids and the label tokens joined by the separator.
 
     Args:
-        comp: The competition (its ``cfg`` names the columns and separator; ``test`` the ids).
+        comp: The competition (its ``cfg`` names the separator; ``test`` the ids).
         pred: ``(n_test, L)`` 0/1 matrix in test order.
         classes: Label tokens of the columns of ``pred``.
+        fmt: Header and row order; :func:`submission_format` of ``comp`` when None.
     """
+    fmt = fmt or submission_format(comp)
     cfg, tokens = comp.cfg, np.asarray(classes, dtype=object)
     labels = [cfg.label_sep.join(tokens[np.flatnonzero(row)]) for row in np.asarray(pred)]
-    return pd.DataFrame({cfg.id_col: comp.test["id"].astype(str).to_numpy(), cfg.label_col: labels})
+    df = pd.DataFrame({fmt.id_col: comp.test["id"].astype(str).to_numpy(), fmt.label_col: labels})
+    df = df.set_index(fmt.id_col, drop=False).loc[fmt.ids].reset_index(drop=True)
+    return df[fmt.columns]
 
 
-def validate_submission(df: pd.DataFrame, comp: Any, classes: list[str]) -> None:
+def validate_submission(df: pd.DataFrame, comp: Any, classes: list[str],
+                        fmt: SubmissionFormat | None = None) -> None:
     """Refuse a submission the leaderboard would reject or silently mis-score.
 
     Raises:
@@ -69,26 +168,26 @@ def validate_submission(df: pd.DataFrame, comp: Any, classes: list[str]) -> None
     cfg = comp.cfg
     if comp.test is None:
         raise SubmissionError(f"data '{cfg.name}' has no test set (data.test_csv is null)")
-    if list(df.columns) != [cfg.id_col, cfg.label_col]:
-        raise SubmissionError(f"columns {list(df.columns)} != [{cfg.id_col!r}, {cfg.label_col!r}]")
-    want = comp.test["id"].astype(str).tolist()
-    if len(df) != len(want):
-        raise SubmissionError(f"{len(df)} rows but test.csv has {len(want)}")
-    got = df[cfg.id_col].astype(str)
-    _check_ids(got, want)
-    labels = df[cfg.label_col].astype(str)
+    fmt = fmt or submission_format(comp)
+    if list(df.columns) != fmt.columns:
+        raise SubmissionError(f"columns {list(df.columns)} != {fmt.columns}")
+    if len(df) != len(fmt.ids):
+        raise SubmissionError(f"{len(df)} rows but test.csv has {len(fmt.ids)}")
+    got = df[fmt.id_col].astype(str)
+    _check_ids(got, fmt.ids, fmt.order)
+    labels = df[fmt.label_col].astype(str)
     _check_labels(labels, got, cfg.label_sep, classes, cfg.allow_empty_labels)
 
 
-def _check_ids(got: pd.Series, want: list[str]) -> None:
-    """Every test id once, in test.csv order."""
+def _check_ids(got: pd.Series, want: list[str], order: str = "test.csv") -> None:
+    """Every test id once, in the expected order (``order`` names where it comes from)."""
     dup = got[got.duplicated()].tolist()
     missing = sorted(set(want) - set(got))
     if dup or missing:
         raise SubmissionError(f"test ids: duplicated {dup[:5]}, missing {missing[:5]}")
     if got.tolist() != want:
         first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        raise SubmissionError(f"rows are not in test.csv order (first at row {first + 1})")
+        raise SubmissionError(f"rows are not in {order} order (first at row {first + 1})")
 
 
 def _check_labels(cells: pd.Series, ids: pd.Series, sep: str, classes: list[str],
@@ -172,11 +271,58 @@ def read_log(data: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def record_lb(data: str, name: str, score: float) -> pd.Series:
-    """Write a leaderboard score into the submission's log row (the latest row of that name).
+def lb_path(data: str) -> Path:
+    """``submissions/<data>/lb.csv``: every leaderboard score written back, oldest first."""
+    return paths.submissions_dir(data) / "lb.csv"
+
+
+def read_lb(data: str) -> pd.DataFrame:
+    """Every recorded leaderboard score (``name,time,lb,metric``), as strings; empty if none."""
+    path = lb_path(data)
+    if not path.exists():
+        return pd.DataFrame(columns=LB_COLUMNS)
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def parse_score(text: str) -> float:
+    """A leaderboard score typed by a user, or a message saying what is wrong with it.
 
     Raises:
-        UserError: no such submission in the log.
+        UserError: not a finite number (``81,2`` gets a hint about the decimal point).
+    """
+    try:
+        score = float(text)
+    except ValueError:
+        hint = f": use a decimal point ({text.replace(',', '.')})" if "," in text else ""
+        raise UserError(f"LB score {text!r} is not a number{hint}") from None
+    if not math.isfinite(score):
+        raise UserError(f"LB score {text!r} is not a number")
+    return score
+
+
+def check_score(score: float, metric: str) -> None:
+    """Refuse a score the metric cannot have; 81.2 for an F1 is a percentage typed by habit.
+
+    Raises:
+        UserError: outside the metric's range, with the fraction when it looks like a percentage.
+    """
+    lo, hi = SCORE_RANGE
+    if lo <= score <= hi:
+        return
+    hint = (f"; it looks like a percentage: did you mean LB={score / 100:g}?"
+            if hi < score <= 100 * hi else "")
+    raise UserError(f"LB {score:g} is outside the range of {metric_label(metric)} scores, "
+                    f"[{lo:g}, {hi:g}]{hint}")
+
+
+def record_lb(data: str, name: str, score: float) -> pd.Series:
+    """Append a leaderboard score to ``lb.csv`` and show the latest in the submission's log row.
+
+    Earlier scores are kept: ``lb.csv`` is only appended to, and a score an older log held in
+    its ``lb`` cell is moved into it (time unknown) before the first new one.
+
+    Raises:
+        UserError: no such submission in the log, or a score out of the metric's range.
     """
     with _log_lock(data):
         log = read_log(data)
@@ -184,16 +330,30 @@ def record_lb(data: str, name: str, score: float) -> pd.Series:
         if not len(rows):
             raise UserError(f"no submission named {name!r} in {log_path(data)}; "
                             f"known: {log['name'].tolist()[-10:]}")
-        log.loc[rows[-1], "lb"] = repr(float(score))
+        row = rows[-1]
+        metric = log.loc[row].get("metric") or "samples"
+        check_score(score, metric)
+        old = log.loc[row, "lb"]
+        if old and not (read_lb(data)["name"] == name).any():
+            io.append_csv_row(lb_path(data), {"name": name, "time": "", "lb": old, "metric": metric})
+        io.append_csv_row(lb_path(data), {"name": name, "time": utc_now(), "lb": repr(float(score)),
+                                          "metric": metric})
+        log.loc[row, "lb"] = repr(float(score))
         io.write_csv(log, log_path(data))
-    return log.loc[rows[-1]]
+    return log.loc[row]
 
 
 def log_table(data: str) -> pd.DataFrame:
-    """The log with numbers parsed and ``gap = lb - cv_mean``, best LB first, then best CV."""
+    """The log with numbers parsed, the latest LB of each submission, how many were recorded
+    (``lb_n``) and when (``lb_time``), and ``gap = lb - cv_mean``; best LB first, then best CV."""
     log = read_log(data)
-    cols = ["name", "time", "method", "models", "cv_mean", "cv_std", "cv_in_sample", "lb"]
-    out = log[cols].copy()
+    cols = ["name", "time", "method", "metric", "models", "cv_mean", "cv_std", "cv_in_sample", "lb"]
+    out = log.reindex(columns=cols, fill_value="")
+    hist = read_lb(data).groupby("name")
+    latest, count = hist.last(), hist.size()
+    out["lb_n"] = out["name"].map(count).fillna((out["lb"] != "").astype(int)).astype(int)
+    out["lb_time"] = out["name"].map(latest["time"]).fillna("")
+    out["lb"] = out["name"].map(latest["lb"]).fillna(out["lb"])
     for c in ("cv_mean", "cv_std", "cv_in_sample", "lb"):
         out[c] = pd.to_numeric(out[c], errors="coerce")
     out["gap"] = out["lb"] - out["cv_mean"]
@@ -204,7 +364,7 @@ def log_table(data: str) -> pd.DataFrame:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmfold lb --name NAME --score 0.912`` or ``mmfold lb --show``."""
     p.add_argument("--name", help="submission name (the CSV's stem)")
-    p.add_argument("--score", type=float, help="leaderboard score to record for --name")
+    p.add_argument("--score", help="leaderboard score to record for --name (every one is kept)")
     p.add_argument("--show", action="store_true", help="print the log sorted, with the CV-LB gap")
 
 
@@ -213,9 +373,12 @@ def run(args: argparse.Namespace) -> int:
     if args.score is not None:
         if not args.name:
             raise UserError("--score needs --name (the submission it belongs to)")
-        row = record_lb(args.data, args.name, args.score)
-        gap = args.score - float(row["cv_mean"]) if row["cv_mean"] else float("nan")
-        print(f"recorded LB {args.score} for {args.name} (CV {row['cv_mean']}, gap {gap:+.4f})")
+        score = parse_score(args.score)
+        row = record_lb(args.data, args.name, score)
+        gap = score - float(row["cv_mean"]) if row["cv_mean"] else float("nan")
+        n = int((read_lb(args.data)["name"] == args.name).sum())
+        print(f"recorded LB {score:g} for {args.name} (CV {row['cv_mean']}, gap {gap:+.4f}; "
+              f"{n} LB score{'s' if n != 1 else ''} recorded for it, in {lb_path(args.data)})")
     if args.show or args.score is None:
         with pd.option_context("display.width", 200, "display.max_colwidth", 40,
                                "display.float_format", "{:.4f}".format):

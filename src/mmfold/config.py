@@ -188,8 +188,8 @@ def data_yaml(data: str) -> Path:
 
 
 def data_name(data: str) -> str:
-    """The dataset's name for every artifact path (``folds/<name>.csv``...): the YAML's stem."""
-    return Path(data).stem if data.endswith((".yaml", ".yml")) else data
+    """The dataset's name for every artifact path (see :func:`mmfold.paths.data_name`)."""
+    return paths.data_name(data)
 
 
 def model_yaml(model: str) -> Path:

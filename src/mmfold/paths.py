@@ -19,24 +19,30 @@ def resolve(path: str | Path) -> Path:
     return root() / path
 
 
+def data_name(data: str) -> str:
+    """The dataset's name in artifact paths: ``data`` itself, or the stem of a data YAML given
+    by path (``--data ~/comps/mycomp.yaml`` -> ``mycomp``), so every stage keys it the same way."""
+    return Path(data).stem if data.endswith((".yaml", ".yml")) else data
+
+
 def folds_file(data: str) -> Path:
     """``folds/<data>.csv``: ImageID,fold, written once."""
-    return root() / "folds" / f"{data}.csv"
+    return root() / "folds" / f"{data_name(data)}.csv"
 
 
 def labels_file(data: str) -> Path:
     """``folds/<data>.labels.json``: the label vocabulary, fixed when folds are made."""
-    return root() / "folds" / f"{data}.labels.json"
+    return root() / "folds" / f"{data_name(data)}.labels.json"
 
 
 def run_dir(data: str, model: str, fold: int) -> Path:
     """``runs/<data>/<model>/fold<k>/``: one fold's checkpoints, log and predictions."""
-    return root() / "runs" / data / model / f"fold{fold}"
+    return root() / "runs" / data_name(data) / model / f"fold{fold}"
 
 
 def oof_dir(data: str) -> Path:
     """``oof/<data>/``: collected out-of-fold and test probabilities per model."""
-    return root() / "oof" / data
+    return root() / "oof" / data_name(data)
 
 
 def oof_file(data: str, model: str) -> Path:
@@ -56,17 +62,22 @@ def oof_meta_file(data: str, model: str) -> Path:
 
 def submissions_dir(data: str) -> Path:
     """``submissions/<data>/``: submission CSVs and ``log.csv``."""
-    return root() / "submissions" / data
+    return root() / "submissions" / data_name(data)
 
 
 def reports_dir(data: str) -> Path:
     """``reports/<data>/``: markdown reports and plots."""
-    return root() / "reports" / data
+    return root() / "reports" / data_name(data)
 
 
 def cache_dir(data: str) -> Path:
     """``cache/<data>/``: decoded-image memmaps, token ids, frozen embeddings."""
-    return root() / "cache" / data
+    return root() / "cache" / data_name(data)
+
+
+def sweeps_dir(data: str) -> Path:
+    """``sweeps/<data>/``: one Optuna SQLite file per sweep study."""
+    return root() / "sweeps" / data_name(data)
 
 
 def weights_dir() -> Path:

@@ -356,14 +356,9 @@ def _nop(opts: SweepOptions) -> Any:
 # ------------------------------------------------------------------------------------ study
 
 
-def sweep_dir(data: str) -> Path:
-    """``sweeps/<data>/``: one SQLite file per study."""
-    return paths.root() / "sweeps" / data
-
-
 def storage_url(data: str, study: str) -> str:
     """SQLAlchemy URL of the study's SQLite file."""
-    db = sweep_dir(data) / f"{study}.db"
+    db = paths.sweeps_dir(data) / f"{study}.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db.resolve()}"
 
@@ -633,7 +628,7 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
     check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in opts.overrides], "override")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with io.file_lock(sweep_dir(opts.data) / f".{opts.study}.lock"):
+    with io.file_lock(paths.sweeps_dir(opts.data) / f".{opts.study}.lock"):
         study = open_study(opts, space, force)
         requeued = requeue_interrupted(study)
         if requeued:

@@ -49,8 +49,8 @@ blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name
 	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME))
 
 submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>
-	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) lb --data $(DATA) --show)" >&2; exit 2; }
-	$(MMFOLD) lb --data $(DATA) --name '$(strip $(NAME))' --score '$(strip $(LB))'
+	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data $(DATA) --show)" >&2; exit 2; }
+	$(MMFOLD) submit --data $(DATA) --name '$(strip $(NAME))' --score '$(strip $(LB))'
 
 report: setup  ## markdown + PNG report -> reports/<data>/report.md
 	$(MMFOLD) report $(COMMON)

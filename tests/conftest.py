@@ -30,7 +30,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small demo data (150 train / 30 test rows), made once per session; copy, never modify."""
-    from mmfold.demo import make_demo
+    from mmfold.data.demo import make_demo
 
     root = tmp_path_factory.mktemp("demo_template")
     make_demo(root / "input" / "demo", n_train=150, n_test=30)

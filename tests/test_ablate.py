@@ -10,16 +10,16 @@ import pytest
 import yaml
 
 from mmfold import paths
-from mmfold.ablate import ablate, parse_ablations
+from mmfold.studies.ablate import ablate, parse_ablations
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.data import load_competition, load_folds
+from mmfold.data.competition import load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.blend import build_blender, nested_cv
-from mmfold.report import load_probs
-from mmfold.scoring import at_half, honest_cv, threshold_params
-from mmfold.thresholds import ThresholdOptimizer
-from mmfold.train import train_model
+from mmfold.ensemble.blenders import build_blender, nested_cv
+from mmfold.report.report import load_probs
+from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
+from mmfold.ensemble.thresholds import ThresholdOptimizer
+from mmfold.train.runner import train_model
 from tests.conftest import install_demo
 
 BASE = {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 4.0, "solver": "liblinear"}}}

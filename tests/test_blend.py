@@ -12,13 +12,14 @@ import optuna
 import pandas as pd
 import pytest
 
-from mmfold import io
+from mmfold import fileio
 from mmfold.config import load_config
-from mmfold.data import load_competition
-from mmfold.manifest import data_fingerprints
+from mmfold.data.competition import load_competition
+from mmfold.artifacts.manifest import data_fingerprints
 
-from mmfold import blend, cli, paths
-from mmfold.blend import (
+from mmfold import cli, paths
+from mmfold.ensemble import blenders as blend
+from mmfold.ensemble.blenders import (
     GreedyBlender,
     LGBMStacker,
     MeanBlender,
@@ -30,7 +31,7 @@ from mmfold.blend import (
 from mmfold.config import BlendConfig
 from mmfold.errors import UserError
 from mmfold.metrics import samples_f1
-from mmfold.thresholds import ThresholdOptimizer
+from mmfold.ensemble.thresholds import ThresholdOptimizer
 from tests.conftest import write_competition
 
 
@@ -358,7 +359,7 @@ def tiny_blend_project(project: Path, n_train: int = 90, n_test: int = 20) -> tu
         tp.to_parquet(paths.test_pred_file("tiny", m), index=False)
     comp = load_competition(load_config("tiny").data)
     for m in ("good", "weak"):  # the manifest `collect` writes: hashes of the inputs
-        io.write_json(paths.oof_meta_file("tiny", m), {"hashes": data_fingerprints(comp)})
+        fileio.write_json(paths.oof_meta_file("tiny", m), {"hashes": data_fingerprints(comp)})
     return test["ImageID"].tolist(), folds
 
 
@@ -400,7 +401,7 @@ def test_blend_command_writes_submission_log_and_report(project: Path, capsys: p
     assert log2["name"].tolist() == ["first", "second"]
     pd.testing.assert_series_equal(log2.iloc[0], log.iloc[0])
 
-    assert cli.main(["lb", "--data", "tiny", "--name", "first", "--score", "0.5"]) == 0
+    assert cli.main(["submit", "--data", "tiny", "--name", "first", "--score", "0.5"]) == 0
     assert "gap" in capsys.readouterr().out
 
 
@@ -477,7 +478,7 @@ def test_log_records_every_setting_that_changes_the_submission(project: Path) ->
     assert k2["min_labels"] == "1" and k2["seed"] == "42" and k2["cooccurrence"] == "False"
     assert k2["thresholds"] and k2["thresholds"] != max3["thresholds"]
     assert "reports/tiny/blend_k2.json" in k2["thresholds_file"]
-    assert cli.main(["lb", "--data", "tiny", "--show"]) == 0
+    assert cli.main(["submit", "--data", "tiny", "--show"]) == 0
 
 
 # ---- Ctrl-C ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mmfold.config import DataConfig, load_config
-from mmfold.data import load_competition, load_folds, read_table
+from mmfold.data.competition import load_competition, load_folds, read_table
 from mmfold.errors import DataError
 from tests.conftest import SHARED, needs_shared, write_competition
 

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmfold import data as data_mod
+from mmfold.data import competition as data_mod
 from mmfold import paths
 from mmfold.cli import main
 from mmfold.config import load_config
-from mmfold.data import load_competition, load_folds
+from mmfold.data.competition import load_competition, load_folds
 from mmfold.errors import DataError
 
 CAPTIONS = ["a dog runs", "two cats", "a red car", "people walk", "a bird sits"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmfold.demo import LABELS, make_demo
+from mmfold.data.demo import LABELS, make_demo
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfold import engine
-from mmfold.cache import image_cache, load_image, to_rgb, token_cache
+from mmfold.train import loop as engine
+from mmfold.train.caches import image_cache, load_image, to_rgb, token_cache
 from mmfold.config import Config, load_config
-from mmfold.data import load_competition
+from mmfold.data.competition import load_competition
 from mmfold.errors import DataError, UserError
-from mmfold.testing import tiny_params
+from tests.tiny import tiny_params
 from tests.conftest import write_competition
 
 N_TRAIN, FOLDS = 48, 3
@@ -110,15 +110,15 @@ class _InterruptAt:
 def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(comp, tmp_path: Path, monkeypatch) -> None:
     cfg = ("train.epochs=2", "train.accum_steps=2")
     whole = train(make_cfg("cnn_lstm", *cfg), comp, tmp_path / "whole")
-    import mmfold.losses
+    import mmfold.train.losses
 
-    real = mmfold.losses.build_loss
-    monkeypatch.setattr(mmfold.losses, "build_loss", lambda *a: _InterruptAt(real(*a), 1))
+    real = mmfold.train.losses.build_loss
+    monkeypatch.setattr(mmfold.train.losses, "build_loss", lambda *a: _InterruptAt(real(*a), 1))
     with pytest.raises(KeyboardInterrupt):
         train(make_cfg("cnn_lstm", *cfg), comp, tmp_path / "split")
     progress = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["progress"]
     assert progress["epoch"] == 0 and progress["batch"] == 2  # stopped at the optimizer step after batch 1
-    monkeypatch.setattr(mmfold.losses, "build_loss", real)
+    monkeypatch.setattr(mmfold.train.losses, "build_loss", real)
     resumed = train(make_cfg("cnn_lstm", *cfg), comp, tmp_path / "split")
     assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "split" / "last.pt")
     np.testing.assert_array_equal(whole.oof, resumed.oof)
@@ -162,7 +162,7 @@ def test_kill_during_checkpoint_write_keeps_previous_last_pt(comp, tmp_path: Pat
 KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from mmfold.engine import save_checkpoint
+from mmfold.train.loop import save_checkpoint
 i = 0
 while True:
     i += 1
@@ -289,9 +289,9 @@ import pandas as pd
 from pathlib import Path
 from accelerate import PartialState
 from mmfold.config import load_config
-from mmfold.data import load_competition
-from mmfold.engine import train_fold
-from mmfold.testing import tiny_params
+from mmfold.data.competition import load_competition
+from mmfold.train.loop import train_fold
+from tests.tiny import tiny_params
 
 cfg = load_config("tiny", None, ["train.epochs=2", "train.batch_size=5", "train.image_size=32",
                                  "train.progress=false", "train.device=cpu", "train.threads=1"])

@@ -23,11 +23,11 @@ import torch
 import yaml
 from PIL import Image
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.cli import main
 from mmfold.config import load_config
-from mmfold.data import load_competition, load_folds
-from mmfold.train import fold_lock, run_fold
+from mmfold.data.competition import load_competition, load_folds
+from mmfold.train.runner import fold_lock, run_fold
 from tests.conftest import write_competition
 
 pytestmark = pytest.mark.faults
@@ -79,7 +79,7 @@ def check_artifacts(root: Path) -> int:
 
 def _temps(root: Path) -> list[Path]:
     """Temp files of atomic writes under runs/ and oof/ (a killed writer leaves them)."""
-    return [p for d in ("runs", "oof") for p in (root / d).rglob(f".*{io.TEMP_SUFFIX}")]
+    return [p for d in ("runs", "oof") for p in (root / d).rglob(f".*{fileio.TEMP_SUFFIX}")]
 
 
 def _timed_run(root: Path, cmd: list[str]) -> tuple[float, float]:
@@ -167,8 +167,8 @@ def test_second_trainer_on_same_fold_refuses(project: Path) -> None:
     assert main(["folds", "--data", "tiny"]) == 0
     cfg = load_config("tiny", "tfidf_lr")
     comp = load_competition(cfg.data)
-    with io.file_lock(fold_lock("tiny", "tfidf_lr", 0)):
-        with pytest.raises(io.LockedError, match="another run on this fold"):
+    with fileio.file_lock(fold_lock("tiny", "tfidf_lr", 0)):
+        with pytest.raises(fileio.LockedError, match="another run on this fold"):
             run_fold(cfg, comp, load_folds(comp), 0)
     assert not (paths.run_dir("tiny", "tfidf_lr", 0) / "done.json").exists()
 
@@ -230,7 +230,7 @@ def test_changed_model_config_is_detected(project: Path, capsys) -> None:
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "I;16", "P", "huge"])
 def test_odd_image_modes_are_converted_not_failed(project: Path, mode: str) -> None:
-    from mmfold.cache import image_cache
+    from mmfold.train.caches import image_cache
 
     data = write_competition(project, n_train=6, n_test=0)
     img = data / "images" / "0.jpg"
@@ -251,7 +251,7 @@ def test_odd_image_modes_are_converted_not_failed(project: Path, mode: str) -> N
 
 
 def test_corrupt_image_names_file_and_writes_no_cache(project: Path) -> None:
-    from mmfold.cache import image_cache
+    from mmfold.train.caches import image_cache
     from mmfold.errors import DataError
 
     data = write_competition(project, n_train=6, n_test=0)

@@ -11,7 +11,7 @@ import pytest
 
 from mmfold.cli import main
 from mmfold.config import FoldsConfig
-from mmfold.folds import assign_folds, fold_summary
+from mmfold.data.folds import assign_folds, fold_summary
 from tests.conftest import write_competition
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmfold.config import ConfigError, TrainConfig
 from mmfold.errors import UserError
-from mmfold.losses import LOSSES, build_loss, pos_weight_from_labels
+from mmfold.train.losses import LOSSES, build_loss, pos_weight_from_labels
 
 
 def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfold import embeddings, members
+from mmfold.cpu import encoders as embeddings
+from mmfold.cpu import members
 from mmfold.config import load_config
-from mmfold.data import load_competition
+from mmfold.data.competition import load_competition
 from mmfold.errors import UserError
 from tests.conftest import SHARED, needs_shared, write_competition
 
@@ -162,7 +163,8 @@ def test_embedding_cache_is_reused_and_keyed_on_inputs(tiny: Path) -> None:
 @needs_shared
 def test_coco_mini_real_images_end_to_end(project: Path) -> None:
     """Real COCO JPEGs -> frozen EfficientNet-Lite0 -> head per fold -> collect -> blend -> report."""
-    from mmfold import bench_real, paths
+    from mmfold import paths
+    from mmfold.bench import real as bench_real
 
     (project / "configs/models/effnet_small.yaml").write_text(
         "model:\n  kind: frozen_embed\n  params:\n    encoders: [effnet_lite0]\n"

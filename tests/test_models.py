@@ -14,7 +14,7 @@ from mmfold.errors import UserError
 from mmfold.models import (MODELS, HFTokenizer, MultiLabelModel, WordTokenizer, build_model,
                            build_tokenizer, load_pretrained)
 from mmfold.models.pretrained import map_by_order
-from mmfold.testing import CAPTIONS, make_tiny_bert, tiny_params
+from tests.tiny import CAPTIONS, make_tiny_bert, tiny_params
 
 CLASSES = ["cat", "dog", "car", "tree"]
 KINDS = ["image", "text", "lstm_text", "fusion", "hybrid", "cnn_lstm"]

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.cli import main
 from mmfold.config import load_config
-from mmfold.train import train_model
+from mmfold.train.runner import train_model
 from tests.conftest import install_demo
 
 MODELS = {
@@ -51,7 +51,7 @@ def write_log(data: str, model: str, n_folds: int, epochs: int = 3) -> None:
         rows = [{"epoch": e, "step": 5 * (e + 1), "train_loss": 0.7 - 0.1 * e - 0.01 * k,
                  "valid_loss": 0.72 - 0.08 * e, "valid_f1": 0.4 + 0.1 * e + 0.01 * k, "lr": 1e-3,
                  "time_s": 1.0, "images_per_s": 100.0} for e in range(epochs)]
-        io.write_text(paths.run_dir(data, model, k) / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        fileio.write_text(paths.run_dir(data, model, k) / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def trained_template(demo_template: Path, tmp_path_factory: pytest.TempPathFacto
             train_model(load_config("demo", name))
         write_log("demo", "tfidf_a", 5)
         assert main(["blend", "--models", "tfidf_a", "tfidf_b", "--name", "blend1", "blend.method=greedy"]) == 0
-        assert main(["lb", "--name", "blend1", "--score", "0.705"]) == 0
+        assert main(["submit", "--name", "blend1", "--score", "0.705"]) == 0
     return root
 
 
@@ -108,7 +108,7 @@ def test_report_has_every_section_and_figure(trained: Path) -> None:
 def test_report_cv_matches_collect(trained: Path) -> None:
     """The table's honest CV is the protocol of ``collect`` (``scoring.honest_cv``): same folds,
     same threshold settings, same metric."""
-    from mmfold.report import build_context
+    from mmfold.report.report import build_context
 
     ctx = build_context(load_config("demo"))
     for m in ctx.models:
@@ -123,8 +123,8 @@ def test_report_cv_matches_collect(trained: Path) -> None:
 
 def test_report_models_follow_the_metric_and_blend_settings(trained: Path) -> None:
     """``data.metric`` and ``blend.*`` post-rules change the report's honest CV as they change collect's."""
-    from mmfold.report import build_context
-    from mmfold.scoring import honest_cv
+    from mmfold.report.report import build_context
+    from mmfold.ensemble.scoring import honest_cv
 
     cfg = load_config("demo", overrides=["data.metric=micro", "blend.max_labels=2"])
     ctx = build_context(cfg)
@@ -149,7 +149,7 @@ BLENDS = {  # every method and transform, with as few trials as still mean somet
 def test_report_shows_the_blend_that_was_submitted(trained: Path) -> None:
     """The report's blend numbers are the blend stage's own nested-CV predictions, for every
     method: re-mixing members with the logged weights is not what lgbm/rank/power submitted."""
-    from mmfold.report import build_context
+    from mmfold.report.report import build_context
 
     for name, args in BLENDS.items():
         assert main(["blend", "--models", "tfidf_a", "tfidf_b", "--name", name, *args]) == 0
@@ -196,7 +196,7 @@ def test_report_before_anything_is_trained(demo: Path) -> None:
 
 def test_variants_are_kept_out_of_the_main_table(trained: Path) -> None:
     """Sweep trials / ablation variants (``<model>@...``) never crowd the models table."""
-    from mmfold.report import model_names
+    from mmfold.report.report import model_names
 
     shutil.copy(paths.oof_meta_file("demo", "tfidf_a"), paths.oof_meta_file("demo", "tfidf_a@trial0"))
     assert model_names("demo") == ["tfidf_a", "tfidf_b"]

@@ -1,4 +1,4 @@
-"""Submission validation and writing, the submissions log and ``mmfold lb``."""
+"""Submission validation and writing, the submissions log and ``mmfold submit``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfold import cli, submit
+from mmfold import cli
+from mmfold.ensemble import submission as submit
 from mmfold.config import DataConfig
 from mmfold.errors import UserError
-from mmfold.submit import SubmissionError
+from mmfold.ensemble.submission import SubmissionError
 
 CLASSES = ["cat", "dog", "10"]
 
@@ -108,8 +109,8 @@ def test_log_keeps_every_earlier_row(home: Path) -> None:
 def test_lb_records_a_score_and_show_sorts_with_the_gap(home: Path, capsys: pytest.CaptureFixture) -> None:
     for name, cv in (("s0", 0.80), ("s1", 0.85), ("s2", 0.82)):
         submit.append_log("d", row(name, cv))
-    assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", "0.79"]) == 0
-    assert cli.main(["lb", "--data", "d", "--name", "s2", "--score", "0.84"]) == 0
+    assert cli.main(["submit", "--data", "d", "--name", "s0", "--score", "0.79"]) == 0
+    assert cli.main(["submit", "--data", "d", "--name", "s2", "--score", "0.84"]) == 0
     log = submit.read_log("d")
     assert log["lb"].tolist() == ["0.79", "", "0.84"]
     assert log["name"].tolist() == ["s0", "s1", "s2"]
@@ -117,7 +118,7 @@ def test_lb_records_a_score_and_show_sorts_with_the_gap(home: Path, capsys: pyte
     assert table["name"].tolist() == ["s2", "s0", "s1"]  # scored by LB first, then by CV
     assert table["gap"][0] == pytest.approx(0.02) and np.isnan(table["gap"][2])
     capsys.readouterr()
-    assert cli.main(["lb", "--data", "d", "--show"]) == 0
+    assert cli.main(["submit", "--data", "d", "--show"]) == 0
     assert "gap" in capsys.readouterr().out
 
 
@@ -125,7 +126,7 @@ def test_lb_for_an_unknown_submission_is_an_error(home: Path) -> None:
     submit.append_log("d", row("s0", 0.8))
     with pytest.raises(UserError, match="no submission named 'nope'"):
         submit.record_lb("d", "nope", 0.5)
-    assert cli.main(["lb", "--data", "d", "--score", "0.5"]) == 2  # --score without --name
+    assert cli.main(["submit", "--data", "d", "--score", "0.5"]) == 2  # --score without --name
 
 
 def test_git_commit_outside_a_repository_is_unknown(home: Path) -> None:
@@ -139,8 +140,8 @@ def test_every_lb_score_is_kept_with_its_utc_time(home: Path, capsys: pytest.Cap
     """A second score for a submission is appended, never written over the first."""
     submit.append_log("d", row("s0", 0.80))
     submit.append_log("d", row("s1", 0.82))
-    assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", "0.81"]) == 0
-    assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", "0.812"]) == 0
+    assert cli.main(["submit", "--data", "d", "--name", "s0", "--score", "0.81"]) == 0
+    assert cli.main(["submit", "--data", "d", "--name", "s0", "--score", "0.812"]) == 0
     hist = pd.read_csv(submit.lb_path("d"), dtype=str, keep_default_na=False)
     assert hist["name"].tolist() == ["s0", "s0"] and hist["lb"].tolist() == ["0.81", "0.812"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in hist["time"])
@@ -149,7 +150,7 @@ def test_every_lb_score_is_kept_with_its_utc_time(home: Path, capsys: pytest.Cap
     assert table.loc["s0", "lb"] == 0.812 and table.loc["s0", "lb_n"] == 2
     assert table.loc["s1", "lb_n"] == 0 and table.loc["s0", "metric"] == "samples"
     capsys.readouterr()
-    assert cli.main(["lb", "--data", "d", "--show"]) == 0
+    assert cli.main(["submit", "--data", "d", "--show"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
     assert {"metric", "lb", "lb_n", "lb_time", "gap"} <= set(header)
@@ -168,7 +169,7 @@ def test_lb_scores_outside_the_metric_range_are_refused(home: Path, capsys: pyte
         submit.record_lb("d", "s0", 81.2)
     for bad, why in (("-0.1", "[0, 1]"), ("nan", "not a number"), ("abc", "not a number"),
                      ("81,2", "decimal point")):
-        assert cli.main(["lb", "--data", "d", "--name", "s0", "--score", bad]) == 2, bad
+        assert cli.main(["submit", "--data", "d", "--name", "s0", "--score", bad]) == 2, bad
         assert why in capsys.readouterr().err, bad
     assert not submit.lb_path("d").exists() and submit.read_log("d")["lb"].tolist() == [""]
 

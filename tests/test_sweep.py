@@ -17,15 +17,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmfold import paths, train
+from mmfold import paths
+from mmfold.train import fold as train
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.data import load_competition, load_folds
+from mmfold.data.competition import load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.members import MEMBERS
+from mmfold.cpu.members import MEMBERS
 from mmfold.metrics import binarize, samples_f1
-from mmfold.scoring import honest_cv
-from mmfold.sweep import (Objective, SweepOptions, check_space, grid_space, parse_space, requeue_interrupted,
+from mmfold.ensemble.scoring import honest_cv
+from mmfold.studies.sweep import (Objective, SweepOptions, check_space, grid_space, parse_space, requeue_interrupted,
                           results_table, sweep)
 from tests.conftest import install_demo
 

@@ -10,15 +10,14 @@ import pytest
 
 from mmfold.errors import UserError
 from mmfold.metrics import METRICS, binarize
-from mmfold.thresholds import (
+from mmfold.ensemble.thresholds import (
     THRESHOLD_METRICS,
     ThresholdOptimizer,
     _columns,
     _global_bins,
     _Search,
-    benchmark,
-    synthetic,
 )
+from mmfold.bench.thresholds import benchmark, synthetic
 
 METRIC_NAMES = ["samples", "micro", "macro"]
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from tests.conftest import write_competition
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.train import fold_lock
+from mmfold.train.runner import fold_lock
 
 TEXT = ["--model", "demo_text", "train.epochs=2", "train.progress=false", "train.batch_size=16"]
 
@@ -139,7 +139,7 @@ def test_misspelt_torch_param_is_refused_before_training(folded: Path, capsys) -
 
 
 def test_a_locked_fold_is_one_line_not_a_traceback(folded: Path, capsys) -> None:
-    with io.file_lock(fold_lock("tiny", "tfidf_lr", 0)):
+    with fileio.file_lock(fold_lock("tiny", "tfidf_lr", 0)):
         assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0"]) == 2
     err = capsys.readouterr().err
     assert "is locked by" in err and "Traceback" not in err
@@ -172,7 +172,7 @@ def test_the_metric_drives_training_collect_and_the_console(folded: Path, capsys
     import numpy as np
     import pandas as pd
 
-    from mmfold.data import load_competition
+    from mmfold.data.competition import load_competition
     from mmfold.metrics import binarize, micro_f1, samples_f1
 
     assert main(["train", "--data", "tiny", *TEXT, "data.metric=micro"]) == 0

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from mmfold import weights
+from mmfold.models import weights
 from mmfold.cli import main
 from mmfold.errors import UserError
 from mmfold.models import HFTokenizer, load_pretrained

@@ -1,6 +1,6 @@
 """Command line: ``mmfold <command> [--data NAME] [--force] [key.sub=value ...]``.
 
-Commands live in their own modules and are imported only when called, so ``mmfold lb`` does
+Commands live in their own modules and are imported only when called, so ``mmfold submit`` does
 not pay for importing torch. Each command module exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; registering a command is one line in :data:`COMMANDS`.
 """
@@ -17,18 +17,18 @@ from mmfold.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo-data": ("mmfold.demo", "write the synthetic demo competition to input/demo/"),
-    "folds": ("mmfold.folds", "write multilabel-stratified folds to folds/<data>.csv"),
-    "train": ("mmfold.train", "train models per fold (resumable), then collect"),
-    "collect": ("mmfold.collect", "merge fold predictions into oof/<data>/<model>.parquet"),
-    "blend": ("mmfold.blend_cmd", "blend OOF probabilities, tune thresholds, write a submission"),
-    "lb": ("mmfold.submit", "record or show leaderboard scores in the submissions log"),
-    "report": ("mmfold.report", "write reports/<data>/report.md with plots"),
-    "sweep": ("mmfold.sweep", "Optuna sweep over a model's declared search space"),
-    "ablate": ("mmfold.ablate", "train declared variants of a model and tabulate the effect"),
-    "weights": ("mmfold.weights", "install offline pretrained weights into weights/"),
-    "bench": ("mmfold.bench", "speed and quality benchmarks -> reports/bench/"),
-    "bench-real": ("mmfold.bench_real", "real-data benchmark on ../shared/data"),
+    "demo-data": ("mmfold.data.demo", "write the synthetic demo competition to input/demo/"),
+    "folds": ("mmfold.data.folds", "write multilabel-stratified folds to folds/<data>.csv"),
+    "train": ("mmfold.train.runner", "train models per fold (resumable), then collect"),
+    "collect": ("mmfold.train.collect", "merge fold predictions into oof/<data>/<model>.parquet"),
+    "blend": ("mmfold.ensemble.blend", "blend OOF probabilities, tune thresholds, write a submission"),
+    "submit": ("mmfold.ensemble.submission", "record (or show) leaderboard scores of submissions in the log"),
+    "report": ("mmfold.report.report", "write reports/<data>/report.md with plots"),
+    "sweep": ("mmfold.studies.sweep", "Optuna sweep over a model's declared search space"),
+    "ablate": ("mmfold.studies.ablate", "train declared variants of a model and tabulate the effect"),
+    "weights": ("mmfold.models.weights", "install offline pretrained weights into weights/"),
+    "bench": ("mmfold.bench.suite", "speed and quality benchmarks -> reports/bench/"),
+    "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),
 }
 
 

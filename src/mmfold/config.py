@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.errors import UserError
+from mmfold.metrics import OPTIMISED
 
 
 class ConfigError(UserError, ValueError):
@@ -238,10 +239,16 @@ def validate(cfg: Config) -> None:
     Raises:
         ConfigError: an unknown metric (listing the known ones).
     """
-    from mmfold.thresholds import THRESHOLD_METRICS
+    if cfg.data.metric not in OPTIMISED:
+        raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {list(OPTIMISED)}")
 
-    if cfg.data.metric not in THRESHOLD_METRICS:  # what thresholds, blends and training optimise
-        raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {list(THRESHOLD_METRICS)}")
+
+def model_names(cfg: Config, requested: str | None) -> list[str]:
+    """Models to train: ``--model a,b`` or the data config's list."""
+    names = requested.split(",") if requested else cfg.data.models
+    if not names:
+        raise ConfigError(f"no models: pass MODEL=... or list data.models; available: {list_models()}")
+    return names
 
 
 def _names(folder: Path) -> list[str]:
@@ -340,7 +347,7 @@ def _nest(keys: list[str], value: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
-    return io.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return fileio.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

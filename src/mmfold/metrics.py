@@ -59,6 +59,9 @@ def label_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     return float((_as01(y) == _as01(pred)).mean(0).mean())
 
 
+# the metrics a competition can be scored by here: thresholds, blends and training optimise them
+OPTIMISED = ("samples", "micro", "macro")
+
 METRICS = {
     "samples": samples_f1,
     "micro": micro_f1,

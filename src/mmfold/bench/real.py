@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import Config, load_config
-from mmfold.data import Competition, load_competition
+from mmfold.data.competition import Competition, load_competition
 from mmfold.errors import UserError
 
 DATASETS = ("comp5329", "coco_mini", "fashion")
@@ -71,8 +71,8 @@ def dataset_config(data: str, shared: str, overrides: list[str]) -> Config:
 
 def ensure_folds(comp: Competition, cfg: Config) -> tuple[np.ndarray, bool]:
     """The fold of every row: the existing folds file (True), or new folds written once."""
-    from mmfold.data import load_folds
-    from mmfold.folds import assign_folds, write_folds
+    from mmfold.data.competition import load_folds
+    from mmfold.data.folds import assign_folds, write_folds
 
     if paths.folds_file(comp.cfg.name).exists():
         return load_folds(comp), True
@@ -83,7 +83,7 @@ def ensure_folds(comp: Competition, cfg: Config) -> tuple[np.ndarray, bool]:
 
 def member_configs(data: str, names: list[str], comp: Competition, overrides: list[str]) -> tuple[list[Config], list[str]]:
     """Resolved configs of the members this dataset can feed, and notes on the skipped ones."""
-    from mmfold.members import modalities
+    from mmfold.cpu.members import modalities
 
     have = {m for m, ok in (("text", comp.has_captions), ("image", comp.has_images)) if ok}
     cfgs, skipped = [], []
@@ -100,7 +100,7 @@ def member_configs(data: str, names: list[str], comp: Competition, overrides: li
 
 def warm_embeddings(comp: Competition, cfgs: list[Config], timer: Timer) -> dict[str, bool]:
     """Compute (or load) every encoder the members use, timed per encoder; True = was cached."""
-    from mmfold.embeddings import build_encoder, cache_file, embed
+    from mmfold.cpu.encoders import build_encoder, cache_file, embed
 
     cached = {}
     for enc_name, settings in _encoders(cfgs):
@@ -128,7 +128,7 @@ def _encoders(cfgs: list[Config]) -> list[tuple[str, dict]]:
 
 def train_members(cfgs: list[Config], comp: Competition, fresh: bool, timer: Timer) -> None:
     """Each member over all folds via ``mmfold.train.train_model`` (writes runs/ and oof/)."""
-    from mmfold.train import train_model
+    from mmfold.train.runner import train_model
 
     for cfg in cfgs:
         if fresh:  # retrain: the bench measures training, only embeddings are cached
@@ -139,7 +139,7 @@ def train_members(cfgs: list[Config], comp: Competition, fresh: bool, timer: Tim
 
 def blend_members(data: str, models: list[str], comp: Competition, fold: np.ndarray, cfg: Config) -> dict[str, Any]:
     """Nested-CV blend of the members; honest metrics of the blend and of each member alone."""
-    from mmfold import blend
+    from mmfold.ensemble import blenders as blend
     from mmfold.metrics import all_metrics
 
     oofs = blend.load_oofs(data, models, comp, fold, with_test=False)
@@ -271,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark every dataset, write reports/bench/real.{md,json}, print the tables."""
-    from mmfold import embeddings
+    from mmfold.cpu import encoders as embeddings
 
     start = time.perf_counter()
     datasets = {}
@@ -289,8 +289,8 @@ def run(args: argparse.Namespace) -> int:
            "embeddings_computed": dict(embeddings.COMPUTE_COUNT), "datasets": datasets}
     doc["history"] = _history(doc)
     md, js = report_paths()
-    io.write_json(js, doc)
-    io.write_text(md, render(doc))
+    fileio.write_json(js, doc)
+    fileio.write_text(md, render(doc))
     print(render(doc))
     return 0
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmfold.config import BlendConfig
 from mmfold.metrics import METRICS, binarize
-from mmfold.thresholds import ThresholdOptimizer
+from mmfold.ensemble.thresholds import ThresholdOptimizer
 
 
 def threshold_params(cfg: BlendConfig, metric: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 
 GIB = 1024**3
 
@@ -52,9 +52,9 @@ def write_project(root: Path, n: int, n_labels: int, n_test: int) -> None:
 def write_fold_outputs(root: Path, model: str, seed: int) -> None:
     """Per-fold oof/test parquet + done.json, as a trained model would leave them."""
     from mmfold.config import load_config
-    from mmfold.data import load_competition, load_folds
-    from mmfold.manifest import fingerprints
-    from mmfold.train import prob_frame
+    from mmfold.data.competition import load_competition, load_folds
+    from mmfold.artifacts.manifest import fingerprints
+    from mmfold.train.runner import prob_frame
 
     os.environ["MMFOLD_HOME"] = str(root)
     cfg = load_config("scale", model)
@@ -66,10 +66,10 @@ def write_fold_outputs(root: Path, model: str, seed: int) -> None:
         rows = np.flatnonzero(fold_of_row == k)
         probs = np.clip(0.6 * y[rows] + rng.random((len(rows), y.shape[1]), dtype=np.float32) * 0.5, 0, 1)
         rd = paths.run_dir("scale", model, k)
-        io.write_parquet(prob_frame(comp.train["id"].iloc[rows], probs, comp.classes, fold=k), rd / "oof.parquet")
+        fileio.write_parquet(prob_frame(comp.train["id"].iloc[rows], probs, comp.classes, fold=k), rd / "oof.parquet")
         test = rng.random((len(comp.test), y.shape[1]), dtype=np.float32)
-        io.write_parquet(prob_frame(comp.test["id"], test, comp.classes), rd / "test.parquet")
-        io.write_json(rd / "done.json", {"fold": k, "hashes": hashes, "train_time_s": 0.0})
+        fileio.write_parquet(prob_frame(comp.test["id"], test, comp.classes), rd / "test.parquet")
+        fileio.write_json(rd / "done.json", {"fold": k, "hashes": hashes, "train_time_s": 0.0})
 
 
 def measure(cmd: list[str], root: Path) -> dict[str, float]:
@@ -87,8 +87,8 @@ def measure(cmd: list[str], root: Path) -> dict[str, float]:
 def fit_thresholds_stage() -> None:
     """Stage body, run in its own process: fit per-label thresholds on one collected OOF."""
     from mmfold.config import load_config
-    from mmfold.data import load_competition
-    from mmfold.thresholds import ThresholdOptimizer
+    from mmfold.data.competition import load_competition
+    from mmfold.ensemble.thresholds import ThresholdOptimizer
 
     comp = load_competition(load_config("scale").data)
     probs = pd.read_parquet(paths.oof_file("scale", "synth_a"))[comp.classes].to_numpy(np.float32)
@@ -107,7 +107,7 @@ def benchmark(quick: bool = False) -> dict[str, Any]:
         for seed, m in enumerate(("synth_a", "synth_b")):
             write_fold_outputs(root, m, seed)
         stages["collect"] = measure(mm + ["collect", "--data", "scale"], root)
-        stages["thresholds"] = measure([sys.executable, "-c", "from mmfold.scale import fit_thresholds_stage as f; f()"], root)
+        stages["thresholds"] = measure([sys.executable, "-c", "from mmfold.bench.scale import fit_thresholds_stage as f; f()"], root)
         stages["blend"] = measure(mm + ["blend", "--data", "scale", "--name", "scale", "blend.method=mean"], root)
         _restore_home(old_home)
     peak = max(s["peak_rss_gib"] for s in stages.values())

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import FoldsConfig, load_config, stable_hash
-from mmfold.data import Competition, load_competition
+from mmfold.data.competition import Competition, load_competition
 from mmfold.errors import UserError
 
 
@@ -74,8 +74,8 @@ def write_folds(comp: Competition, fold: np.ndarray, force: bool) -> None:
             if p.exists():
                 shutil.copy2(p, p.with_name(f"{p.name}.{stamp}.bak"))
     df = pd.DataFrame({"ImageID": comp.train["id"], "fold": fold})
-    io.write_csv(df, path)
-    io.write_json(labels_path, {"classes": comp.classes, "folds_hash": stable_hash(df.values.tolist())})
+    fileio.write_csv(df, path)
+    fileio.write_json(labels_path, {"classes": comp.classes, "folds_hash": stable_hash(df.values.tolist())})
 
 
 def group_values(comp: Competition, col: str) -> np.ndarray:

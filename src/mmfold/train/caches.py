@@ -11,7 +11,6 @@ Builds are atomic (temp file, then rename), so parallel runs or a kill never lea
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,9 +19,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import stable_hash
-from mmfold.data import Competition
+from mmfold.data.competition import Competition
 from mmfold.errors import DataError
 
 CACHE_VERSION = 1  # bump when decoding/resizing changes, so old caches are not reused
@@ -123,7 +122,7 @@ def image_cache(comp: Competition, split: str, size: int | tuple[int, int], prog
     n = len(comp.ids(split))
     path = paths.cache_dir(comp.cfg.name) / f"images_{split}_{h}x{w}_{_fingerprint(comp, split, (h, w))}.u8"
     if not path.exists() or path.stat().st_size != n * h * w * 3:
-        io.atomic_write(path, lambda tmp: _build_images(comp, split, (h, w), tmp, progress))
+        fileio.atomic_write(path, lambda tmp: _build_images(comp, split, (h, w), tmp, progress))
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
 
 
@@ -155,7 +154,7 @@ def token_cache(comp: Competition, split: str, tokenizer: Tokenizer, max_len: in
     if not path.exists():
         out = tokenizer(captions, max_len)
         arrays = {k: np.asarray(out[k], dtype=np.int32) for k in ("input_ids", "attention_mask")}
-        io.atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
+        fileio.atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
     with np.load(path) as z:
         return {k: z[k] for k in ("input_ids", "attention_mask")}
 
@@ -164,73 +163,3 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` through a file object (it would append ``.npz`` to a bare temp name)."""
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-
-
-# ------------------------------------------------------------------------------- benchmark
-
-
-def benchmark(quick: bool = False) -> dict[str, Any]:
-    """Images/s of the training data path: memmap cache vs decoding JPEGs every epoch.
-
-    Both sides run the engine's own dataset and loader with the augmentations, image size and
-    batch size of ``configs/models/demo_image.yaml`` (the demo's real training path); only
-    where the pixels come from differs. The one-off cache build is timed separately
-    (``cache_build_s``, about 0 when it already existed). Without demo data, random 256x256
-    JPEGs are generated and read at 224.
-
-    Returns:
-        ``{"cache_images_per_s", "decode_images_per_s", "ratio", "cache_build_s", ...}``.
-    """
-    from mmfold.config import list_models, load_config
-    from mmfold.data import load_competition
-
-    cfg = load_config("demo", "demo_image" if "demo_image" in list_models() else None)
-    size, batch, augment = cfg.train.image_size or 64, cfg.train.batch_size, cfg.train.augment
-    if not (Path(cfg.data.root) / cfg.data.train_csv).exists():
-        cfg.data.root, size = str(_generated_images(paths.cache_dir("bench") / "jpegs", 300 if quick else 1000)), 224
-        cfg.data.name, cfg.data.test_csv = "bench", None
-    comp = load_competition(cfg.data, use_saved=False)
-    start = time.perf_counter()
-    image_cache(comp, "train", size, progress=False)
-    build_s = time.perf_counter() - start
-    epochs = 1 if quick else 3
-    decode = _time_loader(comp, size, False, epochs, batch, augment)
-    cached = _time_loader(comp, size, True, epochs, batch, augment)
-    return {
-        "data": cfg.data.name, "images": len(comp.train), "size": size, "batch_size": batch,
-        "augment": [a.get("name") for a in augment], "epochs": epochs,
-        "cache_images_per_s": round(cached, 1), "decode_images_per_s": round(decode, 1),
-        "ratio": round(cached / decode, 2), "target_ratio": 5.0, "ok": cached / decode >= 5.0,
-        "cache_build_s": round(build_s, 2),
-    }
-
-
-def _time_loader(comp: Competition, size: int, cached: bool, epochs: int, batch: int,
-                 augment: list[dict[str, Any]]) -> float:
-    """Images/s over ``epochs`` shuffled passes of the engine's loader (the cache is prebuilt)."""
-    from mmfold.engine import FoldDataset, build_augment, make_loader
-
-    rows = np.arange(len(comp.train))
-    images = image_cache(comp, "train", size, progress=False) if cached else JpegImages(comp, "train", size)
-    ds = FoldDataset(rows, images=images, y=comp.y(), transform=build_augment(augment), seed=0)
-    loader = make_loader(ds, batch_size=batch, shuffle=True, num_workers=0, seed=0)
-    start, seen = time.perf_counter(), 0
-    for epoch in range(epochs):
-        ds.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        for b in loader:
-            seen += len(b["y"])
-    return seen / (time.perf_counter() - start)
-
-
-def _generated_images(folder: Path, n: int) -> Path:
-    """A labelled folder of ``n`` random 256x256 JPEGs, for benchmarking without demo data."""
-    if (folder / "train.csv").exists():
-        return folder
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
-        io.atomic_write(folder / "images" / f"{i}.jpg", lambda t, a=arr: Image.fromarray(a).save(t, format="JPEG"))
-    rows = "".join(f"{i}.jpg,a,x\n" for i in range(n))
-    io.write_text(folder / "train.csv", "ImageID,Labels,Caption\n" + rows)
-    return folder

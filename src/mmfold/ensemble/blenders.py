@@ -5,7 +5,7 @@ Every blender is an sklearn-style estimator over a stack of probabilities ``P`` 
 per model, summing to 1) and ``oof_`` (its predictions for the rows it was fitted on, as
 honest as the method allows: the blend itself for weighted means, the stacker's out-of-fold
 predictions for LightGBM); ``predict(P)`` returns blended probabilities ``(n_rows, n_labels)``.
-Thresholds are fitted on ``oof_`` by :class:`mmfold.thresholds.ThresholdOptimizer`.
+Thresholds are fitted on ``oof_`` by :class:`mmfold.ensemble.thresholds.ThresholdOptimizer`.
 
 :func:`nested_cv` is what the submissions log reports: for each fold k, blender and thresholds
 are fitted on the other folds only and scored on fold k.
@@ -34,8 +34,8 @@ from mmfold.config import BlendConfig
 from mmfold.errors import UserError
 from mmfold.metrics import METRICS
 from mmfold.registry import Registry
-from mmfold.scoring import threshold_params
-from mmfold.thresholds import ThresholdOptimizer
+from mmfold.ensemble.scoring import threshold_params
+from mmfold.ensemble.thresholds import ThresholdOptimizer
 
 BLENDERS = Registry("blend method")
 TRANSFORMS = Registry("blend transform")
@@ -150,7 +150,7 @@ def load_oofs(data: str, models: list[str], comp: Any, folds: np.ndarray | None 
     Args:
         data: Data config name.
         models: Model names (``oof/<data>/<model>.parquet``).
-        comp: The :class:`mmfold.data.Competition` (train/test ids and classes).
+        comp: The :class:`mmfold.data.competition.Competition` (train/test ids and classes).
         folds: Fold of every train row; read from the folds file when None.
         with_test: Also load ``<model>.test.parquet`` when the competition has a test set.
         check_stale: Refuse models whose folds, labels, data or config changed since they were
@@ -163,12 +163,12 @@ def load_oofs(data: str, models: list[str], comp: Any, folds: np.ndarray | None 
     if not models:
         raise UserError(f"no models to blend: nothing in {paths.oof_dir(data)} (run `make train`)")
     if folds is None:
-        from mmfold.data import load_folds
+        from mmfold.data.competition import load_folds
 
         folds = load_folds(comp)
     ids, classes = comp.train["id"].astype(str).tolist(), list(comp.classes)
     if check_stale:
-        from mmfold.manifest import check_fresh
+        from mmfold.artifacts.manifest import check_fresh
 
         for m in models:
             check_fresh(m, comp)

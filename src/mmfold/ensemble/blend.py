@@ -1,7 +1,7 @@
 """``mmfold blend``: OOF probabilities -> honest CV, a submission, a log row and a report.
 
 The models are ``--models``, else ``blend.models``, else ``data.models``, else every collected
-OOF file. The CV written everywhere is the nested one (:func:`mmfold.blend.nested_cv`); the
+OOF file. The CV written everywhere is the nested one (:func:`mmfold.ensemble.blenders.nested_cv`); the
 in-sample score is shown next to it only so the optimism is visible.
 
 Besides the submission, its log row and ``reports/<data>/blend_<name>.{md,json}``, the blend's
@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import blend, io, paths, submit
+from mmfold import fileio, paths
+from mmfold.ensemble import blenders as blend
+from mmfold.ensemble import submission as submit
 from mmfold.config import Config, load_config
 from mmfold.errors import UserError
 from mmfold.metrics import all_metrics, per_label_f1
@@ -59,7 +61,7 @@ def study_storage(data: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load, fit, score, write; progress on stderr, a summary on stdout."""
-    from mmfold.data import load_competition, load_folds
+    from mmfold.data.competition import load_competition, load_folds
 
     cli_models = [m for m in (args.models or []) if "=" not in m]
     overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m]
@@ -131,7 +133,7 @@ def write_oof(path: Path, fit: blend.BlendFit, oofs: blend.OOFSet) -> Path:
         dtype = np.uint8 if kind.endswith("_pred") else np.float32
         frames.append(pd.DataFrame(np.asarray(a, dtype),
                                    columns=[_column(kind, c) for c in oofs.classes]))
-    return io.write_parquet(pd.concat(frames, axis=1), path)
+    return fileio.write_parquet(pd.concat(frames, axis=1), path)
 
 
 def read_oof(path: Path, ids: list[str], classes: list[str],
@@ -271,8 +273,8 @@ def report_base(data: str, name: str) -> Path:
 def write_report(data: str, name: str, report: dict[str, Any]) -> tuple[Path, Path]:
     """``reports/<data>/blend_<name>.md`` and ``.json``."""
     base = report_base(data, name)
-    js = io.write_json(base.with_suffix(".json"), report)
-    md = io.write_text(base.with_suffix(".md"), render_markdown(report))
+    js = fileio.write_json(base.with_suffix(".json"), report)
+    md = fileio.write_text(base.with_suffix(".md"), render_markdown(report))
     return md, js
 
 

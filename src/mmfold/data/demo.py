@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 
 LABELS = ["circle", "square", "triangle", "red", "blue", "striped", "dotted", "large", "night", "handmade"]
 PRIOR = np.array([0.40, 0.30, 0.20, 0.35, 0.25, 0.15, 0.10, 0.20, 0.12, 0.08])
@@ -121,13 +121,13 @@ def make_demo(out: Path, n_train: int = 1500, n_test: int = 500, seed: int = 0) 
         labels = sample_labels(rng)
         image_id = f"{i:05d}.jpg"
         img = draw_image(labels, rng)
-        io.atomic_write(out / "images" / image_id, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))
+        fileio.atomic_write(out / "images" / image_id, lambda tmp, im=img: im.save(tmp, format="JPEG", quality=90))
         rows.append({"ImageID": image_id, "Labels": " ".join(labels), "Caption": write_caption(labels, rng)})
     df = pd.DataFrame(rows)
-    io.write_csv(df.iloc[:n_train], out / "train.csv")
-    io.write_csv(df.iloc[n_train:][["ImageID", "Caption"]], out / "test.csv")
+    fileio.write_csv(df.iloc[:n_train], out / "train.csv")
+    fileio.write_csv(df.iloc[n_train:][["ImageID", "Caption"]], out / "test.csv")
     # Hidden answers for the demo test set, for measuring a "leaderboard" score locally.
-    io.write_csv(df.iloc[n_train:][["ImageID", "Labels"]], out / "test_solution.csv")
+    fileio.write_csv(df.iloc[n_train:][["ImageID", "Labels"]], out / "test_solution.csv")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from mmfold import paths
 from mmfold.config import (NOT_LEARNING, RUN_LENGTH_KEYS, Config, describe_diff, flatten,
                            learning_diff, load_config, model_yaml, stable_hash)
-from mmfold.data import Competition
+from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfold import io, paths
-from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config
-from mmfold.data import Competition, load_competition, load_folds
+from mmfold import fileio, paths
+from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config, model_names
+from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.manifest import (config_drift, data_fingerprints, describe, fingerprints, learning_view,
+from mmfold.artifacts.manifest import (config_drift, data_fingerprints, describe, fingerprints, learning_view,
                              stale)
 from mmfold.metrics import all_metrics, metric_label
-from mmfold.scoring import at_half, honest_cv
+from mmfold.ensemble.scoring import at_half, honest_cv
 
 
 def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
@@ -131,12 +131,12 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
                                       paths.oof_meta_file(data, model))
     # two fold runs finishing together both collect: one at a time, and each clears the
     # temp files a killed collect of this model left behind
-    with io.file_lock(paths.oof_dir(data) / f".{model}.collect.lock", wait=True):
-        io.remove_orphan_temps(paths.oof_dir(data), [oof_path.name, test_path.name, meta_path.name])
-        io.write_parquet(oof, oof_path)
+    with fileio.file_lock(paths.oof_dir(data) / f".{model}.collect.lock", wait=True):
+        fileio.remove_orphan_temps(paths.oof_dir(data), [oof_path.name, test_path.name, meta_path.name])
+        fileio.write_parquet(oof, oof_path)
         if test is not None:
-            io.write_parquet(test, test_path)
-        io.write_json(meta_path, meta)
+            fileio.write_parquet(test, test_path)
+        fileio.write_json(meta_path, meta)
     metric = cfg.data.metric
     print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "
           f"{meta['cv_tuned'][metric]:.4f} with tuned thresholds (honest: each fold decided by "
@@ -176,8 +176,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Collect each requested model; report (not write) models with missing folds."""
-    from mmfold.train import model_names
-
     base = load_config(args.data, None, args.overrides)
     comp = load_competition(base.data)
     fold_of_row = load_folds(comp)

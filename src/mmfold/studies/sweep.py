@@ -3,7 +3,7 @@
 Each trial is the model's config plus the sampled values, trained through the normal fold
 runner under its own name ``<model>@trial<k>`` (so trials never share a run dir and each one
 resumes like any fold), and scored by the number the blend will see for it: the honest tuned
-CV of :func:`mmfold.scoring.honest_cv` on the out-of-fold predictions of the folds it trained
+CV of :func:`mmfold.ensemble.scoring.honest_cv` on the out-of-fold predictions of the folds it trained
 (thresholds fitted out of fold, ``blend.*`` post-rules, ``data.metric``). Trials are pruned by
 Optuna's pruner on what they report: the validation F1 of every epoch (through the engine's
 epoch hook, see :func:`epoch_hooks`) and the honest CV of the folds done after every fold.
@@ -47,14 +47,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import Config, ConfigError, flatten, load_config, merge, model_yaml, stable_hash
-from mmfold.data import Competition, load_competition, load_folds
+from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 from mmfold.registry import Registry
-from mmfold.scoring import HonestCV, honest_cv, threshold_params
-from mmfold.train import check_used_keys
+from mmfold.ensemble.scoring import HonestCV, honest_cv, threshold_params
+from mmfold.train.runner import check_used_keys
 
 VARIANT_SEP = "@"  # <model>@<trial or variant>: a run dir of its own, hidden from the main report
 STRIDE = 1000  # pruning step = fold position * STRIDE + epoch, so folds never share a step
@@ -129,7 +129,7 @@ def run_variant_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fo
     Returns:
         The fold's ``done.json``.
     """
-    from mmfold.train import run_fold
+    from mmfold.train.runner import run_fold
 
     stale = is_stale(paths.run_dir(cfg.data.name, cfg.model.name, fold), cfg)
     if stale:
@@ -167,15 +167,15 @@ def honest_score(cfg: Config, comp: Competition, fold_of_row: np.ndarray, folds:
 
 
 def epoch_hooks() -> list[Callable[[dict], None]] | None:
-    """The engine's per-epoch callback list, ``mmfold.train.EPOCH_CALLBACKS``, if it exists.
+    """The torch loop's per-epoch callback list, ``mmfold.train.fold.EPOCH_CALLBACKS``, if it exists.
 
     The engine calls every callback with the epoch's ``log.jsonl`` row plus ``fold`` and
     ``model``, after ``last.pt`` is saved; a callback may raise (``optuna.TrialPruned``) to stop
     the fold there. Without the hook, trials are still pruned between folds.
     """
-    from mmfold import train
+    from mmfold.train import fold
 
-    return getattr(train, "EPOCH_CALLBACKS", None)
+    return getattr(fold, "EPOCH_CALLBACKS", None)
 
 
 @contextlib.contextmanager
@@ -541,7 +541,7 @@ def results_table(study: Any) -> pd.DataFrame:
 
 def table_markdown(df: pd.DataFrame, best: int | None, metric: str) -> str:
     """The results table as markdown, best trial in bold, the score named by ``metric``."""
-    from mmfold.report import md_table
+    from mmfold.report.report import md_table
 
     shown = df.copy()
     shown["number"] = [f"**{n}** (best)" if n == best else str(n) for n in shown["number"]]
@@ -579,11 +579,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(study: Any, opts: SweepOptions, space: list[Param]) -> dict[str, Path]:
     """Results table (csv + md + png) under ``reports/<data>/`` and the best model YAML."""
-    from mmfold import plots
+    from mmfold.report import plots
 
     df, metric = results_table(study), sweep_metric(opts)
     out = paths.reports_dir(opts.data)
-    written = {"csv": io.write_csv(df, out / f"sweep_{opts.study}.csv")}
+    written = {"csv": fileio.write_csv(df, out / f"sweep_{opts.study}.csv")}
     complete = df[df["state"] == "COMPLETE"]
     best = None if complete.empty else int(study.best_trial.number)
     if len(complete):
@@ -601,9 +601,9 @@ def write_results(study: Any, opts: SweepOptions, space: list[Param]) -> dict[st
     if best is not None:
         name = opts.out or f"{opts.model}_tuned"
         text = best_yaml(opts, study.best_trial.params, study.best_value, space, metric)
-        written["yaml"] = io.write_text(model_yaml(name), text)
+        written["yaml"] = fileio.write_text(model_yaml(name), text)
         md.append(f"\nBest trial {best}: CV {study.best_value:.4f}; written as `configs/models/{name}.yaml`.\n")
-    written["md"] = io.write_text(out / f"sweep_{opts.study}.md", "\n".join(md))
+    written["md"] = fileio.write_text(out / f"sweep_{opts.study}.md", "\n".join(md))
     return written
 
 
@@ -628,7 +628,7 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
     check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in opts.overrides], "override")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with io.file_lock(paths.sweeps_dir(opts.data) / f".{opts.study}.lock"):
+    with fileio.file_lock(paths.sweeps_dir(opts.data) / f".{opts.study}.lock"):
         study = open_study(opts, space, force)
         requeued = requeue_interrupted(study)
         if requeued:

@@ -15,42 +15,29 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from mmfold import io, paths
-from mmfold.config import Config, TrainConfig, list_models, load_config, model_yaml, save_config
-from mmfold.data import Competition, load_competition, load_folds
+from mmfold import fileio, paths
+from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, save_config
+from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.manifest import fingerprints
+from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
+from mmfold.train.fold import FoldOutput
 
-
-
-@dataclass
-class FoldOutput:
-    """What a runner returns for one fold (the torch engine returns an equivalent object)."""
-
-    oof: np.ndarray  # (n_valid, n_classes) probabilities, validation rows in train order
-    test: np.ndarray | None  # (n_test, n_classes) or None when there is no test set
-    info: dict = field(default_factory=dict)  # train_time_s, params, images/s, ...
 
 
 Runner = Callable[[Config, Competition, np.ndarray, int, Path], FoldOutput]
 
-# Called by the torch engine after each epoch's checkpoint with the epoch's log row plus
-# ``fold`` and ``model``; a callback may raise (e.g. ``optuna.TrialPruned``) to stop the fold
-# at a consistent checkpoint. Used by ``mmfold sweep`` for per-epoch pruning.
-EPOCH_CALLBACKS: list[Callable[[dict], None]] = []
 
 
 def _member_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, run_dir: Path):
     """Adapt a CPU member ``(cfg, comp, train_idx, valid_idx)`` to the runner signature."""
-    from mmfold.members import MEMBERS
+    from mmfold.cpu.members import MEMBERS
 
     start = time.perf_counter()
     train_idx, valid_idx = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
@@ -62,14 +49,14 @@ def _member_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
 
 def _torch_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, run_dir: Path):
     """The torch engine (imported lazily: CPU members need no torch import)."""
-    from mmfold.engine import train_fold
+    from mmfold.train.loop import train_fold
 
     return train_fold(cfg, comp, fold_of_row, fold, run_dir)
 
 
 def _registries() -> list[tuple[object, Runner]]:
     """(registry, runner) pairs; a kind is run by the first registry that has it."""
-    from mmfold.members import MEMBERS
+    from mmfold.cpu.members import MEMBERS
     from mmfold.models import MODELS
 
     return [(MEMBERS, _member_runner), (MODELS, _torch_runner)]
@@ -158,7 +145,7 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
         if not (rd / "done.json").exists() or force:
             runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
         return {}
-    with io.file_lock(fold_lock(cfg.data.name, cfg.model.name, fold)):
+    with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, fold)):
         done = rd / "done.json"
         if done.exists() and not force:
             print(f"{cfg.model.name} fold {fold}: done already (FORCE=1 to retrain)")
@@ -173,7 +160,7 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
 
 def _sweep_temps(folder: Path) -> None:
     """Remove temp files a killed earlier run left behind (safe: we hold the fold's lock)."""
-    removed = io.remove_orphan_temps(folder)
+    removed = fileio.remove_orphan_temps(folder)
     if removed:
         print(f"removed {len(removed)} temp file(s) left by an interrupted run in {folder}")
 
@@ -189,10 +176,10 @@ def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
     """oof.parquet, test.parquet, then done.json last: its presence means the fold is complete."""
     valid = np.flatnonzero(fold_of_row == fold)
     _check_probs(out.oof, (len(valid), len(comp.classes)), f"{cfg.model.name} fold {fold} OOF")
-    io.write_parquet(prob_frame(comp.train["id"].iloc[valid], out.oof, comp.classes, fold=fold), rd / "oof.parquet")
+    fileio.write_parquet(prob_frame(comp.train["id"].iloc[valid], out.oof, comp.classes, fold=fold), rd / "oof.parquet")
     if out.test is not None:
         _check_probs(out.test, (len(comp.test), len(comp.classes)), f"{cfg.model.name} fold {fold} test")
-        io.write_parquet(prob_frame(comp.test["id"], out.test, comp.classes), rd / "test.parquet")
+        fileio.write_parquet(prob_frame(comp.test["id"], out.test, comp.classes), rd / "test.parquet")
     y = comp.y()[valid]
     info = {
         "fold": fold,
@@ -202,7 +189,7 @@ def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
         "hashes": fingerprints(cfg, comp),
         **out.info,
     }
-    io.write_json(rd / "done.json", info)
+    fileio.write_json(rd / "done.json", info)
     metric = cfg.data.metric
     print(f"{cfg.model.name} fold {fold}: {metric_label(metric)} at 0.5 {info['metrics'][metric]:.4f}")
     return info
@@ -234,7 +221,7 @@ def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[in
     refused before any fold is touched, so ``FORCE=1`` never moves a finished fold aside for
     a run that then fails.
     """
-    from mmfold.collect import collect_model, missing_folds
+    from mmfold.train.collect import collect_model, missing_folds
 
     comp = comp or load_competition(cfg.data)
     fold_of_row = load_folds(comp)
@@ -273,7 +260,7 @@ def validate_model(cfg: Config) -> None:
             ``train.*`` keys in the model's YAML that its kind ignores.
     """
     runner_for(cfg.model.kind)
-    from mmfold.members import MEMBERS, validate_params
+    from mmfold.cpu.members import MEMBERS, validate_params
 
     if cfg.model.kind in MEMBERS:
         validate_params(cfg)
@@ -300,14 +287,6 @@ def overrides_for(cfg: Config, overrides: Sequence[str], models: Sequence[Config
             check_used_keys(cfg, [key], "override")
         print(f"note: {key} does nothing for {cfg.model.name} ({cfg.model.kind}); not applied to it")
     return keep
-
-
-def model_names(cfg: Config, requested: str | None) -> list[str]:
-    """Models to train: ``--model a,b`` or the data config's list."""
-    names = requested.split(",") if requested else cfg.data.models
-    if not names:
-        raise UserError(f"no models: pass MODEL=... or list data.models; available: {list_models()}")
-    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

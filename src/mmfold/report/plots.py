@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mmfold import io  # noqa: E402
+from mmfold import fileio  # noqa: E402
 
 DPI = 110
 BLUE, ORANGE, GREY = "#1f77b4", "#ff7f0e", "#7f7f7f"
@@ -30,7 +30,7 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     """Write a figure as PNG through a temp file and close it (figures leak memory otherwise)."""
     try:
         fig.tight_layout()
-        return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+        return fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

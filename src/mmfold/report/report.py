@@ -4,7 +4,7 @@ It only reads artifacts (``oof/<data>/*``, ``runs/<data>/*/fold*/log.jsonl``, th
 log, the blend's saved predictions ``reports/<data>/blend_<name>.oof.parquet``, sweep/ablation
 tables) and writes ``reports/<data>/report.md`` plus ``figures/*.png``. Every score it shows is
 *honest*: a model's per-label thresholds are fitted on the other folds and scored on each fold
-(:func:`mmfold.scoring.honest_cv`, the ``blend.*`` settings and ``data.metric``, as collect
+(:func:`mmfold.ensemble.scoring.honest_cv`, the ``blend.*`` settings and ``data.metric``, as collect
 does), and a blend's numbers are the blend stage's own nested-CV predictions, so they are the
 ones logged for the submission.
 
@@ -25,13 +25,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfold import blend_cmd, io, paths, plots, submit
+from mmfold import fileio, paths
+from mmfold.ensemble import blend as blend_cmd
+from mmfold.report import plots
+from mmfold.ensemble import submission as submit
 from mmfold.config import Config, load_config
-from mmfold.data import Competition, load_competition, load_folds
+from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import METRICS, all_metrics, binarize, metric_label, per_label_f1
-from mmfold.scoring import at_half, honest_cv, threshold_params
-from mmfold.thresholds import ThresholdOptimizer
+from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
+from mmfold.ensemble.thresholds import ThresholdOptimizer
 
 VARIANT_SEP = "@"  # sweep trials and ablation variants are named <model>@<what>
 N_NAMED = 3  # strongest/weakest labels named in the text
@@ -70,7 +73,7 @@ class Scored:
 
 def score(name: str, prob: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config,
           meta: dict | None = None) -> Scored:
-    """Evaluate one model honestly (:func:`mmfold.scoring.honest_cv`) and at 0.5.
+    """Evaluate one model honestly (:func:`mmfold.ensemble.scoring.honest_cv`) and at 0.5.
 
     Why the shared scorer: thresholds fitted on the rows they score flatter every model, weak
     ones most; and a second copy of the protocol would drift from collect's and the blend's.
@@ -509,7 +512,7 @@ def write_report(ctx: ReportContext) -> Path:
     title = (f"# mmfold report: `{data}`\n\nGenerated {time.strftime('%Y-%m-%d %H:%M')} from `oof/{data}/`, "
              f"`runs/{data}/*/fold*/log.jsonl` and `submissions/{data}/log.csv`.\n")
     body = "\n".join(section(ctx) for section in SECTIONS)
-    return io.write_text(ctx.out / "report.md", title + "\n" + body)
+    return fileio.write_text(ctx.out / "report.md", title + "\n" + body)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ A trained variant runs through the normal fold runner as ``<model>@<variant>`` (
 dirs, resumable, reused when nothing changed). Every row is scored on the same folds as the
 base, fold by fold, so the difference from the base is *paired*: its fold-to-fold spread says
 whether an effect is bigger than the noise between folds. The score is the one the blend gives
-a model, :func:`mmfold.scoring.honest_cv` (thresholds fitted out of fold with the ``blend.*``
+a model, :func:`mmfold.ensemble.scoring.honest_cv` (thresholds fitted out of fold with the ``blend.*``
 rules, ``data.metric``), so an ablation's Δ is the Δ the blend would see.
 
 A variant that sets a ``train.*`` key its model's kind ignores (``train.loss`` on a CPU member)
@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import io, paths
+from mmfold import fileio, paths
 from mmfold.config import Config, ConfigError, load_config, model_yaml
-from mmfold.data import Competition, load_folds
+from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 from mmfold.registry import Registry
-from mmfold.scoring import at_half, honest_cv, threshold_params
-from mmfold.sweep import VARIANT_SEP, Competitions, fold_probs, learned_config, run_variant_fold, variant_config
-from mmfold.thresholds import ThresholdOptimizer
-from mmfold.train import check_used_keys
+from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
+from mmfold.studies.sweep import VARIANT_SEP, Competitions, fold_probs, learned_config, run_variant_fold, variant_config
+from mmfold.ensemble.thresholds import ThresholdOptimizer
+from mmfold.train.runner import check_used_keys
 
 COMPUTED = Registry("computed ablation")
 NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")  # variant names become directory names
@@ -195,7 +195,7 @@ def thresholds_at_half(ab: Ablation, v: Variant) -> Result:
 def blend_vs_single(ab: Ablation, v: Variant) -> Result:
     """The blend (``blend.*`` settings) of the base with other collected models, nested CV in
     the table's metric. The blender is fitted on other folds, so one fold is not enough."""
-    from mmfold.blend import build_blender, nested_cv
+    from mmfold.ensemble.blenders import build_blender, nested_cv
 
     present = [m for m in _blend_members(ab, v) if m != ab.model and paths.oof_file(ab.data, m).exists()]
     if not present:
@@ -226,7 +226,7 @@ def other_model(ab: Ablation, v: Variant) -> Result:
 def _blend_members(ab: Ablation, v: Variant) -> list[str]:
     """``models:`` of the declaration, else ``blend.models``, else ``data.models``, else every
     collected model (sweep trials and variants excluded)."""
-    from mmfold.report import model_names
+    from mmfold.report.report import model_names
 
     declared = v.options.get("models") or ab.base.blend.models or ab.base.data.models
     if any(paths.oof_file(ab.data, m).exists() for m in declared if m != ab.model):
@@ -236,7 +236,7 @@ def _blend_members(ab: Ablation, v: Variant) -> list[str]:
 
 def _collected(ab: Ablation, model: str) -> np.ndarray:
     """A collected model's OOF on the evaluated rows."""
-    from mmfold.report import load_probs
+    from mmfold.report.report import load_probs
 
     ids = ab.comp.train["id"].astype(str).iloc[ab.rows].tolist()
     return load_probs(paths.oof_file(ab.data, model), ids, ab.comp.classes)
@@ -263,7 +263,7 @@ def table(results: Sequence[Result]) -> pd.DataFrame:
 
 def markdown(df: pd.DataFrame, ab: Ablation, figure: str) -> str:
     """The ablation table with a header saying how it was scored."""
-    from mmfold.report import md_table
+    from mmfold.report.report import md_table
 
     shown = pd.DataFrame({
         "variant": df["variant"], "what": df["what"], f"CV {metric_label(ab.metric)}": df["cv"].map(_fmt),
@@ -332,13 +332,13 @@ def _run(ab: Ablation, v: Variant) -> Result:
 
 def _write(df: pd.DataFrame, ab: Ablation) -> None:
     """``reports/<data>/ablate_<model>.{csv,md}`` and the effect chart."""
-    from mmfold import plots
+    from mmfold.report import plots
 
     out = paths.reports_dir(ab.data)
     fig = f"figures/ablate_{ab.model}.png"
     plots.effect_bars(df[df["variant"] != "base"], out / fig, f"Ablations of {ab.model}")
-    io.write_csv(df, out / f"ablate_{ab.model}.csv")
-    md = io.write_text(out / f"ablate_{ab.model}.md", markdown(df, ab, fig))
+    fileio.write_csv(df, out / f"ablate_{ab.model}.csv")
+    md = fileio.write_text(out / f"ablate_{ab.model}.md", markdown(df, ab, fig))
     print(markdown(df, ab, fig).split("\n\n", 3)[-1])
     print(f"wrote {md}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfold import io as mmio
+from mmfold import fileio as mmio
 from mmfold import paths
 from mmfold.config import DataConfig
 from mmfold.errors import DataError

@@ -5,7 +5,7 @@ small helper. The same code runs on a CPU, one GPU or under ``accelerate launch`
 Hugging Face Accelerate places tensors, runs AMP, syncs gradients and shards the loaders, and
 only the main process writes files.
 
-Why it is fast: images are decoded once into a ``uint8`` memmap (:mod:`mmfold.cache`), a
+Why it is fast: images are decoded once into a ``uint8`` memmap (:mod:`mmfold.train.caches`), a
 batch is read with one fancy index, moved to the device as ``uint8`` (4x less traffic than
 float) and normalised there. Why it resumes exactly: the shuffle order is a function of
 ``(seed, epoch)``, augmentations are seeded per batch, and ``last.pt`` stores every RNG state,
@@ -33,14 +33,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from mmfold import io
-from mmfold.cache import image_cache, token_cache
+from mmfold import fileio
+from mmfold.train.caches import image_cache, token_cache
 from mmfold.config import (RUN_LENGTH_KEYS, Config, ConfigError, TrainConfig, describe_diff, learning_diff,
                            save_config)
-from mmfold.data import Competition
+from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.metrics import METRICS, binarize
-from mmfold.train import EPOCH_CALLBACKS, FoldOutput
+from mmfold.train.fold import EPOCH_CALLBACKS, FoldOutput
 
 CKPT_VERSION = 1
 __all__ = ["FoldOutput", "FoldDataset", "train_fold", "make_loader", "build_augment"]
@@ -357,7 +357,7 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     """``torch.save`` through a temp file + rename: a kill mid-write keeps the old file."""
-    io.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    fileio.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path, device: Any = "cpu") -> dict[str, Any]:
@@ -425,13 +425,13 @@ class Run:
         """One JSON line per epoch (the file is rewritten atomically; it stays small)."""
         if self.acc.is_main_process:
             old = self.log.read_text() if self.log.exists() else ""
-            io.write_text(self.log, old + json.dumps(row) + "\n")
+            fileio.write_text(self.log, old + json.dumps(row) + "\n")
 
     def _trim_log(self, epoch: int) -> None:
         """Drop log lines of epochs the checkpoint has not got (written after it, then killed)."""
         if self.acc.is_main_process and self.log.exists():
             keep = [ln for ln in self.log.read_text().splitlines() if ln and json.loads(ln)["epoch"] < epoch]
-            io.write_text(self.log, "".join(ln + "\n" for ln in keep))
+            fileio.write_text(self.log, "".join(ln + "\n" for ln in keep))
 
 
 class StopFlag:
@@ -525,7 +525,7 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     Raises:
         KeyboardInterrupt: after Ctrl-C or ``train.stop_after_epochs``, once ``last.pt`` is saved.
     """
-    from mmfold.losses import build_loss, pos_weight_from_labels
+    from mmfold.train.losses import build_loss, pos_weight_from_labels
     from mmfold.models import build_model
 
     t = cfg.train

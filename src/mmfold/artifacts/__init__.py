@@ -1,0 +1,1 @@
+"""Contracts between stages: the prediction files, freshness fingerprints, Optuna study storage."""

@@ -1,0 +1,1 @@
+"""The data layer: reading and validating a competition, folds, the demo competition."""

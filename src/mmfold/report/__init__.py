@@ -1,0 +1,1 @@
+"""The report (`mmfold report`) and its plots."""

@@ -1,0 +1,1 @@
+"""Studies over a model: Optuna sweeps and ablation tables."""

@@ -146,15 +146,24 @@ class Config:
 # may change these; anything else differing from the checkpoint's config is refused.
 # ``train.epochs`` is not one of them: the cosine schedule's length is the epoch count, so
 # changing it mid-run would make the learning rate jump (start over with FORCE=1 instead).
-RUN_LENGTH_KEYS = frozenset(
-    {"train.patience", "train.num_workers", "train.progress", "train.device",
-     "train.stop_after_epochs", "train.threads"}
-)
+# How a run executes, never what it computes.
+EXECUTION_KEYS = ("train.num_workers", "train.progress", "train.device", "train.threads")
+RUN_LENGTH_KEYS = frozenset({"train.patience", "train.stop_after_epochs", *EXECUTION_KEYS})
 
 # Key prefixes that cannot change what a fold learns: which models a data config lists, the
-# image check, blending, a model's sweep/ablation declarations, its name, the override record.
+# image check, blending, a model's sweep/ablation declarations, its name, the override record,
+# how the run executes. The one definition every stage uses (resume, freshness, sweeps).
 NOT_LEARNING = ("data.models", "data.check_images", "data.sample_submission", "blend.",
-                "model.name", "model.search_space", "model.ablations", "overrides", "source")
+                "model.name", "model.search_space", "model.ablations", "overrides", "source",
+                *EXECUTION_KEYS)
+
+
+def learned_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened data/model/train settings that change what a fold learns, run length
+    (epochs, patience) included: two runs with equal settings compute the same thing, so a
+    sweep or ablation may reuse a finished fold."""
+    flat = flatten({k: config.get(k, {}) for k in ("data", "model", "train")})
+    return {k: v for k, v in flat.items() if not k.startswith(NOT_LEARNING)}
 
 
 def learning_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -9,6 +9,16 @@ import os
 from pathlib import Path
 
 
+# Sweep trials and ablation variants are named ``<model>@<what>``: a run dir and OOF files of
+# their own, never blended or reported as members.
+VARIANT_SEP = "@"
+
+
+def is_variant(model: str) -> bool:
+    """True for a sweep trial's or an ablation variant's model name."""
+    return VARIANT_SEP in model
+
+
 def root() -> Path:
     """Project root: ``$MMFOLD_HOME`` if set, else the working directory."""
     return Path(os.environ.get("MMFOLD_HOME", "."))

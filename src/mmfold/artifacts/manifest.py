@@ -57,7 +57,7 @@ def config_drift(data: str, model: str, trained: dict[str, Any]) -> dict[str, tu
     Empty when nothing that changes learning moved. A model whose YAML no longer exists
     cannot be re-resolved and is taken as it was trained.
     """
-    if "@" in model or not model_yaml(model).exists():  # sweep/ablation variants, deleted YAML
+    if paths.is_variant(model) or not model_yaml(model).exists():  # sweep/ablation variants, deleted YAML
         return {}
     claimed = load_config(trained.get("source") or data, model, trained.get("overrides", [])).to_dict()
     return learning_diff(learning_view(trained), learning_view(claimed))

@@ -63,7 +63,7 @@ def available_models(data: str) -> list[str]:
     """Models with a collected OOF file (``oof/<data>/<model>.parquet``, not ``*.test``)."""
     folder = paths.oof_dir(data)
     stems = (p.stem for p in folder.glob("*.parquet") if not p.name.endswith(".test.parquet"))
-    return sorted(s for s in stems if "@" not in s)  # sweep trials / ablation variants are not members
+    return sorted(s for s in stems if not paths.is_variant(s))  # sweep trials / ablation variants
 
 
 def _first(ids: list[str] | set[str]) -> str:

@@ -36,7 +36,6 @@ from mmfold.metrics import METRICS, all_metrics, binarize, metric_label, per_lab
 from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
 from mmfold.ensemble.thresholds import ThresholdOptimizer
 
-VARIANT_SEP = "@"  # sweep trials and ablation variants are named <model>@<what>
 N_NAMED = 3  # strongest/weakest labels named in the text
 
 
@@ -101,7 +100,7 @@ def score_blend(name: str, saved: dict[str, np.ndarray], y: np.ndarray, folds: n
 
 def model_names(data: str) -> list[str]:
     """Collected models (``oof/<data>/<model>.json``), sweep trials and ablation variants excluded."""
-    return sorted(p.stem for p in paths.oof_dir(data).glob("*.json") if VARIANT_SEP not in p.stem)
+    return sorted(p.stem for p in paths.oof_dir(data).glob("*.json") if not paths.is_variant(p.stem))
 
 
 def load_probs(path: Path, ids: list[str], classes: list[str]) -> np.ndarray:

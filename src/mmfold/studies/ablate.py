@@ -38,13 +38,14 @@ import numpy as np
 import pandas as pd
 
 from mmfold import fileio, paths
-from mmfold.config import Config, ConfigError, load_config, model_yaml
+from mmfold.paths import VARIANT_SEP
+from mmfold.config import Config, ConfigError, learned_settings, load_config, model_yaml
 from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 from mmfold.registry import Registry
 from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
-from mmfold.studies.sweep import VARIANT_SEP, Competitions, fold_probs, learned_config, run_variant_fold, variant_config
+from mmfold.studies.sweep import Competitions, fold_probs, run_variant_fold, variant_config
 from mmfold.ensemble.thresholds import ThresholdOptimizer
 from mmfold.train.runner import check_used_keys
 
@@ -298,7 +299,7 @@ def ablate(data: str, model: str, folds: Sequence[int] | None = None, overrides:
     """Run the base and every declared (or ``only`` the named) variant; write the table."""
     overrides = list(overrides)
     base = variant_config(data, model, model, overrides)
-    if learned_config(base.to_dict()) != learned_config(load_config(data, model).to_dict()):
+    if learned_settings(base.to_dict()) != learned_settings(load_config(data, model).to_dict()):
         base.model.name = f"{model}{VARIANT_SEP}base"  # overrides change training: keep the real runs
     variants = parse_ablations(base.model.ablations, str(model_yaml(model)))
     if only:

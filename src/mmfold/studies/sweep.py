@@ -48,7 +48,8 @@ import pandas as pd
 import yaml
 
 from mmfold import fileio, paths
-from mmfold.config import Config, ConfigError, flatten, load_config, merge, model_yaml, stable_hash
+from mmfold.paths import VARIANT_SEP
+from mmfold.config import Config, ConfigError, learned_settings, load_config, merge, model_yaml, stable_hash
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
@@ -56,11 +57,7 @@ from mmfold.registry import Registry
 from mmfold.ensemble.scoring import HonestCV, honest_cv, threshold_params
 from mmfold.train.runner import check_used_keys
 
-VARIANT_SEP = "@"  # <model>@<trial or variant>: a run dir of its own, hidden from the main report
 STRIDE = 1000  # pruning step = fold position * STRIDE + epoch, so folds never share a step
-# keys that do not change what a fold learns (a finished fold with a different value is reused)
-NOT_LEARNING = ("model.name", "model.search_space", "model.ablations", "data.models", "data.check_images",
-                "train.progress", "train.num_workers", "train.device", "train.stop_after_epochs")
 
 PARAM_TYPES = Registry("search-space type")
 SAMPLERS = Registry("sweep sampler")
@@ -104,12 +101,6 @@ class Competitions:
         return self._cache[key]
 
 
-def learned_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The flattened settings that change what a fold learns (epochs included)."""
-    flat = flatten({k: cfg_dict.get(k, {}) for k in ("data", "model", "train")})
-    return {k: v for k, v in flat.items() if not k.startswith(NOT_LEARNING)}
-
-
 def is_stale(rd: Path, cfg: Config) -> bool:
     """True when ``rd`` holds a run made from another config (an older study or variant).
 
@@ -120,7 +111,7 @@ def is_stale(rd: Path, cfg: Config) -> bool:
     if not saved.exists():
         return False
     old = yaml.safe_load(saved.read_text()) or {}
-    return learned_config(old) != learned_config(cfg.to_dict())
+    return learned_settings(old) != learned_settings(cfg.to_dict())
 
 
 def run_variant_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int) -> dict:
@@ -369,7 +360,7 @@ def signature(opts: SweepOptions, space: list[Param]) -> str:
     are never compared with these."""
     cfg = load_config(opts.data, opts.model, opts.overrides)
     scoring = ["honest_cv", threshold_params(cfg.blend, cfg.data.metric), cfg.blend.seed]
-    return stable_hash([learned_config(cfg.to_dict()), [vars(p) for p in space], opts.folds, opts.sampler, scoring])
+    return stable_hash([learned_settings(cfg.to_dict()), [vars(p) for p in space], opts.folds, opts.sampler, scoring])
 
 
 def open_study(opts: SweepOptions, space: list[Param], force: bool) -> Any:

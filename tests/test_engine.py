@@ -18,11 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfold.train import loop as engine
+from mmfold.train import checkpoint
+from mmfold.train.batches import FoldDataset
 from mmfold.train.caches import image_cache, load_image, to_rgb, token_cache
 from mmfold.config import Config, load_config
 from mmfold.data.competition import load_competition
 from mmfold.errors import DataError, UserError
+from mmfold.train.fold import FoldOutput
+from mmfold.train.loop import train_fold
 from tests.tiny import tiny_params
 from tests.conftest import write_competition
 
@@ -50,8 +53,8 @@ def make_cfg(kind: str = "cnn_lstm", *overrides: str) -> Config:
     return cfg
 
 
-def train(cfg: Config, comp, run_dir: Path) -> engine.FoldOutput:
-    return engine.train_fold(cfg, comp, folds(), 0, run_dir)
+def train(cfg: Config, comp, run_dir: Path) -> FoldOutput:
+    return train_fold(cfg, comp, folds(), 0, run_dir)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -151,7 +154,7 @@ def test_kill_during_checkpoint_write_keeps_previous_last_pt(comp, tmp_path: Pat
         Path(f).write_bytes(before[: len(before) // 2])
         raise KeyboardInterrupt  # as if killed half way
 
-    monkeypatch.setattr(engine.torch, "save", dies_mid_write)
+    monkeypatch.setattr(checkpoint.torch, "save", dies_mid_write)  # the torch.save checkpoints go through
     with pytest.raises(KeyboardInterrupt):
         train(make_cfg("lstm_text"), comp, tmp_path)
     assert (tmp_path / "last.pt").read_bytes() == before
@@ -162,7 +165,7 @@ def test_kill_during_checkpoint_write_keeps_previous_last_pt(comp, tmp_path: Pat
 KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from mmfold.train.loop import save_checkpoint
+from mmfold.train.checkpoint import save_checkpoint
 i = 0
 while True:
     i += 1
@@ -236,7 +239,7 @@ def test_image_cache_holds_the_decoded_pixels_and_is_reused(comp) -> None:
     again = image_cache(comp, "train", 24, progress=False)
     assert again.filename == mm.filename and Path(mm.filename).stat().st_mtime_ns == stamp
     assert image_cache(comp, "train", (20, 28), progress=False).shape == (N_TRAIN, 20, 28, 3)
-    ds = engine.FoldDataset(np.arange(N_TRAIN), images=mm)
+    ds = FoldDataset(np.arange(N_TRAIN), images=mm)
     assert len(pickle.dumps(ds)) < 10_000  # workers reopen the memmap, not a copy of the pixels
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(ds)).__getitems__([3, 1])["image"].numpy(), mm[[3, 1]])
     Image.new("RGB", (16, 16), (255, 0, 0)).save(comp.image_path(comp.ids("train")[0]))  # a changed image

@@ -121,6 +121,45 @@ def test_label_without_training_positives_predicts_its_prior() -> None:
     assert head.constant_labels_ == [2] and (p[:, 2] == 0).all() and p.shape == (5, 3)
 
 
+def test_thread_counts_come_from_the_machine_and_do_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cores are the process's (affinity), not a constant; torch's count is set for the fit only."""
+    import os
+
+    import torch
+
+    from mmfold.cpu import threads
+
+    if hasattr(os, "sched_getaffinity"):
+        assert threads.available_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert threads.available_cores() == 3
+
+    seen = []  # torch's thread count while the MLP trains
+    epoch = members.TorchMLP._epoch
+    monkeypatch.setattr(members.TorchMLP, "_epoch", lambda self, *a: (seen.append(torch.get_num_threads()),
+                                                                      epoch(self, *a)))
+    monkeypatch.setattr(members, "available_cores", lambda: 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        X, Y = rng.normal(size=(20, 4)).astype(np.float32), (rng.random((20, 2)) < 0.5).astype(np.uint8)
+        mlp = members.TorchMLP(hidden=4, epochs=1, batch_size=8).fit(X, Y)
+        assert torch.get_num_threads() == 1  # restored after the fit
+        assert mlp.predict_proba(X).shape == (20, 2) and torch.get_num_threads() == 1
+        with threads.torch_threads(2):
+            assert torch.get_num_threads() == 2
+        with threads.torch_threads(0):  # 0 / None: torch's count untouched
+            assert torch.get_num_threads() == 1
+        assert members.PerLabel(object()).n_jobs is None  # resolved from the machine at fit time
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3]
+
+
 def test_text_only_data(project: Path) -> None:
     write_competition(project, images=False)
     _, comp = _comp()

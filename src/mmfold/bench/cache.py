@@ -54,7 +54,7 @@ def benchmark(quick: bool = False) -> dict[str, Any]:
 def _time_loader(comp: Competition, size: int, cached: bool, epochs: int, batch: int,
                  augment: list[dict[str, Any]]) -> float:
     """Images/s over ``epochs`` shuffled passes of the engine's loader (the cache is prebuilt)."""
-    from mmfold.train.loop import FoldDataset, build_augment, make_loader
+    from mmfold.train.batches import FoldDataset, build_augment, make_loader
 
     rows = np.arange(len(comp.train))
     images = image_cache(comp, "train", size, progress=False) if cached else JpegImages(comp, "train", size)

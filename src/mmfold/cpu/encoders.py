@@ -20,6 +20,7 @@ import numpy as np
 
 from mmfold import fileio, paths
 from mmfold.config import stable_hash
+from mmfold.cpu.threads import available_cores, torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.registry import Registry
@@ -52,11 +53,12 @@ class Encoder:
     encode: Callable[[list[Any]], np.ndarray] | None = None
 
 
-def _threads() -> int:
-    """Torch threads for inference: the machine's cores, at most 4 (more rarely helps)."""
-    import os
+ENCODE_MAX_THREADS = 4  # torch threads for a frozen encoder's forward pass: more rarely helps
 
-    return max(1, min(4, os.cpu_count() or 1))
+
+def _threads() -> int:
+    """Torch threads for inference: the cores available to the process, at most 4."""
+    return min(ENCODE_MAX_THREADS, available_cores())
 
 
 def _batches(items: list[Any], size: int, desc: str) -> Iterator[list[Any]]:
@@ -123,7 +125,6 @@ def _encode_minilm(path: Path, texts: list[str], max_len: int, batch_size: int) 
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    torch.set_num_threads(_threads())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     order = np.argsort([len(t) for t in texts], kind="stable")
@@ -184,7 +185,6 @@ def _encode_effnet(weights: Path, files: list[Path], settings: dict[str, Any], b
     """Decode, resize, normalise and embed images in batches (channels-last is faster on CPU)."""
     import torch
 
-    torch.set_num_threads(_threads())
     model = _effnet_model(weights).to(memory_format=torch.channels_last)
     mean = torch.tensor(settings["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(settings["std"]).view(1, 3, 1, 1)
@@ -250,7 +250,8 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
     if path.exists():
         return np.load(path)
     log.info("embedding %s/%s with %s -> %s", comp.cfg.name, split, encoder, path)
-    emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)
+    with torch_threads(_threads()):  # for this forward pass only, not the rest of the process
+        emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)
     COMPUTE_COUNT[encoder] = COMPUTE_COUNT.get(encoder, 0) + 1
     fileio.atomic_write(path, lambda tmp: _save_npy(tmp, emb))
     return emb

@@ -27,6 +27,7 @@ from sklearn.pipeline import FeatureUnion
 from sklearn.preprocessing import StandardScaler
 
 from mmfold.config import Config
+from mmfold.cpu.threads import available_cores, torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.registry import Registry
@@ -37,7 +38,6 @@ MEMBERS = Registry("CPU member kind")
 HEADS = Registry("member head")
 
 MemberOutput = tuple[np.ndarray, np.ndarray | None, dict[str, Any]]
-N_JOBS = 2  # the target machine has 2 cores; more workers only add overhead
 
 
 # ------------------------------------------------------------------------------ params
@@ -71,10 +71,11 @@ class PerLabel(BaseEstimator, ClassifierMixin):
     Args:
         estimator: A binary classifier with ``predict_proba``; cloned per label.
         min_positives: Fewer positives (or negatives) than this -> prior.
-        n_jobs: Labels fitted in parallel (threads: the solvers release the GIL).
+        n_jobs: Labels fitted in parallel (threads: the solvers release the GIL); None: one
+            per core available to the process.
     """
 
-    def __init__(self, estimator: Any, min_positives: int = 1, n_jobs: int = N_JOBS) -> None:
+    def __init__(self, estimator: Any, min_positives: int = 1, n_jobs: int | None = None) -> None:
         self.estimator = estimator
         self.min_positives = min_positives
         self.n_jobs = n_jobs
@@ -87,7 +88,7 @@ class PerLabel(BaseEstimator, ClassifierMixin):
         self.prior_ = Y.mean(0).astype(np.float32)
         pos = Y.sum(0)
         cols = [j for j in range(Y.shape[1]) if min(pos[j], len(Y) - pos[j]) >= self.min_positives]
-        fitted = Parallel(n_jobs=self.n_jobs, prefer="threads")(
+        fitted = Parallel(n_jobs=self.n_jobs or available_cores(), prefer="threads")(
             delayed(_fit_binary)(clone(self.estimator), X, Y[:, j]) for j in cols)
         self.estimators_ = dict(zip(cols, fitted))
         self.constant_labels_ = [j for j in range(Y.shape[1]) if j not in self.estimators_]
@@ -114,6 +115,8 @@ class TorchMLP(BaseEstimator, ClassifierMixin):
     on the scored fold) keeps it honest; one-cycle decay makes the last epoch a good one.
     Sparse input (TF-IDF) goes through an ``EmbeddingBag`` first layer, so a batch costs its
     non-zeros, not ``batch x vocabulary``: a fastText-style model on word and char n-grams.
+    Torch runs on the cores available to the process while it fits, and on what it ran on
+    before once it is done.
     """
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, epochs: int = 30, lr: float = 2e-3,
@@ -132,16 +135,17 @@ class TorchMLP(BaseEstimator, ClassifierMixin):
         """Train ``net_`` on dense or sparse ``X`` and 0/1 ``Y``."""
         import torch
 
-        torch.manual_seed(self.seed)
-        torch.set_num_threads(N_JOBS)
-        X = _as_input(X)
-        self.net_ = _MLPNet(X.shape[1], self.hidden, Y.shape[1], sp.issparse(X), self.input_dropout, self.dropout)
-        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * -(-X.shape[0] // self.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.1)
-        yt = torch.as_tensor(Y, dtype=torch.float32)
-        for _ in range(self.epochs):
-            self._epoch(X, yt, opt, sched)
+        with torch_threads(available_cores()):
+            torch.manual_seed(self.seed)
+            X = _as_input(X)
+            self.net_ = _MLPNet(X.shape[1], self.hidden, Y.shape[1], sparse=sp.issparse(X), p_in=self.input_dropout,
+                               p=self.dropout)
+            opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            steps = self.epochs * -(-X.shape[0] // self.batch_size)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.1)
+            yt = torch.as_tensor(Y, dtype=torch.float32)
+            for _ in range(self.epochs):
+                self._epoch(X, yt, opt, sched)
         self.net_.eval()
         return self
 
@@ -164,7 +168,7 @@ class TorchMLP(BaseEstimator, ClassifierMixin):
 
         X = _as_input(X)
         out = []
-        with torch.inference_mode():
+        with torch_threads(available_cores()), torch.inference_mode():
             for start in range(0, X.shape[0], 4096):
                 out.append(torch.sigmoid(self.net_(_rows(X, np.arange(start, min(start + 4096, X.shape[0]))))).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.net_.out.out_features), np.float32)
@@ -196,7 +200,7 @@ def _mlp_net_class() -> type:
     class MLPNet(nn.Module):
         """(Dropout) -> Linear or EmbeddingBag -> GELU -> Dropout -> Linear."""
 
-        def __init__(self, d_in: int, hidden: int, d_out: int, sparse: bool, p_in: float, p: float) -> None:
+        def __init__(self, d_in: int, hidden: int, d_out: int, *, sparse: bool, p_in: float, p: float) -> None:
             super().__init__()
             self.sparse, self.p_in = sparse, p_in
             self.first = nn.EmbeddingBag(d_in, hidden, mode="sum") if sparse else nn.Linear(d_in, hidden)
@@ -217,9 +221,9 @@ def _mlp_net_class() -> type:
     return MLPNet
 
 
-def _MLPNet(*args: Any) -> Any:  # noqa: N802 - reads like the class it builds
+def _MLPNet(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - reads like the class it builds
     """An instance of the lazily built MLP module."""
-    return _mlp_net_class()(*args)
+    return _mlp_net_class()(*args, **kwargs)
 
 
 class KNNHead(BaseEstimator, ClassifierMixin):
@@ -313,7 +317,8 @@ def lgbm_head(n_estimators: int = 200, learning_rate: float = 0.05, num_leaves: 
     """Per-label LightGBM, small; one thread per model, labels fitted in parallel.
 
     OpenMP inside LightGBM spin-waits at every split; on a busy 2-core machine that turns a
-    2 s fit into minutes. Single-threaded models on parallel labels never wait on each other.
+    2 s fit into minutes. Single-threaded models on parallel labels (one per available core)
+    never wait on each other.
     """
     from lightgbm import LGBMClassifier
 
@@ -321,7 +326,7 @@ def lgbm_head(n_estimators: int = 200, learning_rate: float = 0.05, num_leaves: 
                          min_child_samples=min_child_samples, colsample_bytree=colsample_bytree,
                          subsample=subsample, subsample_freq=1, reg_lambda=reg_lambda, max_bin=max_bin,
                          num_threads=1, verbose=-1, random_state=42)
-    return PerLabel(gbm, min_positives=min_positives, n_jobs=N_JOBS)
+    return PerLabel(gbm, min_positives=min_positives)
 
 
 def build_head(name: str, params: dict[str, Any]) -> Any:

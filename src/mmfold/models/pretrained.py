@@ -153,7 +153,7 @@ def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     return names + CLASSIFIER_NAMES
 
 
-def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> LoadResult:
+def load_pretrained(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadResult:
     """Copy weights from a local file into ``model``, renaming keys when needed.
 
     Args:
@@ -168,10 +168,10 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
         UserError: unreadable file, shape mismatches, or missing keys under ``strict``.
     """
     path = Path(path)
-    return load_state(model, read_state_dict(path), path, strict, ordered=_ordered(path))
+    return load_state(model, read_state_dict(path), path, strict=strict, ordered=_ordered(path))
 
 
-def load_state(model: nn.Module, sd: StateDict, source: Path, strict: bool = True,
+def load_state(model: nn.Module, sd: StateDict, source: Path, *, strict: bool = True,
                ordered: bool = True) -> LoadResult:
     """:func:`load_pretrained` for tensors already in memory (``source`` names them in messages).
 
@@ -192,7 +192,7 @@ def load_state(model: nn.Module, sd: StateDict, source: Path, strict: bool = Tru
     result.unexpected = sorted(set(sd) - tkeys)
     model.load_state_dict({k: v for k, v in sd.items() if k in tkeys}, strict=False)
     result.loaded = len(tkeys & set(sd))
-    _report(result, strict)
+    _report(result, strict=strict)
     return result
 
 
@@ -226,7 +226,7 @@ def _check_shapes(sd: StateDict, target: StateDict, path: str | Path) -> None:
                         + "; ".join(bad[:5]))
 
 
-def _report(result: LoadResult, strict: bool) -> None:
+def _report(result: LoadResult, *, strict: bool) -> None:
     """Log the outcome; under ``strict`` any missing tensor is an error naming a few."""
     log.info(result.summary())
     if result.unexpected:

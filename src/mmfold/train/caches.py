@@ -10,7 +10,6 @@ Builds are atomic (temp file, then rename), so parallel runs or a kill never lea
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 
 from mmfold import fileio, paths
 from mmfold.config import stable_hash
-from mmfold.data.competition import Competition
+from mmfold.cpu.threads import available_cores
+from mmfold.data.competition import MAX_DECODE_THREADS, Competition
 from mmfold.errors import DataError
 
 CACHE_VERSION = 1  # bump when decoding/resizing changes, so old caches are not reused
@@ -110,7 +110,7 @@ def _stat(p: Path) -> tuple[int, int]:
     return s.st_size, s.st_mtime_ns
 
 
-def image_cache(comp: Competition, split: str, size: int | tuple[int, int], progress: bool = True) -> np.memmap:
+def image_cache(comp: Competition, split: str, size: int | tuple[int, int], *, progress: bool = True) -> np.memmap:
     """Every image of ``split`` decoded at ``size``, as a read-only ``(N, H, W, 3) uint8`` memmap.
 
     Built on first use (threads decode in parallel; PIL releases the GIL), then just opened.
@@ -122,15 +122,15 @@ def image_cache(comp: Competition, split: str, size: int | tuple[int, int], prog
     n = len(comp.ids(split))
     path = paths.cache_dir(comp.cfg.name) / f"images_{split}_{h}x{w}_{_fingerprint(comp, split, (h, w))}.u8"
     if not path.exists() or path.stat().st_size != n * h * w * 3:
-        fileio.atomic_write(path, lambda tmp: _build_images(comp, split, (h, w), tmp, progress))
+        fileio.atomic_write(path, lambda tmp: _build_images(comp, split, (h, w), tmp, progress=progress))
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
 
 
-def _build_images(comp: Competition, split: str, size: tuple[int, int], out: Path, progress: bool) -> None:
+def _build_images(comp: Competition, split: str, size: tuple[int, int], out: Path, *, progress: bool) -> None:
     """Decode every image of ``split`` into a new memmap file at ``out``."""
     files = [comp.image_path(i) for i in comp.ids(split)]
     arr = np.memmap(out, dtype=np.uint8, mode="w+", shape=(len(files), *size, 3))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(MAX_DECODE_THREADS, available_cores())) as pool:
         decoded = pool.map(lambda p: load_image(p, size), files, chunksize=64)
         bar = tqdm(decoded, total=len(files), desc=f"cache {split} {size[0]}x{size[1]}",
                    disable=not progress, leave=False)

@@ -1,22 +1,16 @@
-"""How many cores this process may use, and torch's thread count scoped to one piece of work.
+"""Torch's thread count scoped to one piece of work (cores come from :mod:`mmfold.machine`).
 
-The one place thread and job counts come from: the machine (its cores available to this
-process, which a container's CPU set or ``taskset`` may limit below ``os.cpu_count()``) or an
-explicit setting. Nothing here imports torch until :func:`torch_threads` is entered.
+Nothing here imports torch until :func:`torch_threads` is entered.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mmfold.machine import available_cores
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity set where the OS has one), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+__all__ = ["available_cores", "torch_threads"]
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from mmfold import fileio as mmio
 from mmfold import paths
 from mmfold.config import DataConfig
 from mmfold.errors import DataError
+from mmfold.machine import available_cores
 
 MAX_LISTED = 10  # rows named in an error message before "... and N more"
 
@@ -507,7 +508,7 @@ def image_problems(cfg: DataConfig, ids: list[str]) -> dict[str, str]:
     cache = _read_check_cache(cache_file)
     todo = [i for i, (key, size, mtime) in stats.items() if cache.get(key, [])[:2] != [size, mtime]]
     if todo:
-        workers = max(1, min(len(todo), os.cpu_count() or 1, MAX_DECODE_THREADS))
+        workers = max(1, min(len(todo), available_cores(), MAX_DECODE_THREADS))
         with ThreadPoolExecutor(workers) as pool:
             problems = list(pool.map(_decode_problem, [files[i] for i in todo]))
         for i, problem in zip(todo, problems):

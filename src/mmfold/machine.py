@@ -1,0 +1,17 @@
+"""How many cores this process may use: the one place thread and job counts come from.
+
+A container's CPU set or ``taskset`` may limit a process below ``os.cpu_count()``; every
+thread pool in mmfold (label fits, image decoding, threshold sorts) sizes itself from here or
+from an explicit setting, never from a number written for one machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity set where the OS has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

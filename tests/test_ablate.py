@@ -15,8 +15,9 @@ from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
 from mmfold.data.competition import load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.ensemble.blenders import build_blender, nested_cv
-from mmfold.report.report import load_probs
+from mmfold.artifacts.predictions import read_oof
+from mmfold.ensemble.blenders import build_blender
+from mmfold.ensemble.nested import nested_cv
 from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
 from mmfold.ensemble.thresholds import ThresholdOptimizer
 from mmfold.train.runner import train_model
@@ -132,8 +133,9 @@ def test_blend_row_is_scored_in_the_metric(demo: Path) -> None:
     cfg = load_config("demo", "tfidf", over)
     probs, y, fold = base_oof("tfidf@base", [0, 1])
     comp = load_competition(cfg.data)
-    ids = comp.train["id"].astype(str)[np.isin(load_folds(comp), [0, 1])].tolist()
-    P = np.stack([probs, load_probs(paths.oof_file("demo", "other"), ids, comp.classes)])
+    fold_of_row = load_folds(comp)
+    other = read_oof("demo", "other", comp.ids("train"), comp.classes, fold_of_row)
+    P = np.stack([probs, other[np.isin(fold_of_row, [0, 1])]])
     want = nested_cv(P, y, fold, lambda k: build_blender(cfg.blend, "micro"),
                      lambda: ThresholdOptimizer(**threshold_params(cfg.blend, "micro")), metric="micro")
     assert df.loc["blend_vs_single", "cv"] == pytest.approx(float(np.mean(want.per_fold)), abs=1e-12)

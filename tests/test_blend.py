@@ -18,16 +18,20 @@ from mmfold.data.competition import load_competition
 from mmfold.artifacts.manifest import data_fingerprints
 
 from mmfold import cli, paths
-from mmfold.ensemble import blenders as blend
+from mmfold.artifacts import predictions, studies
+from mmfold.artifacts.predictions import OOFSet, load_oofs
+from mmfold.ensemble import blenders, progress
 from mmfold.ensemble.blenders import (
+    BLENDERS,
+    Blender,
     GreedyBlender,
     LGBMStacker,
     MeanBlender,
     OptunaBlender,
-    RankTransform,
-    load_oofs,
-    nested_cv,
+    build_blender,
 )
+from mmfold.ensemble.nested import fit_blend, nested_cv
+from mmfold.ensemble.transforms import TRANSFORMS, PowerTransform, RankTransform
 from mmfold.config import BlendConfig
 from mmfold.errors import UserError
 from mmfold.metrics import samples_f1
@@ -104,10 +108,10 @@ def test_interrupted_study_resumes_with_its_trials(tmp_path: Path) -> None:
         Interrupted(n_trials=10, threshold_params=THR, storage=storage).fit(P, y)
     first = OptunaBlender(n_trials=10, threshold_params=THR, storage=storage)
     study = first._study(first._prepare(P), y)
-    kept = [(t.number, t.params) for t in blend._complete(study)]
+    kept = [(t.number, t.params) for t in studies.complete_trials(study)]
     assert len(kept) == 6
     first.fit(P, y)
-    done = blend._complete(first.study_)
+    done = studies.complete_trials(first.study_)
     assert len(done) == 10
     assert [(t.number, t.params) for t in done[:6]] == kept
     # a finished study is reused as is; other models (other data) start a new study
@@ -126,13 +130,13 @@ def test_trial_of_a_killed_run_is_marked_failed(tmp_path: Path, monkeypatch: pyt
     period, the next blend on the study marks it FAIL instead of keeping a zombie forever."""
     import optuna
 
-    monkeypatch.setattr(blend, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(blend, "GRACE_S", 1)
-    blend._storage.cache_clear()
+    monkeypatch.setattr(studies, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(studies, "GRACE_S", 1)
+    studies.storage.cache_clear()
     P, y, _ = make_stack(n=200)
     url = f"sqlite:///{tmp_path / 'blend.db'}"
     first = OptunaBlender(n_trials=3, threshold_params=THR, storage=url).fit(P, y)
-    storage = blend._storage(url)
+    storage = studies.storage(url)
     study = optuna.load_study(study_name=first.study_.study_name, storage=storage)
     zombie = study.ask()  # what a killed process leaves: RUNNING, heartbeat then silence
     storage.record_heartbeat(zombie._trial_id)
@@ -140,8 +144,8 @@ def test_trial_of_a_killed_run_is_marked_failed(tmp_path: Path, monkeypatch: pyt
     again = OptunaBlender(n_trials=3, threshold_params=THR, storage=url).fit(P, y)
     states = {t.number: t.state for t in again.study_.trials}
     assert states[zombie.number] == optuna.trial.TrialState.FAIL
-    assert len(blend._complete(again.study_)) == 3
-    blend._storage.cache_clear()
+    assert len(studies.complete_trials(again.study_)) == 3
+    studies.storage.cache_clear()
 
 
 def test_greedy_selection_prefers_real_models() -> None:
@@ -164,6 +168,56 @@ def test_rank_transform_ranks_test_rows_against_training_rows() -> None:
     t = RankTransform().fit(train)
     np.testing.assert_allclose(t(np.array([[[0.25]], ])), [[[0.5]]])
     np.testing.assert_allclose(t(np.array([[[0.05], [0.9]]])), [[[0.0], [1.0]]])
+
+
+def _mix_before_issue_13(Q: np.ndarray, weights: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """How a power blend was mixed when the exponents lived in the mix, not in a transform."""
+    out = np.zeros(Q.shape[1:])
+    for w, e, q in zip(weights, exponents, Q):
+        if w > 0:
+            out += w * (q if e == 1 else np.power(q, e))
+    return out
+
+
+def test_power_transform_applies_each_models_exponent() -> None:
+    P, _, _ = make_stack(n=50)
+    t = PowerTransform([2.0, 1.0, 0.5])
+    np.testing.assert_array_equal(t(P), np.stack([P[0] ** 2.0, P[1], np.power(P[2], 0.5)]))
+    np.testing.assert_array_equal(PowerTransform().fit(P)(P), P)  # exponents 1 until tuned
+
+
+def test_a_power_blend_is_bit_identical_to_the_old_mix() -> None:
+    """The tuned exponents now sit in the transform: the study, ``oof_`` and ``predict`` give
+    exactly what the old in-mix exponents gave."""
+    P, y, _ = make_stack(n=300, seed=3)
+    b = OptunaBlender(n_trials=15, threshold_params=THR, transform="power", seed=0).fit(P, y)
+    assert isinstance(b.transform_, PowerTransform) and b.exponents_ is b.transform_.exponents_
+    np.testing.assert_array_equal(b.oof_, _mix_before_issue_13(P, b.weights_, b.exponents_))
+    b.transform_.exponents_ = np.array([2.0, 1.0, 0.3])
+    Pt = P[:, ::7]
+    np.testing.assert_array_equal(b.predict(Pt), _mix_before_issue_13(Pt, b.weights_, b.transform_.exponents_))
+    params = {"u0": 0.2, "u1": 0.5, "u2": 0.9, "p0": 0.5, "p1": 1.0, "p2": 3.0}
+    w, e = b._decode(params, 3)
+    old = ThresholdOptimizer(n_rounds=1, **THR).fit(_mix_before_issue_13(P, w / w.sum(), e), y).score_
+    assert b._objective(optuna.trial.FixedTrial(params), b._prepare(P), y) == old
+
+
+def test_every_registered_transform_does_its_own_work() -> None:
+    """No registered class is a mere flag (power once was the identity under another name)."""
+    for name in TRANSFORMS:
+        cls = TRANSFORMS.get(name)
+        assert "fit" in vars(cls) and "__call__" in vars(cls), name
+        assert not any(base in [TRANSFORMS.get(n) for n in TRANSFORMS] for base in cls.__mro__[1:]), name
+
+
+@pytest.mark.parametrize("method", list(BLENDERS))
+def test_every_registered_blender_implements_the_protocol(method: str) -> None:
+    P, y, folds = make_stack(n=200, L=3)
+    cls = BLENDERS.get(method)
+    assert Blender in cls.__mro__
+    b = cls.from_config(BlendConfig(method=method, n_trials=4), "samples", None, "t").fit(P, y, folds % 3)
+    assert isinstance(b, Blender) and b.oof_.shape == y.shape and b.weights_.shape == (3,)
+    assert isinstance(Memorizer().fit(P, y), Blender)  # the protocol is structural
 
 
 def test_lgbm_stacker_is_out_of_fold() -> None:
@@ -225,12 +279,12 @@ def test_nested_cv_predictions_ignore_the_scored_folds_labels() -> None:
     assert len(a.per_fold) == 5 and a.std >= 0
 
 
-@pytest.mark.parametrize("method", list(blend.BLENDERS))
+@pytest.mark.parametrize("method", list(BLENDERS))
 def test_every_registered_method_blends_honestly(method: str) -> None:
     P, y, folds = make_stack(n=300, L=3)
     folds = folds % 3  # 3 folds keep the nested stacker fits few
-    oofs = blend.OOFSet(["a", "b", "noise"], ["x", "y", "z"], [str(i) for i in range(300)], folds, P)
-    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=5), "samples")
+    oofs = OOFSet(["a", "b", "noise"], ["x", "y", "z"], [str(i) for i in range(300)], folds, P)
+    fit = fit_blend(oofs, y, BlendConfig(method=method, n_trials=5), "samples")
     assert fit.best_single[0] in ("a", "b") and fit.singles["noise"].mean < fit.honest.mean
     assert fit.honest.mean > fit.singles["a"].mean - 0.05 and fit.in_sample >= fit.honest.mean - 0.05
     assert fit.blender.predict(P).shape == y.shape and fit.thresholds.thresholds_.shape == (3,)
@@ -239,11 +293,11 @@ def test_every_registered_method_blends_honestly(method: str) -> None:
 
 def test_bad_blend_settings_are_refused() -> None:
     with pytest.raises(UserError, match="unknown blend method 'magic'"):
-        blend.build_blender(BlendConfig(method="magic"), "samples")
+        build_blender(BlendConfig(method="magic"), "samples")
     with pytest.raises(UserError, match="power"):
-        blend.build_blender(BlendConfig(method="mean", transform="power"), "samples")
+        build_blender(BlendConfig(method="mean", transform="power"), "samples")
     with pytest.raises(UserError, match="unknown blend transform"):
-        blend.build_blender(BlendConfig(transform="log"), "samples")
+        build_blender(BlendConfig(transform="log"), "samples")
 
 
 # ---- loading OOF files ---------------------------------------------------------------------
@@ -291,7 +345,7 @@ def test_load_oofs_aligns_rows_to_train_order(oof_home: SimpleNamespace) -> None
     np.testing.assert_allclose(got.P[0], want)
     assert got.P.shape == (2, 12, 3) and got.test.shape == (2, 4, 3)
     assert got.test_ids == o.test_ids
-    assert blend.available_models("d") == ["a", "b"]
+    assert predictions.available_models("d") == ["a", "b"]
 
 
 def test_load_oofs_refuses_mismatched_ids(oof_home: SimpleNamespace) -> None:
@@ -427,10 +481,10 @@ def test_a_single_model_is_blended_without_any_search(method: str, monkeypatch: 
         raise AssertionError("a weight search ran for a single model")
 
     monkeypatch.setattr(optuna, "create_study", no_search)
-    monkeypatch.setattr(blend, "_score_after_thresholds", no_search)
+    monkeypatch.setattr(blenders, "_score_after_thresholds", no_search)
     P, y, folds = make_stack(n=300, L=3)
-    oofs = blend.OOFSet(["a"], ["x", "y", "z"], [str(i) for i in range(300)], folds % 3, P[:1])
-    fit = blend.fit_blend(oofs, y, BlendConfig(method=method, n_trials=100), "samples")
+    oofs = OOFSet(["a"], ["x", "y", "z"], [str(i) for i in range(300)], folds % 3, P[:1])
+    fit = fit_blend(oofs, y, BlendConfig(method=method, n_trials=100), "samples")
     assert fit.blender.weights_.tolist() == [1.0]
     assert "one model" in fit.note
     assert fit.honest.mean == pytest.approx(fit.singles["a"].mean)
@@ -550,7 +604,7 @@ def test_blend_prints_progress_to_stderr(project: Path, capsys: pytest.CaptureFi
                   "each model alone"):
         assert stage in err, (stage, err)
     assert len(err.splitlines()) < 15, err  # a line per stage, trials only every few seconds
-    monkeypatch.setattr(blend, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     assert cli.main(["blend", "--data", "tiny", "--name", "b", "blend.n_trials=9",
                      "blend.seed=7"]) == 0
     err = capsys.readouterr().err

@@ -123,6 +123,29 @@ def test_resume_after_interruption_repeats_no_finished_work(demo: Path) -> None:
     assert CALLS == []
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands in for a killed sweep
+def test_sweep_studies_live_in_the_shared_storage(demo: Path) -> None:
+    """The sweep opens its SQLite study as the blend does: write-ahead logging and heartbeats,
+    and a trial left RUNNING by a killed sweep is still re-queued with its run dir."""
+    import sqlite3
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    from mmfold.artifacts import studies
+    from mmfold.studies.sweep import open_study
+
+    studies.storage.cache_clear()
+    study = open_study(opts(), parse_space(SPACE, "fake.yaml"), force=False)
+    with sqlite3.connect(paths.sweeps_dir("demo") / "fake.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert is_heartbeat_enabled(study._storage)
+    zombie = study.ask()
+    zombie.suggest_float("model.params.quality", 0.1, 0.9)
+    zombie.set_user_attr("run", "fake@trial0")
+    assert requeue_interrupted(study) == [zombie.number]
+    studies.storage.cache_clear()
+
+
 def test_requeue_killed_trial_keeps_params_and_run() -> None:
     """A trial left RUNNING by a killed process is failed and re-queued once, same run dir."""
     study = optuna.create_study(direction="maximize")

@@ -139,12 +139,13 @@ def train_members(cfgs: list[Config], comp: Competition, fresh: bool, timer: Tim
 
 def blend_members(data: str, models: list[str], comp: Competition, fold: np.ndarray, cfg: Config) -> dict[str, Any]:
     """Nested-CV blend of the members; honest metrics of the blend and of each member alone."""
-    from mmfold.ensemble import blenders as blend
+    from mmfold.artifacts.predictions import load_oofs
+    from mmfold.ensemble.nested import fit_blend
     from mmfold.metrics import all_metrics
 
-    oofs = blend.load_oofs(data, models, comp, fold, with_test=False)
+    oofs = load_oofs(data, models, comp, fold, with_test=False)
     y = comp.y()
-    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, storage=None, study_name=f"bench-{data}")
+    fit = fit_blend(oofs, y, cfg.blend, cfg.data.metric, storage=None, study_name=f"bench-{data}")
     rows = {m: _scores(all_metrics, y, s) for m, s in fit.singles.items()}
     rows["blend"] = _scores(all_metrics, y, fit.honest)
     weights = {m: round(float(w), 4) for m, w in zip(models, fit.blender.weights_)}

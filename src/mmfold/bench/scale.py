@@ -54,7 +54,7 @@ def write_fold_outputs(root: Path, model: str, seed: int) -> None:
     from mmfold.config import load_config
     from mmfold.data.competition import load_competition, load_folds
     from mmfold.artifacts.manifest import fingerprints
-    from mmfold.train.runner import prob_frame
+    from mmfold.artifacts import predictions
 
     os.environ["MMFOLD_HOME"] = str(root)
     cfg = load_config("scale", model)
@@ -66,9 +66,9 @@ def write_fold_outputs(root: Path, model: str, seed: int) -> None:
         rows = np.flatnonzero(fold_of_row == k)
         probs = np.clip(0.6 * y[rows] + rng.random((len(rows), y.shape[1]), dtype=np.float32) * 0.5, 0, 1)
         rd = paths.run_dir("scale", model, k)
-        fileio.write_parquet(prob_frame(comp.train["id"].iloc[rows], probs, comp.classes, fold=k), rd / "oof.parquet")
+        predictions.write_fold_oof(rd, comp.train["id"].iloc[rows], probs, comp.classes, k, f"{model} fold {k}")
         test = rng.random((len(comp.test), y.shape[1]), dtype=np.float32)
-        fileio.write_parquet(prob_frame(comp.test["id"], test, comp.classes), rd / "test.parquet")
+        predictions.write_fold_test(rd, comp.test["id"], test, comp.classes, f"{model} fold {k} test")
         fileio.write_json(rd / "done.json", {"fold": k, "hashes": hashes, "train_time_s": 0.0})
 
 
@@ -86,12 +86,13 @@ def measure(cmd: list[str], root: Path) -> dict[str, float]:
 
 def fit_thresholds_stage() -> None:
     """Stage body, run in its own process: fit per-label thresholds on one collected OOF."""
+    from mmfold.artifacts.predictions import read_oof
     from mmfold.config import load_config
-    from mmfold.data.competition import load_competition
+    from mmfold.data.competition import load_competition, load_folds
     from mmfold.ensemble.thresholds import ThresholdOptimizer
 
     comp = load_competition(load_config("scale").data)
-    probs = pd.read_parquet(paths.oof_file("scale", "synth_a"))[comp.classes].to_numpy(np.float32)
+    probs = read_oof("scale", "synth_a", comp.ids("train"), comp.classes, load_folds(comp)).astype(np.float32)
     ThresholdOptimizer().fit(probs, comp.y())
 
 

@@ -1,11 +1,12 @@
 """``mmfold blend``: OOF probabilities -> honest CV, a submission, a log row and a report.
 
 The models are ``--models``, else ``blend.models``, else ``data.models``, else every collected
-OOF file. The CV written everywhere is the nested one (:func:`mmfold.ensemble.blenders.nested_cv`); the
-in-sample score is shown next to it only so the optimism is visible.
+OOF file. The CV written everywhere is the nested one (:func:`mmfold.ensemble.nested.nested_cv`);
+the in-sample score is shown next to it only so the optimism is visible.
 
 Besides the submission, its log row and ``reports/<data>/blend_<name>.{md,json}``, the blend's
-own predictions go to ``reports/<data>/blend_<name>.oof.parquet`` (:func:`write_oof`): the
+own predictions go to ``reports/<data>/blend_<name>.oof.parquet`` (:func:`write_oof`, in the
+layout of :func:`mmfold.artifacts.predictions.write_blend_oof`): the
 nested-CV probabilities and 0/1 predictions that the honest CV scored, and the in-sample ones.
 ``mmfold report`` reads them, so it shows the blend that was submitted whatever the method
 (a stacker or a rank/power transform cannot be re-made from the logged weights).
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from mmfold import fileio, paths
-from mmfold.ensemble import blenders as blend
-from mmfold.ensemble import submission as submit
+from mmfold.artifacts import predictions, studies
+from mmfold.artifacts.predictions import OOFSet
 from mmfold.config import Config, load_config
+from mmfold.ensemble import submission
+from mmfold.ensemble.nested import BlendFit, fit_blend
+from mmfold.ensemble.progress import Progress
 from mmfold.errors import UserError
 from mmfold.metrics import all_metrics, per_label_f1
 
@@ -41,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_models(cli: list[str] | None, cfg: Config) -> list[str]:
     """Models from the command line, the config, or every collected OOF file, in that order."""
-    models = cli or cfg.blend.models or cfg.data.models or blend.available_models(cfg.data.name)
+    models = cli or cfg.blend.models or cfg.data.models or predictions.available_models(cfg.data.name)
     if len(set(models)) != len(models):
         raise UserError(f"a model is listed twice in {models}")
     return list(models)
@@ -50,13 +53,6 @@ def resolve_models(cli: list[str] | None, cfg: Config) -> list[str]:
 def default_name(method: str) -> str:
     """``<method>-<UTC timestamp>``: unique per second and sortable."""
     return f"{method}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-
-
-def study_storage(data: str) -> str:
-    """SQLite URL of the blend studies, next to the OOF files they were tuned on."""
-    path = paths.oof_dir(data) / "blend.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,55 +66,42 @@ def run(args: argparse.Namespace) -> int:
     folds = load_folds(comp)
     models = resolve_models(cli_models, cfg)
     name = args.name or default_name(cfg.blend.method)
-    sub_path = submit.submission_path(cfg.data.name, name) if comp.test is not None else None
+    sub_path = submission.submission_path(cfg.data.name, name) if comp.test is not None else None
     if sub_path is not None and sub_path.exists():  # fail before minutes of fitting
         raise UserError(f"{sub_path} exists; submissions are never overwritten: "
                         "pick another NAME=...")
-    fmt = submit.submission_format(comp) if comp.test is not None else None  # same: fail early
-    progress = blend.Progress(sys.stderr)
+    fmt = submission.submission_format(comp) if comp.test is not None else None  # same: fail early
+    progress = Progress(sys.stderr)
     progress.stage(f"loading {len(models)} models from {paths.oof_dir(cfg.data.name)}")
-    oofs = blend.load_oofs(cfg.data.name, models, comp, folds)
+    oofs = predictions.load_oofs(cfg.data.name, models, comp, folds)
     y = comp.y()
-    fit = blend.fit_blend(oofs, y, cfg.blend, cfg.data.metric, study_storage(cfg.data.name),
-                          "+".join(models), progress)
+    fit = fit_blend(oofs, y, cfg.blend, cfg.data.metric, studies.blend_url(cfg.data.name),
+                    "+".join(models), progress)
     report = build_report(name, cfg, fit, oofs, y)
     if sub_path is not None:  # written first: write_new claims the name
         report["submission"] = str(write_submission(comp, fit, oofs, sub_path, fmt))
-    write_oof(oof_path(cfg.data.name, name), fit, oofs)
+    write_oof(predictions.blend_oof_file(cfg.data.name, name), fit, oofs)
     if sub_path is not None:
-        submit.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"]))
+        submission.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"]))
     md, _ = write_report(cfg.data.name, name, report)
     print(summary(report, md))
     return 0
 
 
-def write_submission(comp: Any, fit: blend.BlendFit, oofs: blend.OOFSet, path: Path,
-                     fmt: submit.SubmissionFormat | None = None) -> Path:
+def write_submission(comp: Any, fit: BlendFit, oofs: OOFSet, path: Path,
+                     fmt: submission.SubmissionFormat | None = None) -> Path:
     """Final blender and thresholds applied to the test predictions, validated, written."""
     pred = fit.thresholds.predict(fit.blender.predict(oofs.test))
-    df = submit.submission_frame(comp, pred, oofs.classes, fmt)
-    submit.validate_submission(df, comp, oofs.classes, fmt)
-    return submit.write_submission(df, path)
+    df = submission.submission_frame(comp, pred, oofs.classes, fmt)
+    submission.validate_submission(df, comp, oofs.classes, fmt)
+    return submission.write_submission(df, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # the blend's own out-of-fold predictions
 
 
-OOF_KINDS = ("honest_prob", "honest_pred", "in_sample_prob", "in_sample_pred")
-
-
-def oof_path(data: str, name: str) -> Path:
-    """``reports/<data>/blend_<name>.oof.parquet``, next to the blend's report."""
-    return paths.reports_dir(data) / f"blend_{name}.oof.parquet"
-
-
-def _column(kind: str, label: str) -> str:
-    """Column of one label's values of one kind (``honest_prob:<label>``)."""
-    return f"{kind}:{label}"
-
-
-def write_oof(path: Path, fit: blend.BlendFit, oofs: blend.OOFSet) -> Path:
+def write_oof(path: Path, fit: BlendFit, oofs: OOFSet) -> Path:
     """Write, id-keyed and atomically, what the blend's scores were computed from.
 
     ``honest_*``: each row from the blender and thresholds fitted without its fold (the
@@ -128,43 +111,14 @@ def write_oof(path: Path, fit: blend.BlendFit, oofs: blend.OOFSet) -> Path:
     in_prob = fit.blender.oof_
     arrays = {"honest_prob": fit.honest.prob, "honest_pred": fit.honest.pred,
               "in_sample_prob": in_prob, "in_sample_pred": fit.thresholds.predict(in_prob)}
-    frames = [pd.DataFrame({"id": oofs.ids, "fold": np.asarray(oofs.folds, np.int64)})]
-    for kind, a in arrays.items():
-        dtype = np.uint8 if kind.endswith("_pred") else np.float32
-        frames.append(pd.DataFrame(np.asarray(a, dtype),
-                                   columns=[_column(kind, c) for c in oofs.classes]))
-    return fileio.write_parquet(pd.concat(frames, axis=1), path)
-
-
-def read_oof(path: Path, ids: list[str], classes: list[str],
-             folds: np.ndarray) -> dict[str, np.ndarray]:
-    """A blend's saved predictions in train order: ``{kind: (n, L) array}`` for :data:`OOF_KINDS`.
-
-    Raises:
-        UserError: the file is missing (a blend made before blends saved them), or was made
-            on other ids, labels or folds than the current ones.
-    """
-    if not path.exists():
-        raise UserError(f"{path} not found: this blend was made before `mmfold blend` saved its "
-                        "predictions; re-run `make blend` to report it")
-    where = f"blend predictions {path}"
-    df = blend.align_rows(pd.read_parquet(path), ids, where, "the data changed since the blend; "
-                      "re-run `make blend`")
-    need = [_column(k, c) for k in OOF_KINDS for c in classes]
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise UserError(f"{where}: made with other labels (no column {missing[0]!r}); re-run `make blend`")
-    if (df["fold"].to_numpy(np.int64) != np.asarray(folds)).any():
-        raise UserError(f"{where}: made on other folds than {paths.folds_file(path.parent.name)}; "
-                        "re-run `make blend`")
-    return {k: df[[_column(k, c) for c in classes]].to_numpy() for k in OOF_KINDS}
+    return predictions.write_blend_oof(path, oofs.ids, oofs.folds, oofs.classes, arrays)
 
 
 # ---------------------------------------------------------------------------------------------
 # log row, report, summary
 
 
-def thresholds_hash(fit: blend.BlendFit) -> str:
+def thresholds_hash(fit: BlendFit) -> str:
     """Short hash of the submission's decision rule: thresholds and post-rules."""
     t = fit.thresholds
     h = hashlib.sha256(np.ascontiguousarray(t.thresholds_, np.float64).tobytes())
@@ -180,14 +134,14 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def log_row(name: str, cfg: Config, fit: blend.BlendFit, commit: str) -> dict[str, Any]:
+def log_row(name: str, cfg: Config, fit: BlendFit, commit: str) -> dict[str, Any]:
     """One row of ``submissions/<data>/log.csv``: every setting that changes the submission."""
     best, single = fit.best_single
     b, blender = cfg.blend, fit.blender
     exponents = ({m: round(float(e), 4) for m, e in zip(fit.models, blender.exponents_)}
                  if b.transform == "power" and hasattr(blender, "exponents_") else None)
     return {
-        "name": name, "time": submit.utc_now(), "models": " ".join(fit.models),
+        "name": name, "time": submission.utc_now(), "models": " ".join(fit.models),
         "method": b.method, "metric": cfg.data.metric,
         "weights": {m: round(float(w), 4) for m, w in zip(fit.models, blender.weights_)},
         "cv_mean": f"{fit.honest.mean:.6f}", "cv_std": f"{fit.honest.std:.6f}",
@@ -201,15 +155,15 @@ def log_row(name: str, cfg: Config, fit: blend.BlendFit, commit: str) -> dict[st
     }
 
 
-def build_report(name: str, cfg: Config, fit: blend.BlendFit, oofs: blend.OOFSet,
+def build_report(name: str, cfg: Config, fit: BlendFit, oofs: OOFSet,
                  y: np.ndarray) -> dict[str, Any]:
     """Everything a user needs to judge the blend, JSON-able."""
     best, single = fit.best_single
     thr, b = fit.thresholds, fit.blender
     f1 = per_label_f1(y, fit.honest.pred)
     report = {
-        "name": name, "data": cfg.data.name, "time": submit.utc_now(),
-        "commit": submit.git_commit(),
+        "name": name, "data": cfg.data.name, "time": submission.utc_now(),
+        "commit": submission.git_commit(),
         "method": cfg.blend.method, "metric": cfg.data.metric, "transform": cfg.blend.transform,
         "models": fit.models, "n_folds": int(len(np.unique(oofs.folds))),
         "cv": {**fit.honest.summary(), "in_sample": fit.in_sample},
@@ -220,7 +174,7 @@ def build_report(name: str, cfg: Config, fit: blend.BlendFit, oofs: blend.OOFSet
         "post_rules": {"min_labels": cfg.blend.min_labels, "max_labels": cfg.blend.max_labels,
                        "top_k": cfg.blend.top_k},
         "global_threshold": thr.global_threshold_, "thresholds_hash": thresholds_hash(fit),
-        "note": fit.note, "oof": _relative(oof_path(cfg.data.name, name)),
+        "note": fit.note, "oof": _relative(predictions.blend_oof_file(cfg.data.name, name)),
         "per_label": {c: {"threshold": float(t), "f1": float(f), "support": int(s)}
                       for c, t, f, s in zip(oofs.classes, thr.thresholds_, f1, y.sum(0))},
         "honest_metrics": all_metrics(y, fit.honest.pred),

@@ -1,276 +1,62 @@
-"""Blending several models' out-of-fold probabilities, and scoring the blend honestly.
+"""Blenders: estimators that combine several models' out-of-fold probabilities into one.
 
-Every blender is an sklearn-style estimator over a stack of probabilities ``P`` of shape
-``(n_models, n_rows, n_labels)``: ``fit(P, y, folds)`` returns self and sets ``weights_`` (one
-per model, summing to 1) and ``oof_`` (its predictions for the rows it was fitted on, as
+Every blender implements :class:`Blender`: it is fitted on a stack of probabilities ``P`` of
+shape ``(n_models, n_rows, n_labels)``; ``fit(P, y, folds)`` returns self and sets ``weights_``
+(one per model, summing to 1) and ``oof_`` (its predictions for the rows it was fitted on, as
 honest as the method allows: the blend itself for weighted means, the stacker's out-of-fold
 predictions for LightGBM); ``predict(P)`` returns blended probabilities ``(n_rows, n_labels)``.
 Thresholds are fitted on ``oof_`` by :class:`mmfold.ensemble.thresholds.ThresholdOptimizer`.
 
-:func:`nested_cv` is what the submissions log reports: for each fold k, blender and thresholds
-are fitted on the other folds only and scored on fold k.
+``blend.method`` names one of :data:`BLENDERS`; each registered class also has
+``from_config(cfg, metric, storage, study_name, progress)``, which :func:`build_blender` calls.
+How a blend is scored honestly is :mod:`mmfold.ensemble.nested`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import signal
-import sqlite3
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from collections.abc import Iterator
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
-import pandas as pd
 
-from mmfold import paths
+from mmfold.artifacts import studies
 from mmfold.config import BlendConfig
 from mmfold.errors import UserError
-from mmfold.metrics import METRICS
 from mmfold.registry import Registry
+from mmfold.ensemble.progress import Progress
 from mmfold.ensemble.scoring import threshold_params
 from mmfold.ensemble.thresholds import ThresholdOptimizer
+from mmfold.ensemble.transforms import TRANSFORMS, PowerTransform
 
 BLENDERS = Registry("blend method")
-TRANSFORMS = Registry("blend transform")
-MAX_SHOWN = 5  # ids named in a mismatch message
 
 
-# ---------------------------------------------------------------------------------------------
-# loading and aligning OOF files
+@runtime_checkable
+class Blender(Protocol):
+    """What every blender is (and what :func:`mmfold.ensemble.nested.nested_cv` needs).
 
-
-@dataclass
-class OOFSet:
-    """Every model's OOF (and test) probabilities, aligned to train (and test) order."""
-
-    models: list[str]
-    classes: list[str]
-    ids: list[str]
-    folds: np.ndarray  # (n,)
-    P: np.ndarray  # (M, n, L)
-    test_ids: list[str] | None = None
-    test: np.ndarray | None = None  # (M, n_test, L)
-
-
-def available_models(data: str) -> list[str]:
-    """Models with a collected OOF file (``oof/<data>/<model>.parquet``, not ``*.test``)."""
-    folder = paths.oof_dir(data)
-    stems = (p.stem for p in folder.glob("*.parquet") if not p.name.endswith(".test.parquet"))
-    return sorted(s for s in stems if not paths.is_variant(s))  # sweep trials / ablation variants
-
-
-def _first(ids: list[str] | set[str]) -> str:
-    """The first few ids of a mismatch, for a message a user can act on."""
-    ids = sorted(ids) if isinstance(ids, set) else list(ids)
-    more = f" ... ({len(ids)} in all)" if len(ids) > MAX_SHOWN else ""
-    return ", ".join(repr(i) for i in ids[:MAX_SHOWN]) + more
-
-
-def _read(path: Any, model: str, data: str) -> pd.DataFrame:
-    """Read one prediction file, or say which models do exist."""
-    if not path.exists():
-        raise UserError(f"model '{model}': {path} not found; collected models: "
-                        f"{available_models(data)} (run `make train MODEL={model}`)")
-    return pd.read_parquet(path)
-
-
-def _check_columns(df: pd.DataFrame, classes: list[str], need: list[str], where: str) -> None:
-    """Label columns must be exactly the vocabulary: a shifted column is a silent disaster."""
-    cols = [str(c) for c in df.columns]
-    missing = [c for c in need + classes if c not in cols]
-    extra = [c for c in cols if c not in set(need + classes)]
-    if missing or extra:
-        raise UserError(f"{where}: label columns do not match folds/labels.json: missing "
-                        f"{missing[:MAX_SHOWN]}, unexpected {extra[:MAX_SHOWN]}")
-
-
-def align_rows(df: pd.DataFrame, ids: list[str], where: str, fix: str = "re-run `make collect`") -> pd.DataFrame:
-    """Rows reordered to ``ids``; refuse duplicated, missing or unexpected ids (``fix`` says what to do)."""
-    got = df["id"].astype(str)
-    dup = got[got.duplicated()].tolist()
-    if dup:
-        raise UserError(f"{where}: duplicated ids, first: {_first(dup)}")
-    have = set(got)
-    missing = [i for i in ids if i not in have]
-    extra = have - set(ids)
-    if missing or extra:
-        raise UserError(f"{where}: ids do not match the folds file: {len(missing)} missing "
-                        f"(first: {_first(missing)}), {len(extra)} unexpected "
-                        f"(first: {_first(extra)}); {fix}")
-    return df.assign(id=got).set_index("id").loc[ids]
-
-
-def _load_one(data: str, model: str, classes: list[str], ids: list[str],
-              folds: np.ndarray) -> np.ndarray:
-    """One model's OOF probabilities in train order, its folds checked against ours."""
-    path = paths.oof_file(data, model)
-    where = f"model '{model}' ({path})"
-    df = _read(path, model, data)
-    _check_columns(df, classes, ["id", "fold"], where)
-    df = align_rows(df, ids, where)
-    bad = df["fold"].to_numpy(np.int64) != folds
-    if bad.any():
-        first = [ids[i] for i in np.flatnonzero(bad)]
-        raise UserError(f"{where}: folds differ from {paths.folds_file(data)} for "
-                        f"{bad.sum()} ids (first: {_first(first)}); it was trained on other "
-                        "folds, so blending it would leak; retrain it or re-make the folds")
-    return _finite(df[classes].to_numpy(np.float64), where)
-
-
-def _load_test(data: str, model: str, classes: list[str], ids: list[str]) -> np.ndarray:
-    """One model's test probabilities in test order."""
-    path = paths.test_pred_file(data, model)
-    where = f"model '{model}' ({path})"
-    df = _read(path, model, data)
-    _check_columns(df, classes, ["id"], where)
-    return _finite(align_rows(df, ids, where)[classes].to_numpy(np.float64), where)
-
-
-def _finite(a: np.ndarray, where: str) -> np.ndarray:
-    """NaN, inf or out-of-range probabilities would poison every blend silently."""
-    if not np.isfinite(a).all():
-        raise UserError(f"{where}: {int((~np.isfinite(a)).sum())} NaN/inf probabilities")
-    if a.size and (a.min() < 0 or a.max() > 1):
-        raise UserError(f"{where}: probabilities outside [0, 1] (min {a.min():.3g}, max {a.max():.3g}); "
-                        "were logits saved instead of probabilities?")
-    return a
-
-
-def load_oofs(data: str, models: list[str], comp: Any, folds: np.ndarray | None = None,
-              with_test: bool = True, check_stale: bool = True) -> OOFSet:
-    """Load and align every model's OOF (and test) predictions.
-
-    Args:
-        data: Data config name.
-        models: Model names (``oof/<data>/<model>.parquet``).
-        comp: The :class:`mmfold.data.competition.Competition` (train/test ids and classes).
-        folds: Fold of every train row; read from the folds file when None.
-        with_test: Also load ``<model>.test.parquet`` when the competition has a test set.
-        check_stale: Refuse models whose folds, labels, data or config changed since they were
-            collected (hashes in ``oof/<data>/<model>.json``).
-
-    Raises:
-        UserError: a missing file, or a model whose ids, folds or label columns differ from
-            the folds file, naming the model and the first differing ids.
-    """
-    if not models:
-        raise UserError(f"no models to blend: nothing in {paths.oof_dir(data)} (run `make train`)")
-    if folds is None:
-        from mmfold.data.competition import load_folds
-
-        folds = load_folds(comp)
-    ids, classes = comp.train["id"].astype(str).tolist(), list(comp.classes)
-    if check_stale:
-        from mmfold.artifacts.manifest import check_fresh
-
-        for m in models:
-            check_fresh(m, comp)
-    P = np.stack([_load_one(data, m, classes, ids, folds) for m in models])
-    out = OOFSet(list(models), classes, ids, np.asarray(folds), P)
-    if with_test and comp.test is not None:
-        out.test_ids = comp.test["id"].astype(str).tolist()
-        out.test = np.stack([_load_test(data, m, classes, out.test_ids) for m in models])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# progress
-
-
-PROGRESS_EVERY_S = 5.0  # at most one trial line per this many seconds: alive, never a flood
-
-
-class Progress:
-    """Which stage a blend is in, as lines on ``stream`` (stderr for ``mmfold blend``).
-
-    A blend on real data runs for minutes; without this, the terminal shows nothing until the
-    end. Stages print at once; Optuna trials at most every :data:`PROGRESS_EVERY_S` seconds.
-    ``Progress()`` (no stream) is silent: library callers and benchmarks pass nothing.
+    Attributes (set by :meth:`fit`):
+        weights_: ``(n_models,)`` each model's share, summing to 1.
+        oof_: ``(n_rows, n_labels)`` predictions for the rows it was fitted on, as honest as
+            the method allows; the thresholds are fitted on them.
     """
 
-    def __init__(self, stream: TextIO | None = None, prefix: str = "blend") -> None:
-        self.stream = stream
-        self.prefix = prefix
-        self.where = ""
+    weights_: np.ndarray
+    oof_: np.ndarray
 
-    def stage(self, message: str) -> None:
-        """Print a stage line; trial lines that follow are labelled with it."""
-        self.where = message
-        self._print(message)
+    def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> Self:
+        """Fit on ``P`` ``(n_models, n_rows, n_labels)`` and 0/1 labels ``y``; ``folds`` lets
+        a stacker train out-of-fold."""
+        ...
 
-    def trial_callback(self, total: int) -> Callable[[Any, Any], None]:
-        """An Optuna callback printing ``trial done/total, best`` now and then."""
-        last = time.monotonic()
-
-        def report(study: Any, trial: Any) -> None:
-            nonlocal last
-            if self.stream is None or time.monotonic() - last < PROGRESS_EVERY_S:
-                return
-            last = time.monotonic()
-            done = len(_complete(study))
-            best = f", best {study.best_value:.4f}" if done else ""
-            self._print(f"{self.where}: trial {done}/{total}{best}")
-
-        return report
-
-    def _print(self, message: str) -> None:
-        if self.stream is not None:
-            print(f"{self.prefix}: {message}", file=self.stream, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# transforms applied to each model's probabilities before they are averaged
-
-
-@TRANSFORMS.register("none")
-class IdentityTransform:
-    """Average probabilities as they are."""
-
-    def fit(self, P: np.ndarray) -> IdentityTransform:
-        """Nothing to learn."""
-        return self
-
-    def __call__(self, P: np.ndarray) -> np.ndarray:
-        return P
-
-
-@TRANSFORMS.register("power")
-class PowerTransform(IdentityTransform):
-    """Same as none here; the per-model exponents are tuned by the Optuna blender."""
-
-
-@TRANSFORMS.register("rank")
-class RankTransform:
-    """Each model's probability -> its empirical CDF among that model's training OOF.
-
-    Rank averaging removes calibration differences between models. Ranks are taken against the
-    *training* rows (stored at fit), so a test row's value does not depend on the other test
-    rows, and the thresholds fitted on OOF ranks mean the same on test.
-    """
-
-    def fit(self, P: np.ndarray) -> RankTransform:
-        """Store each (model, label) column sorted."""
-        self.sorted_ = np.sort(P, axis=1)
-        return self
-
-    def __call__(self, P: np.ndarray) -> np.ndarray:
-        M, n, L = self.sorted_.shape
-        out = np.empty(P.shape)
-        for m in range(M):
-            for j in range(L):
-                out[m, :, j] = np.searchsorted(self.sorted_[m, :, j], P[m, :, j], side="right")
-        return out / n
-
-
-# ---------------------------------------------------------------------------------------------
-# blenders
+    def predict(self, P: np.ndarray) -> np.ndarray:
+        """Blended probabilities ``(n_rows, n_labels)`` of another stack of the same models."""
+        ...
 
 
 def _score_after_thresholds(prob: np.ndarray, y: np.ndarray, thr: dict[str, Any]) -> float:
@@ -278,43 +64,56 @@ def _score_after_thresholds(prob: np.ndarray, y: np.ndarray, thr: dict[str, Any]
     return ThresholdOptimizer(**thr).fit(prob, y).score_
 
 
-class WeightedBlender:
+def check_stack(P: np.ndarray) -> np.ndarray:
+    """A float stack ``(M, n, L)`` (finiteness is checked when files are loaded)."""
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 3:
+        raise ValueError(f"expected probabilities of shape (models, rows, labels), got {P.shape}")
+    return P
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted means of transformed probabilities
+
+
+class WeightedBlender(Blender):
     """Shared machinery: ``predict`` is the weighted mean of transformed probabilities."""
 
     transform: str = "none"
 
     def _prepare(self, P: np.ndarray) -> np.ndarray:
         """Fit the transform on the training stack and return the transformed stack."""
-        P = _check_stack(P)
+        P = check_stack(P)
         self.transform_ = TRANSFORMS.get(self.transform)().fit(P)
-        self.exponents_ = np.ones(len(P))
         return self.transform_(P)
 
     def _finish(self, Q: np.ndarray, weights: np.ndarray) -> None:
-        """Store normalised weights and the in-sample blend as ``oof_``."""
+        """Store normalised weights and the in-sample blend of the transformed ``Q`` as ``oof_``."""
         self.weights_ = np.asarray(weights, float) / np.sum(weights)
-        self.oof_ = _mix(Q, self.weights_, self.exponents_)
+        self.oof_ = _mix(Q, self.weights_)
 
     def predict(self, P: np.ndarray) -> np.ndarray:
         """Blended probabilities ``(n, L)``."""
-        return _mix(self.transform_(_check_stack(P)), self.weights_, self.exponents_)
+        return _mix(self.transform_(check_stack(P)), self.weights_)
+
+    @property
+    def exponents_(self) -> np.ndarray:
+        """Each model's power exponent: the power transform's, else 1 (no power)."""
+        exponents = getattr(self.transform_, "exponents_", None)
+        return np.ones(len(self.weights_)) if exponents is None else exponents
 
 
-def _mix(Q: np.ndarray, weights: np.ndarray, exponents: np.ndarray) -> np.ndarray:
-    """Weighted mean over models of ``Q[m] ** exponents[m]``."""
+def _mix(Q: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean over models of ``Q[m]`` (models of weight 0 are skipped)."""
     out = np.zeros(Q.shape[1:])
-    for w, e, q in zip(weights, exponents, Q):
+    for w, q in zip(weights, Q):
         if w > 0:
-            out += w * (q if e == 1 else np.power(q, e))
+            out += w * q
     return out
 
 
-def _check_stack(P: np.ndarray) -> np.ndarray:
-    """A float stack ``(M, n, L)`` (finiteness is checked when files are loaded)."""
-    P = np.asarray(P, dtype=np.float64)
-    if P.ndim != 3:
-        raise ValueError(f"expected probabilities of shape (models, rows, labels), got {P.shape}")
-    return P
+# ---------------------------------------------------------------------------------------------
+# the registered blenders
 
 
 @BLENDERS.register("mean")
@@ -445,12 +244,15 @@ class OptunaBlender(WeightedBlender):
             self._finish(Q, np.ones(1))
             return self
         study = self._study(Q, y)
-        done = len(_complete(study))
+        done = len(studies.complete_trials(study))
         if done < self.n_trials:
             study.sampler = _sampler(self.seed + done)
             self._optimize(study, Q, y, self.n_trials - done)
         self.study_ = study
-        weights, self.exponents_ = self._decode(study.best_trial.params, len(Q))
+        weights, exponents = self._decode(study.best_trial.params, len(Q))
+        if isinstance(self.transform_, PowerTransform):
+            self.transform_.exponents_ = exponents  # Q was P: exponents 1 until now
+            Q = self.transform_(Q)
         self._finish(Q, weights)
         return self
 
@@ -482,12 +284,11 @@ class OptunaBlender(WeightedBlender):
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = f"{self.study_name}-{self._fingerprint(Q, y)}"
-        storage = _storage(self.storage) if self.storage else None
+        storage = studies.storage(self.storage) if self.storage else None
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     sampler=_sampler(self.seed), load_if_exists=True)
         if storage is not None:
-            with _heartbeat_api():
-                optuna.storages.fail_stale_trials(study)  # trials of a killed run
+            studies.fail_stale_trials(study)  # trials of a killed run
         if not study.trials:
             for point in _anchor_points(len(Q)):
                 study.enqueue_trial({**point, **self._unit_exponents(len(Q))})
@@ -516,29 +317,15 @@ class OptunaBlender(WeightedBlender):
         if weights.sum() == 0:  # every u at 1: no model chosen
             return 0.0
         thr = {"n_rounds": 1, **(self.threshold_params or {})}
-        return _score_after_thresholds(_mix(Q, weights / weights.sum(), exponents), y, thr)
+        if self.transform == "power":  # Q is P: the trial's exponents are applied here
+            Q = PowerTransform(exponents)(Q)
+        return _score_after_thresholds(_mix(Q, weights / weights.sum()), y, thr)
 
     def _decode(self, params: dict[str, float], M: int) -> tuple[np.ndarray, np.ndarray]:
         """Trial parameters -> (unnormalised weights, exponents)."""
         weights = np.array([-np.log(params[f"u{m}"]) for m in range(M)])
         exps = np.array([params.get(f"p{m}", 1.0) for m in range(M)])
         return weights, exps
-
-
-# A trial whose process was killed stays RUNNING forever unless something notices: with a
-# heartbeat, a trial silent for GRACE_S seconds is marked FAIL when a study is next opened.
-HEARTBEAT_S = 10
-GRACE_S = 60
-
-
-@contextlib.contextmanager
-def _heartbeat_api() -> Iterator[None]:
-    """Optuna flags its heartbeat API "experimental"; we rely on it knowingly, so say nothing."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 @contextlib.contextmanager
@@ -571,44 +358,11 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-@functools.lru_cache(maxsize=8)
-def _storage(url: str) -> Any:
-    """Optuna storage for a URL; SQLite gets write-ahead logging.
-
-    Optuna commits several times per trial; with SQLite's default journal each commit is an
-    fsync, which measured ~8x slower than an in-memory study here. WAL with synchronous=NORMAL
-    keeps the database consistent after a crash (at worst the last trials are lost, and a
-    resumed study redoes them).
-    """
-    import optuna
-
-    if not url.startswith("sqlite:///"):
-        return url
-    path = url.removeprefix("sqlite:///")
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)  # heartbeat thread
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    with _heartbeat_api():
-        return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect},
-                                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-
-
 def _sampler(seed: int) -> Any:
     """Seeded TPE: the same OOF and seed give the same study."""
     import optuna
 
     return optuna.samplers.TPESampler(seed=seed)
-
-
-def _complete(study: Any) -> list[Any]:
-    """Finished trials (a killed run leaves RUNNING ones behind; they are not counted)."""
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def _anchor_points(M: int) -> list[dict[str, float]]:
@@ -620,7 +374,7 @@ def _anchor_points(M: int) -> list[dict[str, float]]:
 
 
 @BLENDERS.register("lgbm")
-class LGBMStacker:
+class LGBMStacker(Blender):
     """A LightGBM classifier per label over every model's probability of that label.
 
     With ``cooccurrence`` the features also hold the mean probability of every label, so the
@@ -662,7 +416,7 @@ class LGBMStacker:
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> LGBMStacker:
         """Out-of-fold stackers for ``oof_``, then one per label on every row."""
-        P, y = _check_stack(P), np.asarray(y)
+        P, y = check_stack(P), np.asarray(y)
         if folds is None or len(np.unique(folds)) < 2:
             raise UserError("blend.method=lgbm trains out-of-fold, so it needs >= 2 folds in the "
                             "rows it is fitted on (>= 3 folds in all, for the nested CV)")
@@ -679,7 +433,7 @@ class LGBMStacker:
 
     def predict(self, P: np.ndarray) -> np.ndarray:
         """Stacked probabilities ``(n, L)`` from the all-rows stackers."""
-        P = _check_stack(P)
+        P = check_stack(P)
         return np.stack([_proba(m, self._x(P, j)) for j, m in enumerate(self.models_)], axis=1)
 
     def _x(self, P: np.ndarray, j: int) -> np.ndarray:
@@ -729,117 +483,11 @@ class SingleModel(WeightedBlender):
         return self
 
 
-# ---------------------------------------------------------------------------------------------
-# building from the config, honest scoring
-
-
 def build_blender(cfg: BlendConfig, metric: str, storage: str | None = None,
-                  study_name: str = "blend", progress: Progress | None = None) -> Any:
+                  study_name: str = "blend", progress: Progress | None = None) -> Blender:
     """A fresh blender for ``blend.method`` (one per fold: nothing is shared between fits)."""
     TRANSFORMS.get(cfg.transform)  # an unknown name fails here, listing the registered ones
     if cfg.transform == "power" and cfg.method != "optuna":
         raise UserError("blend.transform=power tunes exponents, which only "
                         "blend.method=optuna does")
     return BLENDERS.get(cfg.method).from_config(cfg, metric, storage, study_name, progress)
-
-
-@dataclass
-class NestedCV:
-    """Honest scores: fold k predicted by a blender and thresholds fitted without fold k."""
-
-    per_fold: list[float]
-    prob: np.ndarray  # (n, L) blended probabilities, each row from fits that never saw it
-    pred: np.ndarray  # (n, L) 0/1 after those fits' thresholds
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.per_fold))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.per_fold))
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able mean, std and per-fold scores."""
-        return {"mean": self.mean, "std": self.std, "per_fold": [float(s) for s in self.per_fold]}
-
-
-def nested_cv(P: np.ndarray, y: np.ndarray, folds: np.ndarray,
-              make_blender: Callable[[int], Any], make_thresholds: Callable[[], ThresholdOptimizer],
-              metric: str = "samples", progress: Progress | None = None) -> NestedCV:
-    """Score a blend recipe on folds it was never fitted on.
-
-    For each fold k: a new blender is fitted on the other folds' OOF (``folds`` passed along,
-    so a stacker trains out-of-fold inside them), thresholds on that blender's ``oof_``, and
-    both are applied to fold k. Fitting anything on fold k would flatter the score.
-
-    Args:
-        P: ``(M, n, L)`` OOF probabilities.
-        y: ``(n, L)`` 0/1 labels.
-        folds: Fold of every row.
-        make_blender: ``fold -> unfitted blender``.
-        make_thresholds: ``() -> unfitted ThresholdOptimizer``.
-        metric: A :data:`mmfold.metrics.METRICS` name to score each fold.
-        progress: Prints ``nested CV fold i/K`` as each fold starts (silent when None).
-    """
-    P, y, folds = _check_stack(P), np.asarray(y), np.asarray(folds)
-    prob, pred = np.zeros(P.shape[1:]), np.zeros(P.shape[1:], np.uint8)
-    scores, ks = [], np.unique(folds)
-    for i, k in enumerate(ks):
-        if progress is not None:
-            progress.stage(f"nested CV fold {i + 1}/{len(ks)} (fitted on the other {len(ks) - 1})")
-        tr, te = folds != k, folds == k
-        blender = make_blender(int(k)).fit(P[:, tr], y[tr], folds[tr])
-        thresholds = make_thresholds().fit(blender.oof_, y[tr])
-        prob[te] = blender.predict(P[:, te])
-        pred[te] = thresholds.predict(prob[te])
-        scores.append(float(METRICS[metric](y[te], pred[te])))
-    return NestedCV(scores, prob, pred)
-
-
-@dataclass
-class BlendFit:
-    """Everything ``mmfold blend`` reports: the final fits and the honest scores."""
-
-    models: list[str]
-    blender: Any  # fitted on all OOF: used for the test submission
-    thresholds: ThresholdOptimizer  # fitted on all of the blender's oof_
-    honest: NestedCV
-    in_sample: float  # weights and thresholds fitted and scored on the same rows
-    singles: dict[str, NestedCV] = field(default_factory=dict)
-    note: str = ""  # what the fit skipped and why (e.g. no weight search for one model)
-
-    @property
-    def best_single(self) -> tuple[str, NestedCV]:
-        """The model with the best honest CV alone."""
-        name = max(self.singles, key=lambda m: self.singles[m].mean)
-        return name, self.singles[name]
-
-
-def fit_blend(oofs: OOFSet, y: np.ndarray, cfg: BlendConfig, metric: str,
-              storage: str | None = None, study_name: str = "blend",
-              progress: Progress | None = None) -> BlendFit:
-    """Nested CV of the blend and of each model alone, then the final fit on all OOF.
-
-    With one model there is no weight to search: weighted methods give it weight 1.0 without
-    a study (``note`` says so); the lgbm stacker still recalibrates it.
-    """
-    P, folds = oofs.P, oofs.folds
-    progress = progress or Progress()
-    make_thresholds = functools.partial(ThresholdOptimizer, **threshold_params(cfg, metric))
-
-    def make_blender(label: str) -> Any:
-        return build_blender(cfg, metric, storage, f"{study_name}-{label}", progress)
-
-    honest = nested_cv(P, y, folds, lambda k: make_blender(f"fold{k}"), make_thresholds, metric,
-                       progress)
-    progress.stage(f"final fit on all {len(np.unique(folds))} folds")
-    blender = make_blender("all").fit(P, y, folds)
-    thresholds = make_thresholds().fit(blender.oof_, y)
-    progress.stage(f"each model alone ({len(oofs.models)} models)")
-    singles = {m: nested_cv(P[i : i + 1], y, folds, lambda k: SingleModel(0), make_thresholds,
-                            metric) for i, m in enumerate(oofs.models)}
-    note = ""
-    if len(oofs.models) == 1 and isinstance(blender, WeightedBlender):
-        note = f"one model ({oofs.models[0]}): weight 1.0, no weight search"
-    return BlendFit(oofs.models, blender, thresholds, honest, thresholds.score_, singles, note)

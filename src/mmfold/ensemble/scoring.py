@@ -24,12 +24,10 @@ def threshold_params(cfg: BlendConfig, metric: str) -> dict[str, Any]:
             "top_k": cfg.top_k}
 
 
-@dataclass
-class HonestCV:
-    """Per-fold scores and the 0/1 predictions they came from (each row decided out of fold)."""
+class FoldScores:
+    """Mean and spread of a ``per_fold`` list of scores (mixed into the CV results)."""
 
     per_fold: list[float]
-    pred: np.ndarray  # (n, L) 0/1
 
     @property
     def mean(self) -> float:
@@ -38,6 +36,14 @@ class HonestCV:
     @property
     def std(self) -> float:
         return float(np.std(self.per_fold))
+
+
+@dataclass
+class HonestCV(FoldScores):
+    """Per-fold scores and the 0/1 predictions they came from (each row decided out of fold)."""
+
+    per_fold: list[float]
+    pred: np.ndarray  # (n, L) 0/1
 
 
 def honest_cv(probs: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: BlendConfig,

@@ -26,15 +26,15 @@ import numpy as np
 import pandas as pd
 
 from mmfold import fileio, paths
-from mmfold.ensemble import blend as blend_cmd
-from mmfold.report import plots
-from mmfold.ensemble import submission as submit
+from mmfold.artifacts import predictions
 from mmfold.config import Config, load_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.metrics import METRICS, all_metrics, binarize, metric_label, per_label_f1
+from mmfold.ensemble import blend, submission
 from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
 from mmfold.ensemble.thresholds import ThresholdOptimizer
+from mmfold.metrics import METRICS, all_metrics, binarize, metric_label, per_label_f1
+from mmfold.report import plots
 
 N_NAMED = 3  # strongest/weakest labels named in the text
 
@@ -103,13 +103,6 @@ def model_names(data: str) -> list[str]:
     return sorted(p.stem for p in paths.oof_dir(data).glob("*.json") if not paths.is_variant(p.stem))
 
 
-def load_probs(path: Path, ids: list[str], classes: list[str]) -> np.ndarray:
-    """A prediction file's probabilities in train order and class order."""
-    df = pd.read_parquet(path)
-    df["id"] = df["id"].astype(str)
-    return df.set_index("id").loc[ids, classes].to_numpy(np.float64)
-
-
 def load_models(cfg: Config, comp: Competition, folds: np.ndarray) -> list[Scored]:
     """Every collected model, scored, best honest CV first."""
     data, ids, y = cfg.data.name, comp.train["id"].astype(str).tolist(), comp.y()
@@ -118,18 +111,18 @@ def load_models(cfg: Config, comp: Competition, folds: np.ndarray) -> list[Score
         if not paths.oof_file(data, name).exists():
             continue
         meta = json.loads(paths.oof_meta_file(data, name).read_text())
-        out.append(score(name, load_probs(paths.oof_file(data, name), ids, comp.classes), y, folds,
-                         cfg, meta))
+        prob = predictions.read_oof(data, name, ids, comp.classes, folds)
+        out.append(score(name, prob, y, folds, cfg, meta))
     return sorted(out, key=lambda s: -s.cv)
 
 
 def read_log(data: str) -> pd.DataFrame | None:
     """The submissions log with each submission's latest LB and LB count, or None before the
     first blend."""
-    if not submit.log_path(data).exists():
+    if not submission.log_path(data).exists():
         return None
-    log = submit.read_log(data)
-    table = submit.log_table(data).drop_duplicates("name", keep="last").set_index("name")
+    log = submission.read_log(data)
+    table = submission.log_table(data).drop_duplicates("name", keep="last").set_index("name")
     for c in ("lb", "lb_n"):
         log[c] = log["name"].map(table[c]).map(lambda v: "" if pd.isna(v) else str(v))
     return log
@@ -142,8 +135,9 @@ def load_blend(cfg: Config, comp: Competition, folds: np.ndarray, name: str) -> 
         UserError: the blend has no saved predictions, or they do not fit the current data.
     """
     ids = comp.train["id"].astype(str).tolist()
-    saved = blend_cmd.read_oof(blend_cmd.oof_path(cfg.data.name, name), ids, comp.classes, folds)
-    js = blend_cmd.report_base(cfg.data.name, name).with_suffix(".json")
+    saved = predictions.read_blend_oof(predictions.blend_oof_file(cfg.data.name, name), ids,
+                                       comp.classes, folds, cfg.data.name)
+    js = blend.report_base(cfg.data.name, name).with_suffix(".json")
     meta = json.loads(js.read_text()) if js.exists() else {}
     return score_blend(name, saved, comp.y(), folds, cfg, meta)
 
@@ -220,8 +214,8 @@ def _blend_name(log: pd.DataFrame | None, name: str | None, data: str) -> str | 
     """The named blend (logged, or saved without a test set), else the latest logged one."""
     names = [] if log is None or log.empty else log["name"].tolist()
     if name:
-        if name not in names and not blend_cmd.oof_path(data, name).exists():
-            raise UserError(f"no blend named {name!r} in {submit.log_path(data)} or "
+        if name not in names and not predictions.blend_oof_file(data, name).exists():
+            raise UserError(f"no blend named {name!r} in {submission.log_path(data)} or "
                             f"{paths.reports_dir(data)}; logged: {names[-10:]}")
         return name
     return names[-1] if names else None
@@ -348,7 +342,7 @@ def _blend_source(ctx: ReportContext) -> str:
     in_sample = f", in-sample {b.in_sample:.4f}" if b.in_sample is not None else ""
     return (f"**{b.name}**: honest CV {b.cv:.4f} ± {b.cv_std:.4f} ({ctx.metric}, nested: blender and "
             f"thresholds fitted without the scored fold){in_sample}. Its predictions are the ones "
-            f"`mmfold blend` scored and logged (`{blend_cmd.oof_path(ctx.cfg.data.name, name).name}`).")
+            f"`mmfold blend` scored and logged (`{predictions.blend_oof_file(ctx.cfg.data.name, name).name}`).")
 
 
 def _strong_weak(f1: pd.Series, freq: pd.Series, who: str) -> str:
@@ -421,7 +415,7 @@ LOG_ALIASES = {  # log.jsonl key -> names the plots use
 def read_logs(data: str, model: str) -> pd.DataFrame | None:
     """Every fold's ``log.jsonl`` of a model as one long frame (None if it has none)."""
     frames = []
-    for log in sorted((paths.root() / "runs" / data / model).glob("fold*/log.jsonl")):
+    for log in sorted(paths.run_dir(data, model, 0).parent.glob("fold*/log.jsonl")):
         rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
         if rows:
             df = pd.DataFrame(rows)

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from mmfold import fileio, paths
+from mmfold.artifacts import predictions
 from mmfold.paths import VARIANT_SEP
 from mmfold.config import Config, ConfigError, learned_settings, load_config, model_yaml
 from mmfold.data.competition import Competition, load_folds
@@ -163,7 +164,7 @@ def train_variant(ab: Ablation, cfg: Config) -> tuple[np.ndarray, float]:
     """Train/reuse every evaluated fold of ``cfg``; its OOF on the evaluated rows and the time."""
     comp = ab.comps.get(cfg)
     spent = sum(float(run_variant_fold(cfg, comp, ab.fold_of_row, k).get("train_time_s") or 0.0) for k in ab.folds)
-    return fold_probs(cfg, comp, ab.folds, ab.rows), spent
+    return fold_probs(cfg, comp, ab.fold_of_row, ab.folds), spent
 
 
 def run_base(ab: Ablation) -> Result:
@@ -196,7 +197,8 @@ def thresholds_at_half(ab: Ablation, v: Variant) -> Result:
 def blend_vs_single(ab: Ablation, v: Variant) -> Result:
     """The blend (``blend.*`` settings) of the base with other collected models, nested CV in
     the table's metric. The blender is fitted on other folds, so one fold is not enough."""
-    from mmfold.ensemble.blenders import build_blender, nested_cv
+    from mmfold.ensemble.blenders import build_blender
+    from mmfold.ensemble.nested import nested_cv
 
     present = [m for m in _blend_members(ab, v) if m != ab.model and paths.oof_file(ab.data, m).exists()]
     if not present:
@@ -236,11 +238,10 @@ def _blend_members(ab: Ablation, v: Variant) -> list[str]:
 
 
 def _collected(ab: Ablation, model: str) -> np.ndarray:
-    """A collected model's OOF on the evaluated rows."""
-    from mmfold.report.report import load_probs
-
-    ids = ab.comp.train["id"].astype(str).iloc[ab.rows].tolist()
-    return load_probs(paths.oof_file(ab.data, model), ids, ab.comp.classes)
+    """A collected model's OOF on the evaluated rows (the whole file checked: its ids, labels,
+    folds and probabilities)."""
+    comp = ab.comp
+    return predictions.read_oof(ab.data, model, comp.ids("train"), comp.classes, ab.fold_of_row)[ab.rows]
 
 
 # -------------------------------------------------------------------------------------- table
@@ -326,9 +327,16 @@ def _setup(data: str, model: str, base: Config, folds: Sequence[int] | None, ove
 
 
 def _run(ab: Ablation, v: Variant) -> Result:
-    """A computed variant from the registry, or a trained one."""
-    runner: Callable[[Ablation, Variant], Result] = COMPUTED.get(v.computed) if v.computed else run_trained
-    return runner(ab, v)
+    """A computed variant from the registry, or a trained one; a computed row whose collected
+    model cannot be read says why instead of ending the ablation."""
+    if not v.computed:
+        return run_trained(ab, v)
+    computed: Callable[[Ablation, Variant], Result] = COMPUTED.get(v.computed)
+    try:
+        return computed(ab, v)
+    except predictions.PredictionError as e:
+        print(f"{ab.model} ablation '{v.name}': failed: {e}")
+        return Result(v.name, v.what, None, 0.0, f"failed: {e}")
 
 
 def _write(df: pd.DataFrame, ab: Ablation) -> None:

@@ -12,7 +12,8 @@ Before anything trains, a search-space key the model's kind ignores (``train.los
 member) is refused, and a sampled parameter set that equals a finished trial's (TPE repeats
 itself on small discrete spaces) takes that trial's result instead of training it again.
 
-The study lives in SQLite (``sweeps/<data>/<study>.db``), so a killed or interrupted sweep
+The study lives in SQLite (``sweeps/<data>/<study>.db``, opened as the blend's studies are, by
+:mod:`mmfold.artifacts.studies`: write-ahead logging, heartbeats), so a killed or interrupted sweep
 resumes: finished trials are kept, and a trial that was cut off is re-queued with the same
 parameters *and the same run name*, so its finished folds are not trained again. The best
 trial is written out as a new model YAML, and every trial goes into a results table with its
@@ -48,6 +49,7 @@ import pandas as pd
 import yaml
 
 from mmfold import fileio, paths
+from mmfold.artifacts import predictions, studies
 from mmfold.paths import VARIANT_SEP
 from mmfold.config import Config, ConfigError, learned_settings, load_config, merge, model_yaml, stable_hash
 from mmfold.data.competition import Competition, load_competition, load_folds
@@ -128,19 +130,11 @@ def run_variant_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fo
     return run_fold(cfg, comp, fold_of_row, fold, force=stale)
 
 
-def read_fold_oof(cfg: Config, comp: Competition, folds: Sequence[int]) -> pd.DataFrame:
-    """The chosen folds' ``oof.parquet`` of a variant, concatenated (``id``, ``fold``, classes)."""
-    parts = [pd.read_parquet(paths.run_dir(cfg.data.name, cfg.model.name, k) / "oof.parquet") for k in folds]
-    return pd.concat(parts, ignore_index=True)
-
-
-def fold_probs(cfg: Config, comp: Competition, folds: Sequence[int], rows: np.ndarray) -> np.ndarray:
-    """A variant's out-of-fold probabilities on train rows ``rows`` (train order), read from
-    the ``oof.parquet`` of ``folds`` (which must cover those rows)."""
-    oof = read_fold_oof(cfg, comp, folds)
-    oof.index = oof["id"].astype(str)
-    ids = comp.train["id"].astype(str).iloc[rows]
-    return oof.loc[ids, comp.classes].to_numpy(np.float64)
+def fold_probs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, folds: Sequence[int]) -> np.ndarray:
+    """A variant's out-of-fold probabilities on the train rows of ``folds`` (train order), read
+    from those folds' ``oof.parquet`` (each checked: its fold's ids, labels, probabilities)."""
+    return predictions.read_fold_oofs(cfg.data.name, cfg.model.name, comp.ids("train"), comp.classes,
+                                      fold_of_row, folds)
 
 
 def honest_score(cfg: Config, comp: Competition, fold_of_row: np.ndarray, folds: Sequence[int]) -> HonestCV:
@@ -150,7 +144,7 @@ def honest_score(cfg: Config, comp: Competition, fold_of_row: np.ndarray, folds:
     the variant's ``blend.*`` post-rules, scored by ``data.metric``.
     """
     rows = np.flatnonzero(np.isin(fold_of_row, list(folds)))
-    probs = fold_probs(cfg, comp, folds, rows)
+    probs = fold_probs(cfg, comp, fold_of_row, folds)
     return honest_cv(probs, comp.y()[rows], fold_of_row[rows], cfg.blend, cfg.data.metric)
 
 
@@ -347,13 +341,6 @@ def _nop(opts: SweepOptions) -> Any:
 # ------------------------------------------------------------------------------------ study
 
 
-def storage_url(data: str, study: str) -> str:
-    """SQLAlchemy URL of the study's SQLite file."""
-    db = paths.sweeps_dir(data) / f"{study}.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db.resolve()}"
-
-
 def signature(opts: SweepOptions, space: list[Param]) -> str:
     """What makes two sweeps the same study: base config, space, folds, sampler, overrides, and
     how trials are scored (the honest CV's threshold settings), so trials scored another way
@@ -367,10 +354,11 @@ def open_study(opts: SweepOptions, space: list[Param], force: bool) -> Any:
     """Create or resume the study; refuse to resume one made from another config."""
     import optuna
 
-    url = storage_url(opts.data, opts.study)
-    if force and opts.study in optuna.get_all_study_names(url):
-        optuna.delete_study(study_name=opts.study, storage=url)
-    study = optuna.create_study(storage=url, study_name=opts.study, direction="maximize", load_if_exists=True,
+    url = studies.sweep_url(opts.data, opts.study)
+    storage = studies.storage(url)  # WAL and heartbeats, as the blend's studies
+    if force and opts.study in optuna.get_all_study_names(storage):
+        optuna.delete_study(study_name=opts.study, storage=storage)
+    study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=SAMPLERS.get(opts.sampler)(space, opts.seed),
                                 pruner=PRUNERS.get(opts.pruner)(opts))
     sig, old = signature(opts, space), study.user_attrs.get("signature")

@@ -11,10 +11,10 @@ import argparse
 import json
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from mmfold import fileio, paths
+from mmfold.artifacts import predictions
 from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config, model_names
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
@@ -73,36 +73,19 @@ def trained_config(data: str, model: str) -> Config:
     return config_from_dict(yaml.safe_load((paths.run_dir(data, model, 0) / "config.yaml").read_text()))
 
 
-def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> pd.DataFrame:
-    """Concatenate fold OOFs in train order, asserting each id appears exactly once."""
-    n = int(fold_of_row.max()) + 1
-    parts = [pd.read_parquet(paths.run_dir(cfg.data.name, cfg.model.name, k) / "oof.parquet") for k in range(n)]
-    oof = pd.concat(parts, ignore_index=True)
-    dup = oof["id"][oof["id"].duplicated()].tolist()
-    ids = comp.train["id"]
-    missing = sorted(set(ids) - set(oof["id"]))
-    if dup or missing or len(oof) != len(ids):
-        raise UserError(f"{cfg.model.name}: OOF ids are not each train id exactly once "
-                        f"(duplicated: {dup[:5]}, missing: {missing[:5]})")
-    oof = oof.set_index("id").loc[ids].reset_index()
-    if not (oof["fold"].to_numpy() == fold_of_row).all():
-        raise UserError(f"{cfg.model.name}: OOF fold column disagrees with {paths.folds_file(cfg.data.name)}")
-    return oof
+def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> np.ndarray:
+    """Every fold's OOF probabilities in train order (each fold file holds exactly its fold's
+    ids: every train id is predicted once, checked by :func:`predictions.read_fold_oofs`)."""
+    return predictions.read_fold_oofs(cfg.data.name, cfg.model.name, comp.ids("train"), comp.classes,
+                                      fold_of_row)
 
 
-def mean_test(cfg: Config, comp: Competition, n_folds: int) -> pd.DataFrame | None:
-    """Average the folds' test probabilities (same ids, same order, checked)."""
-    files = [paths.run_dir(cfg.data.name, cfg.model.name, k) / "test.parquet" for k in range(n_folds)]
-    if comp.test is None or not all(f.exists() for f in files):
+def mean_test(cfg: Config, comp: Competition, n_folds: int) -> np.ndarray | None:
+    """The folds' test probabilities averaged (each fold's file checked), or None without a
+    test set or when a fold wrote none."""
+    if comp.test is None:
         return None
-    frames = [pd.read_parquet(f) for f in files]
-    for k, f in enumerate(frames):
-        if f["id"].tolist() != comp.ids("test"):
-            raise UserError(f"{files[k]}: test ids differ from {cfg.data.test_csv}")
-    probs = np.mean([f[comp.classes].to_numpy(np.float64) for f in frames], axis=0)
-    out = pd.DataFrame(probs.astype(np.float32), columns=comp.classes)
-    out.insert(0, "id", comp.ids("test"))
-    return out
+    return predictions.mean_fold_tests(cfg.data.name, cfg.model.name, comp.ids("test"), comp.classes, n_folds)
 
 
 def cv_summary(cfg: Config, y: np.ndarray, probs: np.ndarray, fold_of_row: np.ndarray) -> dict:
@@ -126,17 +109,16 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     test = mean_test(cfg, comp, n)
     meta = _meta(cfg, trained_config(cfg.data.name, cfg.model.name), comp, oof, fold_of_row, infos)
     data, model = cfg.data.name, cfg.model.name
-    oof_path, test_path, meta_path = (paths.oof_file(data, model),
-                                      paths.test_pred_file(data, model),
-                                      paths.oof_meta_file(data, model))
+    names = [p.name for p in (paths.oof_file(data, model), paths.test_pred_file(data, model),
+                              paths.oof_meta_file(data, model))]
     # two fold runs finishing together both collect: one at a time, and each clears the
     # temp files a killed collect of this model left behind
     with fileio.file_lock(paths.oof_dir(data) / f".{model}.collect.lock", wait=True):
-        fileio.remove_orphan_temps(paths.oof_dir(data), [oof_path.name, test_path.name, meta_path.name])
-        fileio.write_parquet(oof, oof_path)
+        fileio.remove_orphan_temps(paths.oof_dir(data), names)
+        predictions.write_oof(data, model, comp.ids("train"), oof, comp.classes, fold_of_row)
         if test is not None:
-            fileio.write_parquet(test, test_path)
-        fileio.write_json(meta_path, meta)
+            predictions.write_test(data, model, comp.ids("test"), test, comp.classes)
+        fileio.write_json(paths.oof_meta_file(data, model), meta)
     metric = cfg.data.metric
     print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "
           f"{meta['cv_tuned'][metric]:.4f} with tuned thresholds (honest: each fold decided by "
@@ -144,11 +126,11 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     return meta
 
 
-def _meta(cfg: Config, trained: Config, comp: Competition, oof: pd.DataFrame, fold_of_row: np.ndarray,
+def _meta(cfg: Config, trained: Config, comp: Competition, oof: np.ndarray, fold_of_row: np.ndarray,
           infos: list[dict]) -> dict:
     """The model's CV card: metrics (scored with ``cfg``'s blend settings and metric), per-fold
     info, sizes, time, the config it was trained with and its input hashes."""
-    probs = oof[comp.classes].to_numpy(np.float32)
+    probs = np.asarray(oof, np.float32)  # as stored
     return {
         "model": cfg.model.name,
         "kind": cfg.model.kind,

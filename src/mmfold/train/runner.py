@@ -174,12 +174,13 @@ def _backup(rd: Path) -> None:
 
 def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path, out) -> dict:
     """oof.parquet, test.parquet, then done.json last: its presence means the fold is complete."""
+    from mmfold.artifacts import predictions
+
     valid = np.flatnonzero(fold_of_row == fold)
-    _check_probs(out.oof, (len(valid), len(comp.classes)), f"{cfg.model.name} fold {fold} OOF")
-    fileio.write_parquet(prob_frame(comp.train["id"].iloc[valid], out.oof, comp.classes, fold=fold), rd / "oof.parquet")
+    what = f"{cfg.model.name} fold {fold}"
+    predictions.write_fold_oof(rd, comp.train["id"].iloc[valid], out.oof, comp.classes, fold, f"{what} OOF")
     if out.test is not None:
-        _check_probs(out.test, (len(comp.test), len(comp.classes)), f"{cfg.model.name} fold {fold} test")
-        fileio.write_parquet(prob_frame(comp.test["id"], out.test, comp.classes), rd / "test.parquet")
+        predictions.write_fold_test(rd, comp.test["id"], out.test, comp.classes, f"{what} test")
     y = comp.y()[valid]
     info = {
         "fold": fold,
@@ -193,23 +194,6 @@ def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
     metric = cfg.data.metric
     print(f"{cfg.model.name} fold {fold}: {metric_label(metric)} at 0.5 {info['metrics'][metric]:.4f}")
     return info
-
-
-def _check_probs(p: np.ndarray, shape: tuple[int, int], what: str) -> None:
-    """Runner outputs must be finite probabilities of the right shape."""
-    if p.shape != shape:
-        raise RuntimeError(f"{what}: shape {p.shape}, expected {shape}")
-    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
-        raise RuntimeError(f"{what}: probabilities must be finite and in [0, 1]")
-
-
-def prob_frame(ids: pd.Series | Sequence[str], probs: np.ndarray, classes: list[str], fold: int | None = None) -> pd.DataFrame:
-    """The on-disk prediction layout: ``id`` [``fold``] + one float32 column per class."""
-    df = pd.DataFrame(np.asarray(probs, np.float32), columns=list(classes))
-    df.insert(0, "id", list(ids))
-    if fold is not None:
-        df.insert(1, "fold", fold)
-    return df
 
 
 def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[int] | None = None,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, paths
+from mmfold.machine import available_cores
 from mmfold.config import Config, load_config
 from mmfold.data.competition import Competition, load_competition
 from mmfold.errors import UserError
@@ -285,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
                 f.unlink()
         print(f"== {data}", flush=True)
         datasets[data] = bench_dataset(data, args)
-    doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()}, {_cores()} cores",
+    doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()}, {available_cores()} cores",
            "total_s": round(time.perf_counter() - start, 1), "cold": bool(embeddings.COMPUTE_COUNT),
            "embeddings_computed": dict(embeddings.COMPUTE_COUNT), "datasets": datasets}
     doc["history"] = _history(doc)
@@ -294,10 +295,3 @@ def run(args: argparse.Namespace) -> int:
     fileio.write_text(md, render(doc))
     print(render(doc))
     return 0
-
-
-def _cores() -> int:
-    """CPU cores available to this process."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

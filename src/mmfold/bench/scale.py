@@ -51,7 +51,7 @@ def write_project(root: Path, n: int, n_labels: int, n_test: int) -> None:
 
 def write_fold_outputs(root: Path, model: str, seed: int) -> None:
     """Per-fold oof/test parquet + done.json, as a trained model would leave them."""
-    from mmfold.config import load_config
+    from mmfold.config import load_config, save_config
     from mmfold.data.competition import load_competition, load_folds
     from mmfold.artifacts.manifest import fingerprints
     from mmfold.artifacts import predictions
@@ -69,6 +69,7 @@ def write_fold_outputs(root: Path, model: str, seed: int) -> None:
         predictions.write_fold_oof(rd, comp.train["id"].iloc[rows], probs, comp.classes, k, f"{model} fold {k}")
         test = rng.random((len(comp.test), y.shape[1]), dtype=np.float32)
         predictions.write_fold_test(rd, comp.test["id"], test, comp.classes, f"{model} fold {k} test")
+        save_config(cfg, rd / "config.yaml")  # collect checks what each fold was trained with
         fileio.write_json(rd / "done.json", {"fold": k, "hashes": hashes, "train_time_s": 0.0})
 
 

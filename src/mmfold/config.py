@@ -98,6 +98,7 @@ class TrainConfig:
     augment: list[dict[str, Any]] = field(default_factory=list)
     image_size: int | None = None
     max_len: int = 64
+    length_buckets: int = 0  # >0: training batches of similar caption length, sorted in pools of this many batches; 0 = plain shuffle
     num_workers: int = 0
     channels_last: bool = False
     device: str = "auto"
@@ -162,8 +163,18 @@ def learned_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened data/model/train settings that change what a fold learns, run length
     (epochs, patience) included: two runs with equal settings compute the same thing, so a
     sweep or ablation may reuse a finished fold."""
+    config = with_defaults(config)
     flat = flatten({k: config.get(k, {}) for k in ("data", "model", "train")})
     return {k: v for k, v in flat.items() if not k.startswith(NOT_LEARNING)}
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with every field a later version added filled with its default.
+
+    A run saved before a setting existed was trained as if it had the default: comparing
+    the raw dicts would call every older run stale (``None -> 0``) the day a field is added.
+    """
+    return config_from_dict(config).to_dict()
 
 
 def learning_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

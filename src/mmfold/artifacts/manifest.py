@@ -14,7 +14,7 @@ from typing import Any
 
 from mmfold import paths
 from mmfold.config import (NOT_LEARNING, RUN_LENGTH_KEYS, Config, describe_diff, flatten,
-                           learning_diff, load_config, model_yaml, stable_hash)
+                           learning_diff, load_config, model_yaml, stable_hash, with_defaults)
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 
@@ -34,7 +34,7 @@ def learning_view(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened settings a model's predictions depend on: its model and train sections
     (less what does not change learning, :data:`mmfold.config.NOT_LEARNING` and the run-length
     keys) and the data columns and metric it was trained to read and optimise."""
-    flat = flatten(config)
+    flat = flatten(with_defaults(config))
     keep = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train")}
     keep |= {f"data.{c}": flat.get(f"data.{c}") for c in DATA_LEARNING_KEYS}
     return {k: v for k, v in keep.items() if k not in RUN_LENGTH_KEYS and not k.startswith(NOT_LEARNING)}

@@ -23,6 +23,7 @@ BENCH_SECTIONS: dict[str, str] = {
     "thresholds": "mmfold.bench.thresholds:benchmark",
     "cache": "mmfold.bench.cache:benchmark",
     "scale": "mmfold.bench.scale:benchmark",
+    "deep_speed": "mmfold.bench.deep_speed:benchmark",
 }
 
 

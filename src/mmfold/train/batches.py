@@ -3,8 +3,9 @@
 Why it is fast: images are decoded once into a ``uint8`` memmap (:mod:`mmfold.train.caches`), a
 batch is read with one fancy index, moved to the device as ``uint8`` (4x less traffic than
 float) and normalised there (:func:`model_inputs`). Why it resumes exactly: the shuffle order
-is a function of ``(seed, epoch)`` (:class:`EpochSampler`) and augmentations are seeded per
-batch, so neither depends on worker count nor on where a run was resumed.
+is a function of ``(seed, epoch)`` (:class:`EpochSampler`, or :class:`LengthBucketSampler` for
+captions batched by length) and augmentations are seeded per batch, so neither depends on
+worker count nor on where a run was resumed.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from mmfold.config import Config, ConfigError, TrainConfig
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.train.caches import image_cache, token_cache
 
-__all__ = ["FoldDataset", "EpochSampler", "make_loader", "fold_loaders", "build_augment", "FoldData",
-           "build_data", "model_inputs"]
+__all__ = ["FoldDataset", "EpochSampler", "LengthBucketSampler", "caption_lengths", "make_loader", "fold_loaders",
+           "build_augment", "FoldData", "build_data", "model_inputs"]
 
 
 class FoldDataset(Dataset):
@@ -120,14 +121,84 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+class LengthBucketSampler(BatchSampler):
+    """Batches of captions of similar length, in an order that depends only on ``(seed, epoch)``.
+
+    Each epoch the rows are shuffled exactly as :class:`EpochSampler` would, cut into pools of
+    ``pool_batches`` batches, sorted by caption length within each pool (stable, so ties keep
+    the random order) and cut into batches; then the batch order is shuffled. Batches are
+    trimmed to their longest caption (:func:`_trimmed_tokens`), so little compute goes on
+    padding, while which rows meet in a batch still changes every epoch. A last batch of one
+    row is dropped (BatchNorm cannot use it), as the plain loader does.
+
+    A ``BatchSampler`` with a ``sampler`` that has ``set_epoch``, so accelerate's
+    ``DataLoaderShard.set_epoch``, ``BatchSamplerShard`` (several processes) and
+    ``skip_first_batches`` (resume mid-epoch) all treat it like the plain shuffle.
+
+    Args:
+        lengths: Caption length in tokens of each dataset position.
+        batch_size: Rows per batch.
+        pool_batches: Batches per length-sorted pool (>= 1); larger pools waste less padding.
+        seed: Base of the per-epoch shuffles.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, pool_batches: int, seed: int) -> None:
+        if batch_size < 1 or pool_batches < 1:
+            raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size}, {pool_batches}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        super().__init__(EpochSampler(len(self.lengths), seed), batch_size, drop_last=False)
+        self.pool_batches = int(pool_batches)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Accelerate calls this (and ``sampler.set_epoch``) with its epoch counter; so do we."""
+        self.sampler.set_epoch(epoch)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches (dataset positions), in training order."""
+        order = np.asarray(list(iter(self.sampler)), dtype=np.int64)
+        pool = self.batch_size * self.pool_batches
+        for start in range(0, len(order), pool):
+            chunk = order[start:start + pool]
+            order[start:start + pool] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+        cuts = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if cuts and len(cuts[-1]) == 1 and len(order) > 1:
+            cuts.pop()
+        g = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch + 500_009)
+        return [cuts[i].tolist() for i in torch.randperm(len(cuts), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size + (n % self.batch_size > 1 or n == 1)
+
+
+def caption_lengths(ds: FoldDataset) -> np.ndarray:
+    """Tokens (attention mask sum) of each position's caption."""
+    return ds.tokens["attention_mask"][ds.rows].sum(1)
+
+
 def _batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``collate_fn``: :meth:`FoldDataset.__getitems__` already returns a batch."""
     return batch
 
 
 def make_loader(ds: FoldDataset, batch_size: int, *, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over batches; training drops a last batch of one (BatchNorm cannot use it)."""
+                pin_memory: bool = False, length_buckets: int = 0) -> DataLoader:
+    """A DataLoader over batches; training drops a last batch of one (BatchNorm cannot use it).
+
+    ``length_buckets`` > 0 (with ``shuffle`` and captions): batches of similar caption length
+    from pools of that many batches (:class:`LengthBucketSampler`); 0: a plain shuffle.
+    """
+    if shuffle and length_buckets and ds.tokens is not None:
+        return DataLoader(ds, batch_sampler=LengthBucketSampler(caption_lengths(ds), batch_size, length_buckets, seed),
+                          num_workers=num_workers, collate_fn=_batch_as_is, pin_memory=pin_memory,
+                          generator=torch.Generator().manual_seed(seed))
     sampler = EpochSampler(len(ds), seed) if shuffle else SequentialSampler(ds)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=_batch_as_is, pin_memory=pin_memory,
@@ -197,10 +268,17 @@ def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.
 
 
 def fold_loaders(data: FoldData, t: TrainConfig, *, pin_memory: bool) -> list[DataLoader]:
-    """``[train, valid]`` or ``[train, valid, test]``: training shuffled, the others in order
-    in batches twice as large (no activations are kept for a backward pass)."""
+    """``[train, valid]`` or ``[train, valid, test]``: training shuffled (batched by caption
+    length with ``train.length_buckets``), the others in order in batches twice as large (no
+    activations are kept for a backward pass).
+
+    Raises:
+        ConfigError: a negative ``train.length_buckets``.
+    """
+    if t.length_buckets < 0:
+        raise ConfigError(f"train.length_buckets must be >= 0 (0 = plain shuffle), got {t.length_buckets}")
     loaders = [make_loader(data.train, t.batch_size, shuffle=True, num_workers=t.num_workers, seed=t.seed,
-                           pin_memory=pin_memory)]
+                           pin_memory=pin_memory, length_buckets=t.length_buckets)]
     loaders += [make_loader(ds, t.batch_size * 2, shuffle=False, num_workers=t.num_workers, seed=t.seed,
                             pin_memory=pin_memory) for ds in (data.valid, data.test) if ds is not None]
     return loaders

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mmfold import fileio
-from mmfold.config import RUN_LENGTH_KEYS, Config, describe_diff, learning_diff
+from mmfold.config import RUN_LENGTH_KEYS, Config, describe_diff, learning_diff, with_defaults
 from mmfold.errors import UserError
 
 CKPT_VERSION = 1
@@ -87,7 +87,7 @@ def check_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     Raises:
         UserError: listing each differing key with the checkpoint's and the current value.
     """
-    changed = learning_diff(saved, cfg.to_dict())
+    changed = learning_diff(with_defaults(saved), cfg.to_dict())
     if changed:
         raise UserError(f"{path} was trained with a different config:\n"
                         f"{describe_diff(changed, 'checkpoint', 'now')}\n"

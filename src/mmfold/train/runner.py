@@ -74,7 +74,7 @@ def runner_for(kind: str) -> Runner:
 
 # train.* keys that only act on one side of a model: refused for kinds without that side.
 IMAGE_TRAIN_KEYS = frozenset({"train.augment", "train.image_size", "train.channels_last", "train.tta"})
-TEXT_TRAIN_KEYS = frozenset({"train.max_len"})
+TEXT_TRAIN_KEYS = frozenset({"train.max_len", "train.length_buckets"})
 
 
 def used_train_keys(kind: str) -> frozenset[str]:

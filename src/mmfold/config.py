@@ -203,14 +203,9 @@ def configs_dir() -> Path:
 def data_yaml(data: str) -> Path:
     """``configs/data/<data>.yaml``, or ``data`` itself when it names a YAML file (a data
     config kept outside the repo's configs/)."""
-    if data.endswith((".yaml", ".yml")):
+    if paths.is_yaml_file(data):
         return Path(data)
     return configs_dir() / "data" / f"{data}.yaml"
-
-
-def data_name(data: str) -> str:
-    """The dataset's name for every artifact path (see :func:`mmfold.paths.data_name`)."""
-    return paths.data_name(data)
 
 
 def model_yaml(model: str) -> Path:
@@ -240,7 +235,7 @@ def load_config(data: str = "demo", model: str | None = None, overrides: list[st
         merge(cfg, _read_yaml(path), str(path))
     elif data != "demo":
         raise ConfigError(f"no data config {path}; available: {_names(configs_dir() / 'data')}")
-    cfg.data.name = data_name(data)
+    cfg.data.name = paths.data_name(data)
     if model:
         mpath = model_yaml(model)
         if not mpath.exists():

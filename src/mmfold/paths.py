@@ -29,10 +29,15 @@ def resolve(path: str | Path) -> Path:
     return root() / path
 
 
+def is_yaml_file(data: str) -> bool:
+    """Whether a ``--data`` argument names a YAML file rather than a data config's name."""
+    return data.endswith((".yaml", ".yml"))
+
+
 def data_name(data: str) -> str:
     """The dataset's name in artifact paths: ``data`` itself, or the stem of a data YAML given
     by path (``--data ~/comps/mycomp.yaml`` -> ``mycomp``), so every stage keys it the same way."""
-    return Path(data).stem if data.endswith((".yaml", ".yml")) else data
+    return Path(data).stem if is_yaml_file(data) else data
 
 
 def folds_file(data: str) -> Path:

@@ -114,6 +114,5 @@ def describe(changed: list[str]) -> str:
         "folds": "the folds file was rewritten",
         "labels": "the label vocabulary changed",
         "data": "train.csv/test.csv changed",
-        "config": "the model's config changed",
     }
     return "; ".join(why[k] for k in changed)

@@ -30,8 +30,9 @@ def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
     return [k for k in range(n) if not (paths.run_dir(data, model, k) / "done.json").exists()]
 
 
-def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> list[dict]:
-    """Each fold's done.json, refusing folds made from other inputs than the current ones.
+def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict], list[dict]]:
+    """Each fold's done.json and saved config, refusing folds made from other inputs than the
+    current ones.
 
     Data (folds, labels, files) must match what is on disk now; every fold must have been
     trained with the same settings (a fold trained with other overrides is named, with the
@@ -54,7 +55,7 @@ def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> list[dict]:
         raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
                         f"(YAML now + overrides {configs[0].get('overrides', [])}):\n"
                         f"{describe_diff(drift, 'trained', 'now')}\nretrain it (FORCE=1) or restore the YAML")
-    return infos
+    return infos, configs
 
 
 def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> None:
@@ -66,11 +67,6 @@ def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> 
             raise UserError(f"{model}: fold {k} was trained with other settings than fold 0:\n"
                             f"{describe_diff(changed, 'fold 0', f'fold {k}')}\n"
                             f"retrain it with fold 0's settings (FORCE=1 FOLD={k})")
-
-
-def trained_config(data: str, model: str) -> Config:
-    """The resolved config fold 0 of ``model`` was trained with (all folds agree, checked)."""
-    return config_from_dict(yaml.safe_load((paths.run_dir(data, model, 0) / "config.yaml").read_text()))
 
 
 def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> np.ndarray:
@@ -104,10 +100,11 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     if missing:
         raise UserError(f"{cfg.model.name}: folds {missing} are not finished; not writing a partial OOF")
     n = int(fold_of_row.max()) + 1
-    infos = _fold_infos(cfg, comp, n)
+    infos, configs = _fold_infos(cfg, comp, n)
     oof = merge_oof(cfg, comp, fold_of_row)
     test = mean_test(cfg, comp, n)
-    meta = _meta(cfg, trained_config(cfg.data.name, cfg.model.name), comp, oof, fold_of_row, infos)
+    trained = config_from_dict(configs[0])  # every fold was trained the same way (checked)
+    meta = _meta(cfg, trained, comp, oof, fold_of_row, infos)
     data, model = cfg.data.name, cfg.model.name
     names = [p.name for p in (paths.oof_file(data, model), paths.test_pred_file(data, model),
                               paths.oof_meta_file(data, model))]

@@ -349,6 +349,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         merge(cfg, _nest(key.strip().split("."), value), "override")
 
 
+def override_key(item: str) -> str:
+    """The dotted key of a ``key.sub=value`` override (``train.lr=1e-3`` -> ``train.lr``)."""
+    return item.split("=", 1)[0].strip()
+
+
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
     """``['a','b','c'], v`` -> ``{'a': {'b': {'c': v}}}`` for dataclass levels.
 

@@ -40,7 +40,7 @@ import pandas as pd
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions
 from mmfold.paths import VARIANT_SEP
-from mmfold.config import Config, ConfigError, learned_settings, load_config, model_yaml
+from mmfold.config import Config, ConfigError, learned_settings, load_config, model_yaml, override_key
 from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
@@ -104,7 +104,7 @@ def check_variants(data: str, model: str, overrides: list[str], variants: Sequen
             cfg = variant_config(data, model, f"{model}{VARIANT_SEP}{v.name}", overrides + v.overrides)
         except UserError:
             continue
-        check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in v.overrides], f"ablation '{v.name}'")
+        check_used_keys(cfg, [override_key(o) for o in v.overrides], f"ablation '{v.name}'")
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -308,7 +308,7 @@ def ablate(data: str, model: str, folds: Sequence[int] | None = None, overrides:
         if unknown:
             raise UserError(f"unknown variants {unknown}; declared: {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in only]
-    check_used_keys(base, [o.split("=", 1)[0].strip() for o in overrides], "override")
+    check_used_keys(base, [override_key(o) for o in overrides], "override")
     check_variants(data, model, overrides, variants)
     ab = _setup(data, model, base, folds, overrides)
     results = [run_base(ab)] + [_run(ab, v) for v in variants]

@@ -51,7 +51,8 @@ import yaml
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions, studies
 from mmfold.paths import VARIANT_SEP
-from mmfold.config import Config, ConfigError, learned_settings, load_config, merge, model_yaml, stable_hash
+from mmfold.config import (Config, ConfigError, learned_settings, load_config, merge, model_yaml,
+                           override_key, stable_hash)
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
@@ -604,7 +605,7 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
         raise UserError(f"model '{opts.model}' declares no model.search_space in {model_yaml(opts.model)}")
     check_space(opts.data, opts.model, space)  # unknown keys first, then keys this kind ignores
     check_used_keys(cfg, [p.key for p in space], f"search_space of {model_yaml(opts.model)}")
-    check_used_keys(cfg, [o.split("=", 1)[0].strip() for o in opts.overrides], "override")
+    check_used_keys(cfg, [override_key(o) for o in opts.overrides], "override")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with fileio.file_lock(paths.sweeps_dir(opts.data) / f".{opts.study}.lock"):

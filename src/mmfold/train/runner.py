@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from mmfold import fileio, paths
-from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, save_config
+from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.artifacts import predictions
@@ -261,7 +261,7 @@ def overrides_for(cfg: Config, overrides: Sequence[str], models: Sequence[Config
     out (with a note) when another model of the run uses them, refused when none does."""
     keep = []
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)
         if key.split(".")[0] != "train" or _train_key(key) in used_train_keys(cfg.model.kind):
             keep.append(item)
             continue

@@ -10,13 +10,14 @@ ARGS  ?=
 NAME  ?=
 LB    ?=
 GPUS  ?=
+JOBS  ?=
 
 MMFOLD = $(PY) -m mmfold
 # GPUS=N: one process per GPU through Hugging Face Accelerate (DDP); rank 0 writes the files.
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data $(DATA) $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
-.PHONY: help setup demo demo-data folds train collect blend submit report sweep ablate weights bench bench-real test test-fast clean-demo
+.PHONY: help setup demo demo-data folds train collect blend submit report sweep ablate weights bench bench-real bench-deep test test-fast clean-demo
 
 help:  ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,8 +40,8 @@ demo-data: setup  ## write the synthetic demo competition to input/demo/
 folds: setup  ## multilabel-stratified folds -> folds/<data>.csv (FORCE=1 to rewrite)
 	$(MMFOLD) folds $(COMMON)
 
-train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP
-	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD))
+train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP, JOBS=N folds at once on CPU
+	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD)) $(if $(JOBS),--jobs $(JOBS))
 
 collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))
@@ -69,6 +70,9 @@ bench: setup  ## speed/quality benchmarks -> reports/bench/bench.{json,md}
 
 bench-real: setup weights  ## real-data benchmark on ../shared/data -> reports/bench/real.{json,md}
 	$(MMFOLD) bench-real $(ARGS)
+
+bench-deep: setup weights  ## fine-tuned + CPU members, 5 folds, blended -> reports/bench/deep.{json,md} (long: run it in the background)
+	$(MMFOLD) bench-deep $(ARGS)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("mmfold.models.weights", "install offline pretrained weights into weights/"),
     "bench": ("mmfold.bench.suite", "speed and quality benchmarks -> reports/bench/"),
     "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),
+    "bench-deep": ("mmfold.bench.deep", "fine-tuned members on ../shared/data, blended with the CPU members"),
 }
 
 

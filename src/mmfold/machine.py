@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity set where the OS has one), at least 1."""
+def core_ids() -> list[int]:
+    """The CPU cores this process may run on (its affinity set where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """How many cores this process may run on, at least 1."""
+    return max(1, len(core_ids()))

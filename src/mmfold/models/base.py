@@ -93,6 +93,14 @@ class ModelParams:
             project root, e.g. ``weights/minilm``.
         pooling: How HF token states become one vector: ``cls`` or ``mean`` (masked).
         text_encoder: Text side of a fusion kind: ``hf`` or ``lstm``. None = the kind's default.
+        train_blocks: Image side: only the last N stages of the timm backbone (and its head
+            convolution) train; the stem and earlier stages stay frozen at their pretrained
+            weights, so their output is computed once per dataset and cached (with the
+            horizontally flipped image, the one augmentation that survives caching). None
+            fine-tunes the whole backbone. What makes fine-tuning affordable on a CPU.
+        train_layers: Text side: only the top N Transformer layers of the Hugging Face encoder
+            train; the embeddings and lower layers stay frozen and their token states are
+            cached once per dataset. None fine-tunes every layer.
         hidden: Width of the MLP head's hidden layer; 0 makes the head a single linear layer.
         dropout: Dropout before each head layer.
         lstm: :class:`LSTMParams`.
@@ -107,6 +115,8 @@ class ModelParams:
     text_model: str | None = None
     pooling: str = "cls"
     text_encoder: str | None = None
+    train_blocks: int | None = None
+    train_layers: int | None = None
     hidden: int = 512
     dropout: float = 0.2
     lstm: LSTMParams = field(default_factory=LSTMParams)
@@ -214,7 +224,25 @@ class MultiLabelModel(nn.Module):
         self._backbone_trainable = flag
         for p in self.backbone.parameters():
             p.requires_grad_(flag)
+        for prefix in self.frozen_prefixes().values():
+            prefix.requires_grad_(False)  # frozen for good: its outputs are cached
         self.train(self.training)
+
+    def frozen_prefixes(self) -> dict[str, nn.Module]:
+        """Encoders' frozen lower parts whose outputs the engine caches, by batch key.
+
+        ``{"image_feats": ...}`` when the image side trains only its top stages
+        (``model.params.train_blocks``), ``{"text_states": ...}`` when the text side trains
+        only its top layers (``train_layers``). Each module maps the usual input (a normalised
+        image batch, or ``(input_ids, attention_mask)``) to what the trainable rest reads from
+        that batch key instead; see :mod:`mmfold.train.prefix_cache`.
+        """
+        out = {}
+        for name, key in (("image", "image_feats"), ("text", "text_states")):
+            prefix = getattr(self.backbone[name], "prefix", None) if name in self.backbone else None
+            if prefix is not None:
+                out[key] = prefix
+        return out
 
     def train(self, mode: bool = True) -> MultiLabelModel:
         """Like ``nn.Module.train``, but a frozen backbone is kept in eval mode."""

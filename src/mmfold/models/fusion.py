@@ -13,7 +13,7 @@ from torch import nn
 from mmfold.config import Config, ConfigError
 from mmfold.models.base import MODELS, HybridParams, MLPHead, MultiLabelModel, parse_params
 from mmfold.models.image import build_image_encoder
-from mmfold.models.text import build_text_encoder, text_inputs
+from mmfold.models.text import build_text_encoder
 
 
 class FusionBase(MultiLabelModel):
@@ -51,8 +51,8 @@ class ConcatFusionModel(FusionBase):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits from ``[norm(image_emb), norm(text_emb)]``."""
-        img = self.norm_image(self.encoder("image")(batch["image"]))
-        txt = self.norm_text(self.encoder("text")(*text_inputs(batch)))
+        img = self.norm_image(self.encoder("image").encode(batch))
+        txt = self.norm_text(self.encoder("text").encode(batch))
         return self.head(torch.cat([img, txt], dim=1))
 
 
@@ -118,7 +118,6 @@ class HybridFusionModel(FusionBase):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits from the fused ``[CLS]`` token."""
-        ids, mask = text_inputs(batch)
-        feats = self.encoder("image").features(batch["image"])
-        fused = self.fusion(feats, self.encoder("text").tokens(ids, mask), mask)
+        feats = self.encoder("image").features_of(batch)
+        fused = self.fusion(feats, self.encoder("text").tokens_of(batch), batch["attention_mask"])
         return self.head(fused)

@@ -14,8 +14,50 @@ from mmfold.config import Config, ConfigError
 from mmfold.models.base import (MODELS, MLPHead, ModelParams, MultiLabelModel, parse_params,
                                 project_path, require)
 from mmfold.models.pretrained import load_pretrained
+from mmfold.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# How to cut a timm backbone class into a frozen prefix and a trainable rest, by class name.
+BACKBONE_SPLITS = Registry("backbone split (model.params.train_blocks)")
+
+
+class Stages(nn.Module):
+    """A run of a backbone's own modules, applied in order (they stay owned by the backbone)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            x = part(x)
+        return x
+
+
+@BACKBONE_SPLITS.register("EfficientNet")
+def split_efficientnet(model: nn.Module, n_train: int) -> tuple[nn.Module, nn.Module]:
+    """timm's EfficientNet family (EfficientNet, -Lite, MobileNetV2, MixNet, MNASNet...):
+    ``conv_stem, bn1, blocks[:-n]`` frozen; ``blocks[-n:], conv_head, bn2`` train."""
+    cut = len(model.blocks) - n_train
+    return (Stages(model.conv_stem, model.bn1, *model.blocks[:cut]),
+            Stages(*model.blocks[cut:], model.conv_head, model.bn2))
+
+
+def split_backbone(model: nn.Module, n_train: int) -> tuple[nn.Module, nn.Module]:
+    """``(frozen prefix, trainable rest)`` of a timm model, sharing its modules.
+
+    Raises:
+        ConfigError: ``n_train`` out of range, or a backbone class no split is registered for.
+    """
+    name = type(model).__name__
+    if name not in BACKBONE_SPLITS:
+        raise ConfigError(f"model.params.train_blocks is not supported for timm {name} backbones "
+                          f"(supported: {sorted(BACKBONE_SPLITS)}); leave it unset to fine-tune all of it")
+    n_stages = len(model.blocks)
+    if not 0 <= n_train <= n_stages:
+        raise ConfigError(f"model.params.train_blocks must be in 0..{n_stages} for this backbone, got {n_train}")
+    return BACKBONE_SPLITS.get(name)(model, n_train)
 
 
 def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
@@ -57,28 +99,49 @@ def data_config(model: nn.Module, image_size: int | None,
 class ImageEncoder(nn.Module):
     """A timm backbone that yields a pooled vector or a sequence of feature tokens.
 
+    With ``train_blocks`` the backbone is cut in two (:func:`split_backbone`): :attr:`prefix`,
+    frozen, whose output the engine caches once per dataset under the batch key
+    ``image_feats``, and the trainable rest that :meth:`features_of` runs on that cache. The
+    halves are views of :attr:`model`'s own modules (kept out of the module tree, so the state
+    dict and checkpoints are the same as without a cut).
+
     Attributes:
         model: The timm model (``num_classes=0``).
         out_dim: Width of the pooled vector (a few timm models widen it after pooling).
         token_dim: Width of the feature map / tokens.
         data_config: Preprocessing for the dataset (see :func:`data_config`).
+        prefix: The frozen lower part, or None when the whole backbone trains.
     """
 
     is_backbone = True
 
     def __init__(self, model: nn.Module, image_size: int | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, train_blocks: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.token_dim: int = model.num_features
         self.out_dim: int = getattr(model, "head_hidden_size", None) or model.num_features
         self.data_config = data_config(model, image_size, overrides)
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        halves = split_backbone(model, train_blocks) if train_blocks is not None else (None, None)
+        # plain attributes, not submodules: the modules already live under self.model
+        object.__setattr__(self, "prefix", halves[0])
+        object.__setattr__(self, "_rest", halves[1])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features: ``(B, C, H, W)`` for CNNs, ``(B, N, D)`` for token models."""
         f = self.model.forward_features(x)
         return f.permute(0, 3, 1, 2) if self._nhwc and f.ndim == 4 else f
+
+    def features_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`features` of a batch: from the cached prefix output when it holds one."""
+        if "image_feats" in batch:
+            return self._rest(batch["image_feats"])
+        return self.features(batch["image"])
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled embedding ``(B, out_dim)`` of a batch (cached prefix output or pixels)."""
+        return self.pool(self.features_of(batch))
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         """The backbone's own pooling (global average, CLS token...) -> ``(B, out_dim)``."""
@@ -97,7 +160,7 @@ def build_image_encoder(p: ModelParams, image_size: int | None, kind: str) -> Im
     if p.pretrained_file:
         result = load_pretrained(model, project_path(p.pretrained_file), strict=p.pretrained_strict)
         log.info("image backbone %s: %s", p.backbone, result.summary())
-    return ImageEncoder(model, image_size, p.data_config)
+    return ImageEncoder(model, image_size, p.data_config, p.train_blocks)
 
 
 @MODELS.register("image")
@@ -119,4 +182,4 @@ class ImageModel(MultiLabelModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits from the pooled image embedding."""
-        return self.head(self.encoder("image")(batch["image"]))
+        return self.head(self.encoder("image").encode(batch))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mmfold.config import Config
+from mmfold.config import Config, ConfigError
 from mmfold.models.base import (MODELS, LSTMParams, MLPHead, ModelParams, MultiLabelModel,
                                 parse_params, require)
 from mmfold.models.tokenizers import hf_folder
@@ -22,6 +22,59 @@ from mmfold.registry import Registry
 
 TEXT_ENCODERS = Registry("text encoder")
 POOLINGS = Registry("pooling")
+# Where a Hugging Face model class keeps its layer stack, by class name (model.params.train_layers).
+LAYER_STACKS = Registry("layer stack (model.params.train_layers)")
+
+
+@LAYER_STACKS.register("BertModel")
+@LAYER_STACKS.register("RobertaModel")
+@LAYER_STACKS.register("XLMRobertaModel")
+@LAYER_STACKS.register("ElectraModel")
+def bert_layers(model: nn.Module) -> nn.ModuleList:
+    """BERT-style encoders (MiniLM is a ``BertModel``): ``embeddings`` then ``encoder.layer``."""
+    return model.encoder.layer
+
+
+def run_layers(model: nn.Module, layers: list[nn.Module], states: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """Token states after ``layers``, padding masked out of attention as the model itself does."""
+    ext = model.get_extended_attention_mask(mask, mask.shape)
+    for layer in layers:
+        states = layer(states, attention_mask=ext)[0]
+    return states
+
+
+class TextPrefix(nn.Module):
+    """Embeddings + the lower ``cut`` layers of a BERT-style encoder: ``(ids, mask) -> (B, T, H)``.
+
+    Equal to ``model(ids, mask, output_hidden_states=True).hidden_states[cut]``, without
+    running the layers above.
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, cut: int) -> None:
+        super().__init__()
+        self.embeddings, self.layers = model.embeddings, nn.ModuleList(layers[:cut])
+        self._model = [model]  # for its attention-mask helper; a list keeps it out of the tree
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return run_layers(self._model[0], self.layers, self.embeddings(input_ids=ids), mask)
+
+
+def split_text_model(model: nn.Module, n_train: int) -> tuple[TextPrefix, list[nn.Module]]:
+    """``(frozen prefix, trainable top layers)`` of a Hugging Face encoder.
+
+    Raises:
+        ConfigError: ``n_train`` out of range, or a model class no layer stack is registered for.
+    """
+    name = type(model).__name__
+    if name not in LAYER_STACKS:
+        raise ConfigError(f"model.params.train_layers is not supported for {name} "
+                          f"(supported: {sorted(LAYER_STACKS)}); leave it unset to fine-tune every layer")
+    layers = LAYER_STACKS.get(name)(model)
+    if not 0 <= n_train <= len(layers):
+        raise ConfigError(f"model.params.train_layers must be in 0..{len(layers)} for this encoder, got {n_train}")
+    cut = len(layers) - n_train
+    return TextPrefix(model, layers, cut), list(layers[cut:])
 
 
 @POOLINGS.register("cls")
@@ -64,18 +117,26 @@ def load_hf_model(folder: Path) -> nn.Module:
 class HFTextEncoder(nn.Module):
     """``AutoModel`` from a local folder, pooled by ``cls`` or masked ``mean``.
 
+    With ``train_layers`` only the top layers train: :attr:`prefix` (embeddings and the lower
+    layers, frozen) is what the engine caches per dataset under the batch key ``text_states``,
+    and :meth:`tokens_of` runs the top layers on that cache.
+
     Attributes:
         model: The transformers model.
         out_dim / token_dim: ``config.hidden_size``.
+        prefix: The frozen lower part, or None when every layer trains.
     """
 
     is_backbone = True
 
-    def __init__(self, folder: str, pooling: str = "cls") -> None:
+    def __init__(self, folder: str, pooling: str = "cls", train_layers: int | None = None) -> None:
         super().__init__()
         self.model = load_hf_model(hf_folder(folder))
         self.pool_fn: Callable[..., torch.Tensor] = POOLINGS.get(pooling)
         self.token_dim = self.out_dim = int(self.model.config.hidden_size)
+        prefix, top = split_text_model(self.model, train_layers) if train_layers is not None else (None, [])
+        object.__setattr__(self, "prefix", prefix)  # views of self.model's modules, not submodules
+        object.__setattr__(self, "_top", top)
 
     def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states ``(B, T, hidden)``."""
@@ -84,6 +145,17 @@ class HFTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pooled sentence embedding ``(B, hidden)``."""
         return self.pool_fn(self.tokens(ids, mask), mask)
+
+    def tokens_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`tokens` of a batch: the top layers on cached ``text_states`` when it holds them."""
+        ids, mask = text_inputs(batch)
+        if "text_states" in batch:
+            return run_layers(self.model, self._top, batch["text_states"], mask)
+        return self.tokens(ids, mask)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled embedding of a batch."""
+        return self.pool_fn(self.tokens_of(batch), batch["attention_mask"])
 
 
 class LSTMTextEncoder(nn.Module):
@@ -124,16 +196,27 @@ class LSTMTextEncoder(nn.Module):
         peak = out.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)
         return torch.cat([mean, peak], dim=1)
 
+    def tokens_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`tokens` of a batch (nothing to cache: every part learns)."""
+        return self.tokens(*text_inputs(batch))
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled embedding of a batch."""
+        return self(*text_inputs(batch))
+
 
 @TEXT_ENCODERS.register("hf")
 def build_hf_encoder(p: ModelParams, kind: str) -> HFTextEncoder:
     """``params.text_model`` pooled by ``params.pooling``."""
-    return HFTextEncoder(require(p.text_model, "text_model", kind), p.pooling)
+    return HFTextEncoder(require(p.text_model, "text_model", kind), p.pooling, p.train_layers)
 
 
 @TEXT_ENCODERS.register("lstm")
 def build_lstm_encoder(p: ModelParams, kind: str) -> LSTMTextEncoder:
     """A BiLSTM sized by ``params.lstm``."""
+    if p.train_layers is not None:
+        raise ConfigError("model.params.train_layers applies to Hugging Face encoders, not the BiLSTM "
+                          "(it learns from scratch: every part trains)")
     return LSTMTextEncoder(p.lstm)
 
 
@@ -171,7 +254,7 @@ class TextModel(MultiLabelModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits from the pooled caption embedding."""
-        return self.head(self.encoder("text")(*text_inputs(batch)))
+        return self.head(self.encoder("text").encode(batch))
 
 
 @MODELS.register("lstm_text")

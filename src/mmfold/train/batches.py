@@ -42,12 +42,18 @@ class FoldDataset(Dataset):
         y: 0/1 labels ``(N, L)``, or None for the test split.
         transform: An albumentations ``Compose`` for training, or None.
         seed: Base of the augmentation seeds.
+        feats: Cached frozen-prefix outputs by batch key (:mod:`mmfold.train.prefix_cache`):
+            ``image_feats`` ``(N, 2, C, h, w)`` (image, flipped image), ``text_states`` ``(N, T, H)``.
+        flip_p: Training only: the chance that a row's cached ``image_feats`` come from the
+            flipped image. 0 (evaluation) returns both views, for flip TTA.
     """
 
     def __init__(self, rows: np.ndarray, images: Any = None, tokens: dict[str, np.ndarray] | None = None,
-                 y: np.ndarray | None = None, transform: Any = None, seed: int = 0) -> None:
+                 y: np.ndarray | None = None, transform: Any = None, seed: int = 0,
+                 feats: dict[str, np.ndarray] | None = None, flip_p: float = 0.0) -> None:
         self.rows, self.images, self.tokens, self.y = np.asarray(rows), images, tokens, y
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.feats, self.flip_p = dict(feats or {}), flip_p
 
     def set_epoch(self, epoch: int) -> None:
         """New augmentations each epoch, the same ones on a rerun."""
@@ -64,6 +70,11 @@ class FoldDataset(Dataset):
             out["image"] = torch.from_numpy(self._images(rows, pos[0]))
         if self.tokens is not None:
             out.update(_trimmed_tokens(self.tokens, rows))
+        if "image_feats" in self.feats:
+            out["image_feats"] = torch.from_numpy(self._image_feats(rows, pos[0]))
+        if "text_states" in self.feats:
+            t = out["attention_mask"].shape[1]
+            out["text_states"] = torch.from_numpy(_sorted_read(self.feats["text_states"], rows)[:, :t])
         if self.y is not None:
             out["y"] = torch.from_numpy(self.y[rows].astype(np.float32))
         return out
@@ -81,18 +92,50 @@ class FoldDataset(Dataset):
             imgs = np.stack([self.transform(image=im)["image"] for im in imgs])
         return imgs
 
+    def _image_feats(self, rows: np.ndarray, first: int) -> np.ndarray:
+        """Cached views ``(B, 2, C, h, w)`` for evaluation; in training one view per row,
+        the flipped one with probability ``flip_p`` (seeded per batch, like the augmentations)."""
+        both = _sorted_read(self.feats["image_feats"], rows)
+        if not self.flip_p:
+            return both
+        rng = np.random.default_rng(self.seed * 1_000_003 + self.epoch * 7919 + first)
+        flip = (rng.random(len(rows)) < self.flip_p).astype(np.int64)
+        return both[np.arange(len(rows)), flip]
+
     def __getstate__(self) -> dict[str, Any]:
-        """Workers reopen the memmap instead of receiving a pickled copy of every pixel."""
+        """Workers reopen memmaps instead of receiving a pickled copy of every pixel."""
         state = dict(self.__dict__)
-        if isinstance(self.images, np.memmap):
-            state["images"] = ("memmap", self.images.filename, self.images.shape)
+        state["images"] = _memmap_ref(self.images)
+        state["feats"] = {k: _memmap_ref(v) for k, v in self.feats.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state.get("images"), tuple) and state["images"][0] == "memmap":
-            _, name, shape = state["images"]
-            state["images"] = np.memmap(name, dtype=np.uint8, mode="r", shape=shape)
+        state["images"] = _reopen(state["images"])
+        state["feats"] = {k: _reopen(v) for k, v in state["feats"].items()}
         self.__dict__.update(state)
+
+
+def _sorted_read(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``arr[rows]`` as float32, read in sorted order (sequential on disk)."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *arr.shape[1:]), np.float32)
+    out[order] = arr[rows[order]]
+    return out
+
+
+def _memmap_ref(arr: Any) -> Any:
+    """A memmap as ``("memmap", file, dtype, shape)``; anything else as it is."""
+    if isinstance(arr, np.memmap):
+        return ("memmap", arr.filename, arr.dtype.str, arr.shape)
+    return arr
+
+
+def _reopen(ref: Any) -> Any:
+    """Inverse of :func:`_memmap_ref`."""
+    if isinstance(ref, tuple) and ref and ref[0] == "memmap":
+        _, name, dtype, shape = ref
+        return np.memmap(name, dtype=np.dtype(dtype), mode="r", shape=shape)
+    return ref
 
 
 def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -241,8 +284,12 @@ class FoldData:
 
 
 def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.ndarray,
-               valid_rows: np.ndarray) -> FoldData:
-    """Datasets over the cached images/tokens the model needs (built on first use)."""
+               valid_rows: np.ndarray, device: torch.device | None = None) -> FoldData:
+    """Datasets over the cached images/tokens the model needs (built on first use).
+
+    A model with frozen prefixes (``model.params.train_blocks`` / ``train_layers``) reads their
+    cached outputs instead of pixels (:mod:`mmfold.train.prefix_cache`, run on ``device``).
+    """
     t, y, has_test = cfg.train, comp.y(), comp.test is not None and len(comp.test) > 0
     images = {"train": None, "test": None}
     tokens = {"train": None, "test": None}
@@ -260,11 +307,31 @@ def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.
 
         tok = build_tokenizer(cfg, comp.train["caption"].iloc[train_rows].tolist())
         tokens = {s: token_cache(comp, s, tok, t.max_len) for s in ("train", "test") if s == "train" or has_test}
-    aug = build_augment(t.augment) if model.needs_image else None
-    test = FoldDataset(np.arange(len(comp.test)), images.get("test"), tokens.get("test")) if has_test else None
-    return FoldData(train=FoldDataset(train_rows, images["train"], tokens["train"], y, aug, t.seed),
-                    valid=FoldDataset(valid_rows, images["train"], tokens["train"], y),
+    feats, flip_p = _prefix_feats(comp, model, images, tokens, mean, std, device, t)
+    if "image_feats" in feats["train"]:
+        images = {s: None for s in images}  # the cache replaces the pixels
+    aug = build_augment(t.augment) if images["train"] is not None else None
+    test = (FoldDataset(np.arange(len(comp.test)), images.get("test"), tokens.get("test"), feats=feats.get("test"))
+            if has_test else None)
+    return FoldData(train=FoldDataset(train_rows, images["train"], tokens["train"], y, aug, t.seed,
+                                      feats=feats["train"], flip_p=flip_p),
+                    valid=FoldDataset(valid_rows, images["train"], tokens["train"], y, feats=feats["train"]),
                     test=test, mean=mean, std=std)
+
+
+def _prefix_feats(comp: Competition, model: nn.Module, images: dict[str, Any], tokens: dict[str, Any],
+                  mean: torch.Tensor | None, std: torch.Tensor | None, device: torch.device | None,
+                  t: TrainConfig) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+    """Cached frozen-prefix outputs per split (empty without prefixes) and the training flip chance."""
+    prefixes = model.frozen_prefixes()
+    if not prefixes:
+        return {s: {} for s in images}, 0.0
+    from mmfold.train.prefix_cache import flip_probability, prefix_caches
+
+    flip_p = flip_probability(t.augment) if "image_feats" in prefixes else 0.0
+    inputs = {s: {"images": images.get(s), "tokens": tokens.get(s), "mean": mean, "std": std}
+              for s in ("train", "test") if images.get(s) is not None or tokens.get(s) is not None}
+    return prefix_caches(comp, model, inputs, device or torch.device("cpu"), progress=t.progress), flip_p
 
 
 def fold_loaders(data: FoldData, t: TrainConfig, *, pin_memory: bool) -> list[DataLoader]:
@@ -286,8 +353,9 @@ def fold_loaders(data: FoldData, t: TrainConfig, *, pin_memory: bool) -> list[Da
 
 def model_inputs(batch: dict[str, torch.Tensor], data: FoldData, *,
                  channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Normalise ``uint8`` images on the device (NHWC -> NCHW float); pass token ids through."""
-    x = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    """Normalise ``uint8`` images on the device (NHWC -> NCHW float); pass token ids and
+    cached prefix outputs through."""
+    x = {k: batch[k] for k in ("input_ids", "attention_mask", "image_feats", "text_states") if k in batch}
     if "image" in batch:
         img = batch["image"].permute(0, 3, 1, 2).float().div_(255)
         img = (img - data.mean.to(img.device)) / data.std.to(img.device)

@@ -88,7 +88,7 @@ def start_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     train_rows, valid_rows = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
     model = build_model(cfg, comp.classes)
     with acc.main_process_first():  # one process builds the caches, the others then read them
-        data = build_data(cfg, comp, model, train_rows, valid_rows)
+        data = build_data(cfg, comp, model, train_rows, valid_rows, acc.device)
     loaders = fold_loaders(data, t, pin_memory=acc.device.type == "cuda")
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -128,7 +128,7 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     Raises:
         KeyboardInterrupt: after Ctrl-C or ``train.stop_after_epochs``, once ``last.pt`` is saved.
     """
-    t = cfg.train
+    t, started = cfg.train, time.perf_counter()
     with torch_threads(t.threads):  # intra-op threads spin: tiny models on a busy CPU crawl
         s = start_fold(cfg, comp, fold_of_row, fold, run_dir)
         model, net, opt, sched, ema, acc, prog = s.model, s.net, s.opt, s.sched, s.ema, s.acc, s.prog
@@ -168,7 +168,10 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
                 _after_epoch(s, epoch)
                 if stop.any(acc):
                     raise KeyboardInterrupt
-        return _predict_best(s)
+        out = _predict_best(s)
+    # this session's wall time: caches, training, validation, prediction (a resumed fold: the last session)
+    out.info["wall_s"] = round(time.perf_counter() - started, 2)
+    return out
 
 
 def _epoch_batches(s: FoldSession, epoch: int) -> Any:
@@ -248,14 +251,27 @@ def predict(model: nn.Module, loader: Any, data: FoldData, acc: Any, *, tta: boo
     model.eval()
     probs, index = [], []
     for batch in loader:
-        x = model_inputs(batch, data, channels_last=channels_last)
+        views = image_views(model_inputs(batch, data, channels_last=channels_last), tta=tta)
         with acc.autocast():
-            p = torch.sigmoid(model(x).float())
-            if tta and "image" in x:
-                p = (p + torch.sigmoid(model({**x, "image": x["image"].flip(3)}).float())) / 2
+            p = sum(torch.sigmoid(model(v).float()) for v in views) / len(views)
         probs.append(acc.gather_for_metrics(p).cpu())
         index.append(acc.gather_for_metrics(batch["index"]).cpu())
     return _in_order(torch.cat(probs).numpy(), torch.cat(index).numpy(), len(loader.dataset))
+
+
+def image_views(x: dict[str, torch.Tensor], *, tta: bool) -> list[dict[str, torch.Tensor]]:
+    """The inputs a prediction averages over: the batch, and with ``tta`` its horizontal flip.
+
+    Cached image-prefix outputs of an evaluation batch hold both views already
+    (``image_feats`` ``(B, 2, ...)``); pixels are flipped here.
+    """
+    if "image_feats" in x:
+        views = [{**x, "image_feats": x["image_feats"][:, i]} for i in (0, 1)]
+    elif "image" in x:
+        views = [x, {**x, "image": x["image"].flip(3)}]
+    else:
+        views = [x]
+    return views if tta else views[:1]
 
 
 def _in_order(probs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -24,6 +27,7 @@ from mmfold import fileio, paths
 from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
+from mmfold.machine import core_ids
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
@@ -219,6 +223,59 @@ def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[in
     return infos
 
 
+def train_parallel(cfgs: Sequence[Config], comp: Competition, folds: Sequence[int] | None = None,
+                   force: bool = False, jobs: int = 2, collect: bool = True) -> None:
+    """Train every (model, fold) pair in ``jobs`` processes, each pinned to its own share of the
+    cores, then collect each model whose folds are all done.
+
+    Small models use threads poorly (a step of a tiny backbone is many small kernels), so two
+    folds side by side on one core each finish sooner than one after the other on two. The
+    pairs of all models share one queue, so no core idles while a model's last fold runs. Each
+    fold keeps its lock, resume and ``done.json``, exactly as in :func:`run_fold`.
+
+    Raises:
+        The first error a fold raised, after the other folds finished.
+    """
+    from mmfold.train.collect import collect_model, missing_folds
+
+    fold_of_row = load_folds(comp)
+    todo = check_folds(folds, fold_of_row, comp.cfg.name)
+    for cfg in cfgs:
+        validate_model(cfg)
+    tasks = [(cfg, int(k)) for cfg in cfgs for k in todo]
+    groups = core_groups(jobs)
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
+    pin = ctx.Queue()
+    for g in groups:
+        pin.put(g)
+    with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_pin_worker, initargs=(pin,)) as pool:
+        futures = [pool.submit(run_fold, cfg, comp, fold_of_row, k, force) for cfg, k in tasks]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    for cfg in cfgs:
+        if collect and not missing_folds(cfg.data.name, cfg.model.name, fold_of_row):
+            collect_model(cfg, comp, fold_of_row)
+    if errors:
+        raise errors[0]
+
+
+def core_groups(jobs: int) -> list[list[int]]:
+    """This process's cores dealt round-robin into at most ``jobs`` non-empty groups."""
+    cores = core_ids()
+    n = max(1, min(jobs, len(cores)))
+    return [cores[i::n] for i in range(n)]
+
+
+def _pin_worker(pin: Any) -> None:
+    """Worker start: take a core group, pin to it, size torch's threads to it (the engine's
+    ``train.threads: 0`` and CPU members' thread pools then use exactly this share)."""
+    import torch
+
+    group = pin.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, group)
+    torch.set_num_threads(len(group))
+
+
 def check_folds(folds: Sequence[int] | None, fold_of_row: np.ndarray, data: str) -> list[int]:
     """The requested folds (default all), each one the folds file has.
 
@@ -276,6 +333,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model config name(s), comma-separated (default: data.models)")
     p.add_argument("--fold", type=int, action="append", help="fold to train (repeatable; default all)")
     p.add_argument("--no-collect", action="store_true", help="do not collect after training")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many folds at once, each process on its own share of the cores")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,6 +347,9 @@ def run(args: argparse.Namespace) -> int:
     cfgs = [load_config(args.data, c.model.name, overrides_for(c, args.overrides, plain)) for c in plain]
     for cfg in cfgs:
         validate_model(cfg)
+    if args.jobs > 1:
+        train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)
+        return 0
     for cfg in cfgs:
         train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
     return 0

@@ -163,15 +163,19 @@ def test_ft_config_fine_tunes_the_pretrained_encoders(at_home: Path, model: str)
     fold_of_row = (np.arange(24) >= 4).astype(int)  # fold 0 (4 rows) validates, 20 rows train
     torch.manual_seed(0)
     start = build_model(cfg, comp.classes)
-    backbone = {id(p) for p in start.backbone_parameters()}
+    frozen = {id(p) for prefix in start.frozen_prefixes().values() for p in prefix.parameters()}
+    backbone = {id(p) for p in start.backbone_parameters()} - frozen
     pretrained = {n: p.detach().clone() for n, p in start.named_parameters() if id(p) in backbone}
+    lower = {n: p.detach().clone() for n, p in start.named_parameters() if id(p) in frozen}
     train_fold(cfg, comp, fold_of_row, 0, at_home / "runs" / model)
     after = torch.load(at_home / "runs" / model / "last.pt", weights_only=True)["model"]
     moved = [n for n, p in pretrained.items() if not torch.equal(after[n], p)]
     assert len(moved) > 0.8 * len(pretrained), f"only {len(moved)}/{len(pretrained)} pretrained tensors moved"
-    text_q = next(n for n in pretrained if n.endswith("layer.0.attention.self.query.weight"))
-    assert text_q in moved
+    assert all(torch.equal(after[n], p) for n, p in lower.items())  # the cached lower part stays as loaded
+    top = cfg.model.params["train_layers"]
+    text_q = next(n for n in pretrained if n.endswith(f"layer.{6 - top}.attention.self.query.weight"))
+    assert text_q in moved and not any(".layer.0." in n for n in pretrained)  # the top layers only
     if model != "minilm_ft":
-        assert any("conv_stem" in n for n in moved)  # the image backbone too
+        assert any("conv_head" in n for n in moved)  # the image backbone's top too
     log = [json.loads(line) for line in (at_home / "runs" / model / "log.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < log[0]["train_loss"], [r["train_loss"] for r in log]

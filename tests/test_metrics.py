@@ -96,3 +96,25 @@ def test_bool_and_int_inputs_agree() -> None:
     ref = all_metrics(y, pred)
     for yy, pp in ((y.astype(bool), pred.astype(bool)), (y.astype(np.int64), pred.astype(np.int64))):
         assert all_metrics(yy, pp) == pytest.approx(ref, abs=1e-15)
+
+
+def test_checkpoint_score_at_the_best_single_threshold_follows_a_shifted_model() -> None:
+    """A model whose probabilities sit above 0.5 for negatives (as ASL leaves them) scores badly
+    at 0.5 but well at the searched threshold; a calibrated one scores the same either way."""
+    from mmfold.metrics import CHECKPOINT_SCORES
+
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 1]])
+    shifted = np.where(y == 1, 0.9, 0.6)
+    assert CHECKPOINT_SCORES["half"](y, shifted, "samples") < 1.0
+    assert CHECKPOINT_SCORES["global"](y, shifted, "samples") == 1.0
+    calibrated = np.where(y == 1, 0.8, 0.1)
+    assert CHECKPOINT_SCORES["half"](y, calibrated, "samples") == CHECKPOINT_SCORES["global"](y, calibrated, "samples")
+
+
+def test_unknown_checkpoint_score_is_refused_when_the_config_loads() -> None:
+    import pytest
+
+    from mmfold.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="select_threshold.*half"):
+        load_config("demo", None, ["train.select_threshold=best"])

@@ -206,8 +206,9 @@ def write_fashion_rows(project: Path, n: int = 24) -> str:
 @pytest.mark.parametrize("path", FT_CONFIGS, ids=[p.stem for p in FT_CONFIGS])
 def test_finetune_config_trains_from_the_real_weights(path: Path, home: Path, project: Path) -> None:
     """Two short epochs on 16 real fashion photos at their native 80x60 (the config's own loss,
-    LR split, warm-up, frozen first epoch, EMA, flips): the backbone moves off the pretrained
-    tensors once thawed and the training loss falls."""
+    LR split, warm-up, EMA, flips, cached frozen stages): every pretrained tensor of the
+    trainable top stages moves, the frozen stem and lower stages stay as loaded, and the
+    training loss falls."""
     import pandas as pd
 
     from mmfold.config import load_config
@@ -224,18 +225,22 @@ def test_finetune_config_trains_from_the_real_weights(path: Path, home: Path, pr
     cfg = load_config(data, path.stem, ["train.epochs=2", "train.batch_size=8", "train.threads=1",
                                         "train.progress=false", "train.patience=0"])
     validate_model(cfg)
-    assert cfg.train.freeze_backbone_epochs == 1 and cfg.train.image_size is None
+    assert cfg.train.image_size is None and cfg.model.params["train_blocks"] >= 1
     comp = load_competition(cfg.data, use_saved=False)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, comp.classes)
     assert model.image_data_config["input_size"] == (3, 80, 60)  # native, not squashed square
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {id(p) for prefix in model.frozen_prefixes().values() for p in prefix.parameters()}
     ids = {id(p) for p in model.backbone_parameters()}
-    backbone = [k for k, p in model.named_parameters() if id(p) in ids]
+    top = [k for k, p in model.named_parameters() if id(p) in ids and id(p) not in frozen]
+    lower = [k for k, p in model.named_parameters() if id(p) in frozen]
     out = train_fold(cfg, comp, np.arange(24) % 3, 0, project / "run")
     after = torch.load(project / "run" / "last.pt", weights_only=True)["model"]
-    moved = [k for k in backbone if not torch.equal(pretrained[k], after[k])]
-    assert backbone and moved == backbone  # every pretrained backbone weight trained
+    moved = [k for k in top if not torch.equal(pretrained[k], after[k])]
+    assert top and moved == top  # every pretrained weight of the trained stages moved
+    assert lower and all(torch.equal(pretrained[k], after[k]) for k in lower)
+    assert any("conv_stem" in k for k in lower) and any("conv_head" in k for k in top)
     log = pd.read_json(project / "run" / "log.jsonl", lines=True)
     assert list(log.epoch) == [0, 1]
     assert log.train_loss.iloc[1] < log.train_loss.iloc[0]

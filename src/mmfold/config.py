@@ -23,7 +23,7 @@ import yaml
 
 from mmfold import fileio, paths
 from mmfold.errors import UserError
-from mmfold.metrics import OPTIMISED
+from mmfold.metrics import CHECKPOINT_SCORES, OPTIMISED
 
 
 class ConfigError(UserError, ValueError):
@@ -93,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.0
     patience: int = 0
+    select_threshold: str = "half"  # best checkpoint / early stopping by data.metric at 0.5 ("half") or at the best single threshold ("global")
     freeze_backbone_epochs: int = 0
     tta: bool = False
     augment: list[dict[str, Any]] = field(default_factory=list)
@@ -252,10 +253,13 @@ def validate(cfg: Config) -> None:
     """Checks that need the whole config; run when it loads, before any work starts.
 
     Raises:
-        ConfigError: an unknown metric (listing the known ones).
+        ConfigError: an unknown metric or checkpoint score (listing the known ones).
     """
     if cfg.data.metric not in OPTIMISED:
         raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {list(OPTIMISED)}")
+    if cfg.train.select_threshold not in CHECKPOINT_SCORES:
+        raise ConfigError(f"train.select_threshold: {cfg.train.select_threshold!r} unknown; "
+                          f"known: {list(CHECKPOINT_SCORES)}")
 
 
 def model_names(cfg: Config, requested: str | None) -> list[str]:

@@ -97,3 +97,26 @@ def binarize(prob: np.ndarray, thresholds: float | np.ndarray = 0.5, min_labels:
             rows = np.repeat(np.nonzero(short)[0], min_labels)
             pred[rows, top.ravel()] = True
     return pred
+
+
+# ----------------------------------------------------------- choosing a checkpoint (train.select_threshold)
+
+
+def score_at_half(y: np.ndarray, probs: np.ndarray, metric: str) -> float:
+    """The metric at threshold 0.5: right for a loss whose probabilities are calibrated (BCE)."""
+    return float(METRICS[metric](y, binarize(probs, 0.5)))
+
+
+def score_at_best_global(y: np.ndarray, probs: np.ndarray, metric: str) -> float:
+    """The metric at the one threshold (of 0.05, 0.10 ... 0.95) that is best on these rows.
+
+    Losses that reshape probabilities (ASL's down-weighted negatives push them up) move the
+    best threshold from epoch to epoch, so the score at 0.5 can fall while the model improves;
+    a single searched threshold follows the model instead. Used only to pick the checkpoint
+    and stop early; the honest CV fits thresholds on other folds as always.
+    """
+    return max(float(METRICS[metric](y, binarize(probs, t))) for t in np.arange(0.05, 0.96, 0.05))
+
+
+# how an epoch's validation predictions are scored to pick the best checkpoint and stop early
+CHECKPOINT_SCORES = {"half": score_at_half, "global": score_at_best_global}

@@ -151,17 +151,26 @@ def bench_dataset(data: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def targets(data: str, r: dict[str, Any]) -> dict[str, Any]:
     """Each target of the issue: the figure it is about, the bar, and whether it is met."""
-    deep = {m: v for m, v in r["members"].items() if v["fine_tuned"]}
+    deep = [v for v in r["members"].values() if v["fine_tuned"]]
     best_member = max(v["cv"] for v in r["members"].values())
-    by_kind = {"image": [v["cv"] for v in deep.values() if v["kind"] == "image"],
-               "text": [v["cv"] for v in deep.values() if v["kind"] == "text"],
-               "fusion": [v["cv"] for v in deep.values() if v["kind"] in ("fusion", "hybrid")]}
+    by_kind: dict[str, list[float]] = {}
+    for v in deep:
+        by_kind.setdefault(inputs_of(v["kind"]), []).append(v["cv"])
     out = {}
     for what, bar in TARGETS.get(data, {}).items():
-        value = r["blend"]["cv"] if what == "blend" else max(by_kind[what], default=float("nan"))
+        value = r["blend"]["cv"] if what == "blend" else max(by_kind.get(what, []), default=float("nan"))
         ok = value >= bar and (what != "blend" or value > best_member)
         out[what] = {"cv": value, "target": bar, "met": bool(ok)}
     return out
+
+
+def inputs_of(kind: str) -> str:
+    """``image``, ``text`` or ``fusion``: what a torch model kind reads."""
+    from mmfold.models import MODELS
+
+    builder = MODELS.get(kind)
+    sides = (getattr(builder, "needs_image", False), getattr(builder, "needs_text", False))
+    return {(True, False): "image", (False, True): "text"}.get(sides, "fusion")
 
 
 # -------------------------------------------------------------------------------- report

@@ -27,7 +27,7 @@ from mmfold.config import Config, save_config
 from mmfold.cpu.threads import torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
-from mmfold.metrics import METRICS, binarize
+from mmfold.metrics import CHECKPOINT_SCORES, binarize
 from mmfold.train.batches import FoldData, build_data, fold_loaders, model_inputs
 from mmfold.train.checkpoint import Progress, Run, StopFlag, load_checkpoint
 from mmfold.train.fold import EPOCH_CALLBACKS, FoldOutput
@@ -197,7 +197,7 @@ def _after_epoch(s: FoldSession, epoch: int) -> None:
     ``last.pt``; log it; run the epoch callbacks (after ``last.pt`` is safe)."""
     t = s.cfg.train
     probs = predict(s.eval_model, s.valid_dl, s.data, s.acc, tta=t.tta, channels_last=t.channels_last)
-    row = _end_epoch(s.prog, epoch, s.y_valid, probs, s.opt, s.cfg.data.metric)
+    row = _end_epoch(s.prog, epoch, s.y_valid, probs, s.opt, s.cfg.data.metric, s.cfg.train.select_threshold)
     if s.prog.best_epoch == epoch:
         s.run.save_best(s.eval_model, s.prog)
     s.run.save_last(s.net, s.opt, s.sched, s.ema, s.prog)
@@ -214,13 +214,13 @@ def _fmt(row: dict[str, Any]) -> str:
 
 
 def _end_epoch(prog: Progress, epoch: int, y: np.ndarray, probs: np.ndarray, opt: Any,
-               metric: str) -> dict[str, Any]:
+               metric: str, select: str = "half") -> dict[str, Any]:
     """Score the epoch, update best/patience and totals, reset the per-epoch counters.
 
     Returns:
         The epoch's ``log.jsonl`` row.
     """
-    f1 = score(y, probs, metric)
+    f1 = score(y, probs, metric, select)
     if f1 > prog.best_score:
         prog.best_score, prog.best_epoch, prog.bad_epochs = f1, epoch, 0
     else:
@@ -284,10 +284,11 @@ def _in_order(probs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def score(y: np.ndarray, probs: np.ndarray, metric: str = "samples") -> float:
+def score(y: np.ndarray, probs: np.ndarray, metric: str = "samples", select: str = "half") -> float:
     """Early-stopping and best-checkpoint score: the competition metric (``data.metric``) at
-    threshold 0.5 (at least one label per row)."""
-    return float(METRICS[metric](y, binarize(probs, 0.5)))
+    threshold 0.5 or at the best single threshold (``train.select_threshold``), with at least
+    one label per row."""
+    return CHECKPOINT_SCORES[select](y, probs, metric)
 
 
 def bce(y: np.ndarray, probs: np.ndarray) -> float:

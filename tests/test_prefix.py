@@ -113,11 +113,16 @@ def test_train_layers_on_the_bilstm_is_refused() -> None:
         build_model(cfg, ["a"])
 
 
-def test_only_a_flip_survives_a_cached_image_prefix() -> None:
+def test_only_a_flip_survives_a_cached_image_prefix(comp, bert_dir: Path) -> None:
+    from mmfold.train.runner import validate_model
+
     assert flip_probability([{"name": "HorizontalFlip", "p": 0.3}]) == 0.3
     assert flip_probability([]) == 0.0
     with pytest.raises(ConfigError, match="RandomBrightnessContrast"):
         flip_probability([{"name": "HorizontalFlip"}, {"name": "RandomBrightnessContrast"}])
+    jitter = fusion_cfg(bert_dir, "train.augment=[{name: RandomBrightnessContrast, p: 0.5}]")
+    with pytest.raises(ConfigError, match="train_blocks"):
+        validate_model(jitter)  # refused before any fold is touched
 
 
 # ------------------------------------------------------------- training on cached prefixes

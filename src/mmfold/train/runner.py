@@ -295,8 +295,9 @@ def validate_model(cfg: Config) -> None:
     """Check a model's config completely without training anything.
 
     Raises:
-        UserError: an unknown kind, an unknown (possibly nested) ``model.params`` key, or
-            ``train.*`` keys in the model's YAML that its kind ignores.
+        UserError: an unknown kind, an unknown (possibly nested) ``model.params`` key,
+            ``train.*`` keys in the model's YAML that its kind ignores, or augmentations a
+            cached image prefix cannot apply.
     """
     runner_for(cfg.model.kind)
     from mmfold.cpu.members import MEMBERS, validate_params
@@ -305,8 +306,10 @@ def validate_model(cfg: Config) -> None:
         validate_params(cfg)
     else:
         from mmfold.models import parse_params
+        from mmfold.train.prefix_cache import flip_probability
 
-        parse_params(cfg)
+        if parse_params(cfg).train_blocks is not None:
+            flip_probability(cfg.train.augment)  # only a flip survives a cached image prefix
     yml = model_yaml(cfg.model.name)
     if yml.exists():
         own = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("train") or {}

@@ -218,3 +218,26 @@ def _saved_folds(comp) -> np.ndarray:
     from mmfold.data.competition import load_folds
 
     return load_folds(comp)
+
+
+def test_channels_last_computes_what_nchw_does(comp, bert_dir: Path, tmp_path: Path) -> None:
+    """NHWC is a speed setting: the same weights give the same outputs (to float rounding) on
+    cached features in either layout, and a fold trains and predicts with it end to end."""
+    import copy
+
+    from mmfold.train.loop import image_views
+
+    model = build_model(model_cfg(bert_dir, kind="hybrid"), ["a", "b"]).eval()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    enc = model.encoder("image")
+    ids = torch.randint(5, 50, (3, 6))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        both = torch.stack([enc.prefix(torch.randn(3, 3, 32, 32)) for _ in range(2)], dim=1)
+        x["text_states"] = model.encoder("text").prefix(ids, x["attention_mask"])
+        a = [model(v) for v in image_views({**x, "image_feats": both}, tta=True)]
+        b = [nhwc(v) for v in image_views({**x, "image_feats": both}, tta=True, channels_last=True)]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    out = train_fold(fusion_cfg(bert_dir, "train.channels_last=true", kind="hybrid"), comp, folds(), 0, tmp_path / "nhwc")
+    assert np.isfinite(out.oof).all() and np.isfinite(out.test).all()

@@ -356,6 +356,8 @@ def model_inputs(batch: dict[str, torch.Tensor], data: FoldData, *,
     """Normalise ``uint8`` images on the device (NHWC -> NCHW float); pass token ids and
     cached prefix outputs through."""
     x = {k: batch[k] for k in ("input_ids", "attention_mask", "image_feats", "text_states") if k in batch}
+    if channels_last and "image_feats" in x and x["image_feats"].ndim == 4:  # a training batch: one view
+        x["image_feats"] = x["image_feats"].contiguous(memory_format=torch.channels_last)
     if "image" in batch:
         img = batch["image"].permute(0, 3, 1, 2).float().div_(255)
         img = (img - data.mean.to(img.device)) / data.std.to(img.device)

@@ -87,11 +87,11 @@ def start_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     seed_everything(t.seed, deterministic=t.deterministic)
     train_rows, valid_rows = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
     model = build_model(cfg, comp.classes)
+    if t.channels_last:  # NHWC: on a CPU, conv backward (depthwise above all) runs ~2x faster
+        model = model.to(memory_format=torch.channels_last)
     with acc.main_process_first():  # one process builds the caches, the others then read them
         data = build_data(cfg, comp, model, train_rows, valid_rows, acc.device)
     loaders = fold_loaders(data, t, pin_memory=acc.device.type == "cuda")
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, t)
     model, opt, train_dl, valid_dl, *test_dl = acc.prepare(model, opt, *loaders)
     net = acc.unwrap_model(model)
@@ -251,7 +251,8 @@ def predict(model: nn.Module, loader: Any, data: FoldData, acc: Any, *, tta: boo
     model.eval()
     probs, index = [], []
     for batch in loader:
-        views = image_views(model_inputs(batch, data, channels_last=channels_last), tta=tta)
+        views = image_views(model_inputs(batch, data, channels_last=channels_last), tta=tta,
+                            channels_last=channels_last)
         with acc.autocast():
             p = sum(torch.sigmoid(model(v).float()) for v in views) / len(views)
         probs.append(acc.gather_for_metrics(p).cpu())
@@ -259,14 +260,15 @@ def predict(model: nn.Module, loader: Any, data: FoldData, acc: Any, *, tta: boo
     return _in_order(torch.cat(probs).numpy(), torch.cat(index).numpy(), len(loader.dataset))
 
 
-def image_views(x: dict[str, torch.Tensor], *, tta: bool) -> list[dict[str, torch.Tensor]]:
+def image_views(x: dict[str, torch.Tensor], *, tta: bool, channels_last: bool = False) -> list[dict[str, torch.Tensor]]:
     """The inputs a prediction averages over: the batch, and with ``tta`` its horizontal flip.
 
     Cached image-prefix outputs of an evaluation batch hold both views already
     (``image_feats`` ``(B, 2, ...)``); pixels are flipped here.
     """
     if "image_feats" in x:
-        views = [{**x, "image_feats": x["image_feats"][:, i]} for i in (0, 1)]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        views = [{**x, "image_feats": x["image_feats"][:, i].contiguous(memory_format=fmt)} for i in (0, 1)]
     elif "image" in x:
         views = [x, {**x, "image": x["image"].flip(3)}]
     else:

@@ -126,7 +126,8 @@ class ImageRunner:
     @staticmethod
     def _pixels(src: dict[str, Any], rows: np.ndarray, device: torch.device) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(src["images"][rows])).to(device).permute(0, 3, 1, 2).float().div_(255)
-        return (x - src["mean"].to(device)) / src["std"].to(device)
+        x = (x - src["mean"].to(device)) / src["std"].to(device)
+        return x.contiguous(memory_format=torch.channels_last)  # NHWC convolutions: faster on a CPU
 
     @classmethod
     def row_shape(cls, prefix: nn.Module, src: dict[str, Any], device: torch.device) -> tuple[int, ...]:

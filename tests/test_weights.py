@@ -205,7 +205,7 @@ def write_fashion_rows(project: Path, n: int = 24) -> str:
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs ../shared/data/fashion")
 @pytest.mark.parametrize("path", FT_CONFIGS, ids=[p.stem for p in FT_CONFIGS])
 def test_finetune_config_trains_from_the_real_weights(path: Path, home: Path, project: Path) -> None:
-    """Two short epochs on 16 real fashion photos at their native 80x60 (the config's own loss,
+    """Two short epochs on 16 real fashion photos at twice their native 80x60 (the config's own loss,
     LR split, warm-up, EMA, flips, cached frozen stages): every pretrained tensor of the
     trainable top stages moves, the frozen stem and lower stages stay as loaded, and the
     training loss falls."""
@@ -229,7 +229,7 @@ def test_finetune_config_trains_from_the_real_weights(path: Path, home: Path, pr
     comp = load_competition(cfg.data, use_saved=False)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, comp.classes)
-    assert model.image_data_config["input_size"] == (3, 80, 60)  # native, not squashed square
+    assert model.image_data_config["input_size"] == (3, 160, 120)  # twice native, not squashed square
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
     frozen = {id(p) for prefix in model.frozen_prefixes().values() for p in prefix.parameters()}
     ids = {id(p) for p in model.backbone_parameters()}

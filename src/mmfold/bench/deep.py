@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, paths
-from mmfold.bench.real import Timer, blend_members, dataset_config, ensure_folds, member_configs
+from mmfold.bench.real import Timer, blend_members, load_dataset, member_configs
 from mmfold.config import Config
-from mmfold.data.competition import Competition, load_competition
+from mmfold.data.competition import Competition
 from mmfold.machine import available_cores
 
 DATASETS = ("fashion", "comp5329")
@@ -123,11 +123,7 @@ def blend_row(data: str, models: list[str], comp: Competition, fold: np.ndarray,
 def bench_dataset(data: str, args: argparse.Namespace) -> dict[str, Any]:
     """Folds -> members (all folds) -> one-fold members -> the two blends, for one dataset."""
     timer = Timer()
-    with timer("load"):
-        cfg = dataset_config(data, args.shared, args.overrides)
-        comp = load_competition(cfg.data)
-    with timer("folds"):
-        fold, _ = ensure_folds(comp, cfg)
+    cfg, comp, fold, _ = load_dataset(data, args, timer)
     cpu, _ = member_configs(data, CPU_MEMBERS[data], comp, args.overrides)
     deep, _ = member_configs(data, DEEP_MEMBERS[data], comp, args.overrides)
     one, _ = member_configs(data, [] if args.skip_one_fold else ONE_FOLD[data], comp, args.overrides)

@@ -163,14 +163,21 @@ def _scores(all_metrics: Any, y: np.ndarray, cv: Any) -> dict[str, float]:
 # ------------------------------------------------------------------------------- dataset
 
 
-def bench_dataset(data: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Folds -> embeddings -> members -> blend for one dataset; scores, times, notes."""
-    timer = Timer()
+def load_dataset(data: str, args: argparse.Namespace, timer: Timer) -> tuple[Config, Competition, np.ndarray, bool]:
+    """The dataset's config (root under ``args.shared``), competition and folds (reused or
+    written), each stage timed; True when the folds file already existed."""
     with timer("load"):
         cfg = dataset_config(data, args.shared, args.overrides)
         comp = load_competition(cfg.data)
     with timer("folds"):
         fold, reused = ensure_folds(comp, cfg)
+    return cfg, comp, fold, reused
+
+
+def bench_dataset(data: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Folds -> embeddings -> members -> blend for one dataset; scores, times, notes."""
+    timer = Timer()
+    cfg, comp, fold, reused = load_dataset(data, args, timer)
     cfgs, skipped = member_configs(data, _member_names(data, args), comp, args.overrides)
     if not cfgs:
         raise UserError(f"{data}: no member can run on this data (skipped: {skipped})")

@@ -45,5 +45,12 @@ def test_bench_deep_runs_members_blends_and_writes_the_json(demo: Path, monkeypa
     md = (demo / "reports" / "bench" / "deep.md").read_text()
     assert "| demo_text | lstm_text | yes |" in md and "MISSED" in md
     stamp = (demo / "runs" / "demo" / "demo_text" / "fold0" / "done.json").stat().st_mtime_ns
+    other = {**r, "date": "earlier"}
+    doc["datasets"]["other"] = other
+    (demo / "reports" / "bench" / "deep.json").write_text(json.dumps(doc))
     assert deep.run(args) == 0  # a rerun keeps the finished folds (a cut-off run continues)
     assert (demo / "runs" / "demo" / "demo_text" / "fold0" / "done.json").stat().st_mtime_ns == stamp
+    again = json.loads((demo / "reports" / "bench" / "deep.json").read_text())
+    assert again["datasets"]["other"] == other  # a dataset not run this time is kept, with its date
+    assert again["datasets"]["demo"]["date"] != "earlier"
+    assert "## other" in (demo / "reports" / "bench" / "deep.md").read_text()

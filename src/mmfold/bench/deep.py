@@ -136,7 +136,7 @@ def bench_dataset(data: str, args: argparse.Namespace) -> dict[str, Any]:
     n_folds = int(fold.max()) + 1
     members = member_rows(data, cpu + deep, full.pop("scores"), n_folds)
     base.pop("scores")
-    result = {"rows": len(comp.train), "labels": len(comp.classes), "folds": n_folds,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": len(comp.train), "labels": len(comp.classes), "folds": n_folds,
               "members": members, "blend": full, "blend_cpu_only": base,
               "one_fold": {c.model.name: {"kind": c.model.kind, "fine_tuned": True,
                                           **one_fold_score(data, c.model.name, comp, fold, cfg)} for c in one},
@@ -175,11 +175,11 @@ def inputs_of(kind: str) -> str:
 def render(doc: dict[str, Any]) -> str:
     """Markdown: per dataset the members, the blends, one-fold members and the targets."""
     lines = ["# Deep-member benchmark (fine-tuned + CPU members)", "",
-             f"machine: {doc['machine']}; run {doc['date']}; this run's wall time {doc['total_s']:.0f} s; "
-             f"cost of every fold as trained (sum of fold seconds at {doc['jobs']} folds at a time): "
-             f"{doc['cost_s']:.0f} s. Scores are honest nested-CV samples-F1.", ""]
+             f"machine: {doc['machine']}; written {doc['date']}; this run's wall time {doc['total_s']:.0f} s; "
+             f"cost of a cold run (every fold's seconds as trained, {doc['jobs']} folds at a time, plus the "
+             f"blends): {doc['cost_s']:.0f} s. Scores are honest nested-CV samples-F1.", ""]
     for data, r in doc["datasets"].items():
-        lines += [f"## {data}", "", f"{r['rows']} rows, {r['labels']} labels, {r['folds']} folds.", "",
+        lines += [f"## {data}", "", f"{r['rows']} rows, {r['labels']} labels, {r['folds']} folds; run {r.get('date', doc['date'])}.", "",
                   "| member | kind | fine-tuned | CV | ± fold std | s per fold | train samples/s | weight |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, v in r["members"].items():
@@ -220,12 +220,30 @@ def run(args: argparse.Namespace) -> int:
     for data in args.datasets.split(","):
         print(f"== {data}", flush=True)
         datasets[data] = bench_dataset(data, args)
+    print(write_report(with_previous(datasets), args.jobs, time.perf_counter() - start))
+    return 0
+
+
+def with_previous(datasets: dict[str, Any]) -> dict[str, Any]:
+    """This run's datasets plus the other datasets of the previous ``deep.json`` (each entry
+    carries its own ``date``), so ``--datasets fashion`` refreshes fashion alone."""
+    _, js = report_paths()
+    old = json.loads(js.read_text()).get("datasets", {}) if js.exists() else {}
+    return {**{d: r for d, r in old.items() if d not in datasets}, **datasets}
+
+
+def write_report(datasets: dict[str, Any], jobs: int, wall_s: float) -> str:
+    """Write ``deep.json`` and ``deep.md`` for ``datasets``; returns the markdown.
+
+    ``cost_s`` is what every fold of every dataset cost as trained (``done.json``), divided by
+    the folds trained at once: the wall time of one cold run, whichever runs trained them.
+    """
     cost = sum(v["train_s"] for r in datasets.values() for v in [*r["members"].values(), *r["one_fold"].values()])
-    doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "jobs": args.jobs, "total_s": round(time.perf_counter() - start, 1),
-           "cost_s": round(cost / args.jobs, 1), "datasets": datasets}
+    blends = sum(r["stages_s"].get("blend", 0.0) for r in datasets.values())
+    doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "jobs": jobs,
+           "total_s": round(wall_s, 1), "cost_s": round(cost / jobs + blends, 1), "datasets": datasets}
     md, js = report_paths()
     fileio.write_json(js, doc)
-    fileio.write_text(md, render(doc))
-    print(render(doc))
-    return 0
+    text = render(doc)
+    fileio.write_text(md, text)
+    return text

@@ -6,7 +6,9 @@ baseline), on batches of similar caption length (``train.length_buckets``), and 
 Images: EfficientNet-Lite0 on fashion photos, the whole backbone vs the top stages on cached
 features (``model.params.train_blocks``). Every side trains the same initial weights for the
 same number of optimizer steps through the engine's own dataset, loader, optimizer and loss;
-the runs alternate so a neighbour's load on the shared CPU hits every side alike.
+the runs alternate so a neighbour's load on the shared CPU hits every side alike. Images are
+fed in the default NCHW layout on both sides (``train.channels_last`` is a separate, further
+speed-up).
 :func:`train_samples_per_s` is also how the per-fold costs in the ``*_ft`` configs were measured.
 """
 

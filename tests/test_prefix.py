@@ -187,6 +187,10 @@ def test_flip_views_are_both_used(comp, bert_dir: Path, tmp_path: Path) -> None:
     assert 0 < drawn.sum() < 10  # some rows flipped, some not
     valid = FoldDataset(np.arange(10), feats=feats, y=np.zeros((10, 1)))
     assert valid.__getitems__([0, 1])["image_feats"].shape == (2, 2, 2, 1, 1)
+    unflipped = FoldDataset(np.arange(10), feats=feats, y=np.zeros((10, 1)), flip_p=0.0)
+    assert unflipped.__getitems__(list(range(10)))["image_feats"][:, 0, 0, 0].sum() == 0  # training, no flip: view 0
+    no_flip = train_fold(fusion_cfg(bert_dir, "train.augment=[]"), comp, folds(), 0, tmp_path / "c")
+    assert np.isfinite(no_flip.oof).all()
     no_tta = train_fold(fusion_cfg(bert_dir, "train.tta=false"), comp, folds(), 0, tmp_path / "a")
     tta = train_fold(fusion_cfg(bert_dir), comp, folds(), 0, tmp_path / "b")
     assert not np.array_equal(no_tta.oof, tta.oof)

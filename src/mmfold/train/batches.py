@@ -44,13 +44,13 @@ class FoldDataset(Dataset):
         seed: Base of the augmentation seeds.
         feats: Cached frozen-prefix outputs by batch key (:mod:`mmfold.train.prefix_cache`):
             ``image_feats`` ``(N, 2, C, h, w)`` (image, flipped image), ``text_states`` ``(N, T, H)``.
-        flip_p: Training only: the chance that a row's cached ``image_feats`` come from the
-            flipped image. 0 (evaluation) returns both views, for flip TTA.
+        flip_p: Training: the chance that a row's cached ``image_feats`` come from the
+            flipped image (0: never). None (evaluation) returns both views, for flip TTA.
     """
 
     def __init__(self, rows: np.ndarray, images: Any = None, tokens: dict[str, np.ndarray] | None = None,
                  y: np.ndarray | None = None, transform: Any = None, seed: int = 0,
-                 feats: dict[str, np.ndarray] | None = None, flip_p: float = 0.0) -> None:
+                 feats: dict[str, np.ndarray] | None = None, flip_p: float | None = None) -> None:
         self.rows, self.images, self.tokens, self.y = np.asarray(rows), images, tokens, y
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.feats, self.flip_p = dict(feats or {}), flip_p
@@ -96,7 +96,7 @@ class FoldDataset(Dataset):
         """Cached views ``(B, 2, C, h, w)`` for evaluation; in training one view per row,
         the flipped one with probability ``flip_p`` (seeded per batch, like the augmentations)."""
         both = _sorted_read(self.feats["image_feats"], rows)
-        if not self.flip_p:
+        if self.flip_p is None:
             return both
         rng = np.random.default_rng(self.seed * 1_000_003 + self.epoch * 7919 + first)
         flip = (rng.random(len(rows)) < self.flip_p).astype(np.int64)

@@ -84,9 +84,7 @@ class FoldDataset(Dataset):
 
     def _images(self, rows: np.ndarray, first: int) -> np.ndarray:
         """Read rows in sorted order (sequential on disk), augment with a per-batch seed."""
-        order = np.argsort(rows, kind="stable")
-        imgs = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
-        imgs[order] = self.images[rows[order]]
+        imgs = _sorted_read(self.images, rows, np.uint8)
         if self.transform is not None:
             self.transform.set_random_seed(self.seed * 1_000_003 + self.epoch * 7919 + first)
             imgs = np.stack([self.transform(image=im)["image"] for im in imgs])
@@ -115,10 +113,10 @@ class FoldDataset(Dataset):
         self.__dict__.update(state)
 
 
-def _sorted_read(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``arr[rows]`` as float32, read in sorted order (sequential on disk)."""
+def _sorted_read(arr: Any, rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """``arr[rows]`` as ``dtype``, read in sorted order (sequential on disk)."""
     order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows), *arr.shape[1:]), np.float32)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype)
     out[order] = arr[rows[order]]
     return out
 

@@ -11,13 +11,15 @@ NAME  ?=
 LB    ?=
 GPUS  ?=
 JOBS  ?=
+TEST  ?=
+FROM  ?=
 
 MMFOLD = $(PY) -m mmfold
 # GPUS=N: one process per GPU through Hugging Face Accelerate (DDP); rank 0 writes the files.
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data $(DATA) $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
-.PHONY: help setup demo demo-data folds train collect blend submit report sweep ablate weights bench bench-real bench-deep test test-fast clean-demo
+.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep test test-fast clean-demo
 
 help:  ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +47,9 @@ train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD 
 
 collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))
+
+predict: setup  ## test probabilities for the current test set (or TEST=path) from the saved fold models, no retraining
+	$(MMFOLD) predict $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(TEST),--test '$(TEST)')
 
 blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name>.csv and log row
 	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME))

@@ -76,8 +76,12 @@ def test_fold_files_are_read_back_in_train_order(home: SimpleNamespace) -> None:
     np.testing.assert_array_equal(got, home.oof.astype(np.float32))
     some = predictions.read_fold_oofs("d", "m", home.ids, CLASSES, home.folds, folds=[2, 0])
     np.testing.assert_array_equal(some, home.oof.astype(np.float32)[home.folds != 1])
-    mean = predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, 3)
+    mean = predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, _test_files(3))
     np.testing.assert_array_equal(mean, np.mean(home.test.astype(np.float32).astype(np.float64), axis=0))
+
+
+def _test_files(n: int) -> list[Path]:
+    return [predictions.fold_file(paths.run_dir("d", "m", k), "test") for k in range(n)]
 
 
 def _corrupt(path: Path, change) -> None:  # type: ignore[no-untyped-def]
@@ -105,9 +109,9 @@ def test_a_bad_or_missing_test_file_is_refused(home: SimpleNamespace) -> None:
     test1 = predictions.fold_file(paths.run_dir("d", "m", 1), "test")
     _corrupt(test1, lambda df: df.drop(index=3, inplace=True))
     with pytest.raises(PredictionError, match=r"m fold 1 .*ids do not match the test set: 1 missing \(first: 't3'\)"):
-        predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, 3)
+        predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, _test_files(3))
     test1.unlink()
-    assert predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, 3) is None
+    assert predictions.mean_fold_tests("d", "m", home.test_ids, CLASSES, _test_files(3)) is None
     with pytest.raises(MissingPredictions, match=r"model 'x'.*not found; collected models: \[\]"):
         predictions.read_test("d", "x", home.test_ids, CLASSES)
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "folds": ("mmfold.data.folds", "write multilabel-stratified folds to folds/<data>.csv"),
     "train": ("mmfold.train.runner", "train models per fold (resumable), then collect"),
     "collect": ("mmfold.train.collect", "merge fold predictions into oof/<data>/<model>.parquet"),
+    "predict": ("mmfold.train.predict", "predict a new test set from the saved fold models (no retraining)"),
     "blend": ("mmfold.ensemble.blend", "blend OOF probabilities, tune thresholds, write a submission"),
     "submit": ("mmfold.ensemble.submission", "record (or show) leaderboard scores of submissions in the log"),
     "report": ("mmfold.report.report", "write reports/<data>/report.md with plots"),

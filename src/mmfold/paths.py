@@ -70,6 +70,11 @@ def test_pred_file(data: str, model: str) -> Path:
     return oof_dir(data) / f"{model}.test.parquet"
 
 
+def test_meta_file(data: str, model: str) -> Path:
+    """``oof/<data>/<model>.test.json``: which test set the collected test file is for."""
+    return oof_dir(data) / f"{model}.test.json"
+
+
 def oof_meta_file(data: str, model: str) -> Path:
     """``oof/<data>/<model>.json``: CV metrics, params, train time, config, hashes."""
     return oof_dir(data) / f"{model}.json"

@@ -64,35 +64,54 @@ def config_drift(data: str, model: str, trained: dict[str, Any]) -> dict[str, tu
 
 
 def data_fingerprints(comp: Competition) -> dict[str, str]:
-    """Current hashes of the folds file, the label vocabulary and the data files."""
+    """Current hashes of what a model *learns from*: the folds file, the label vocabulary and
+    the train file. A change here means retraining; the test set is :func:`testset_key`."""
     d = comp.cfg
-    root = paths.resolve(d.root)
-    data = file_hash(root / d.train_csv) + (file_hash(root / d.test_csv) if d.test_csv else "")
-    return {"folds": file_hash(paths.folds_file(d.name)), "labels": stable_hash(comp.classes), "data": data}
+    return {"folds": file_hash(paths.folds_file(d.name)), "labels": stable_hash(comp.classes),
+            "train": file_hash(paths.resolve(d.root) / d.train_csv)}
+
+
+def testset_key(comp: Competition) -> str:
+    """Hash of the test set a prediction is for: the test file's bytes and, with images, each
+    test image's name, size and mtime ('' without a test set).
+
+    A changed test set needs new test predictions (``make predict``), never retraining, so it
+    is kept apart from :func:`data_fingerprints`; prediction files are keyed by it.
+    """
+    d = comp.cfg
+    if comp.test is None or not d.test_csv:
+        return ""
+    images = []
+    if comp.has_images:
+        for i in comp.ids("test"):
+            st = comp.image_path(i).stat()
+            images.append((i, st.st_size, st.st_mtime_ns))
+    return stable_hash([file_hash(paths.resolve(d.root) / d.test_csv), images])[:16]
 
 
 def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
-    """Current hashes of folds, labels, data files and the model config."""
-    return {**data_fingerprints(comp), "config": model_config_hash(cfg)}
+    """Current hashes of folds, labels, train file and model config, and of the test set."""
+    return {**data_fingerprints(comp), "config": model_config_hash(cfg), "test": testset_key(comp)}
 
 
-def check_fresh(model: str, comp: Competition) -> None:
-    """Refuse a collected model whose inputs changed since it was trained.
+def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
+    """Refuse a collected model whose inputs changed since it was trained (or predicted).
 
-    The data side (folds, labels, data files) is compared by hash; the config side by
+    The train side (folds, labels, train file) is compared by hash; the config side by
     re-resolving the model's YAML with the overrides it was trained with and comparing that
     to the resolved config saved in ``oof/<data>/<model>.json`` (so a model trained with
     ``ARGS="train.lr=..."`` stays blendable, and an edited YAML is caught, naming the keys).
+    Either means retraining. With ``test``, the collected test predictions must be for the
+    current test set (:func:`testset_key`); if not, ``make predict`` makes them.
 
     Raises:
-        UserError: naming the model and what changed.
+        UserError: naming the model, what changed and the command that fixes it.
     """
     meta_path = paths.oof_meta_file(comp.cfg.name, model)
     if not meta_path.exists():
         raise UserError(f"{meta_path} missing: re-run `make collect MODEL={model}` (or retrain it)")
     meta = json.loads(meta_path.read_text())
-    saved = meta.get("hashes", {})
-    changed = stale(saved, data_fingerprints(comp))
+    changed = stale(meta.get("hashes", {}), data_fingerprints(comp))
     if changed:
         raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it (make train MODEL={model} FORCE=1)")
     drift = config_drift(comp.cfg.name, model, meta.get("config", {}))
@@ -101,6 +120,31 @@ def check_fresh(model: str, comp: Competition) -> None:
                         f"(YAML now + its overrides {meta.get('config', {}).get('overrides', [])}):\n"
                         f"{describe_diff(drift, 'trained', 'now')}\nretrain it (make train "
                         f"MODEL={model} FORCE=1) or restore the YAML")
+    if test:
+        check_test_fresh(model, comp)
+
+
+def collected_test_key(data: str, model: str) -> str | None:
+    """The test set (:func:`testset_key`) ``oof/<data>/<model>.test.parquet`` is for."""
+    path = paths.test_meta_file(data, model)
+    if path.exists():
+        return json.loads(path.read_text()).get("test")
+    meta = paths.oof_meta_file(data, model)
+    return json.loads(meta.read_text()).get("hashes", {}).get("test") if meta.exists() else None
+
+
+def check_test_fresh(model: str, comp: Competition) -> None:
+    """Refuse collected test predictions made for another test set than the current one.
+
+    Raises:
+        UserError: pointing at ``make predict``, which needs no retraining.
+    """
+    if comp.test is None:
+        return
+    if collected_test_key(comp.cfg.name, model) != testset_key(comp):
+        raise UserError(f"model '{model}': the test set changed since its test predictions were made "
+                        f"({comp.cfg.test_csv}); predict it with the saved fold models, no "
+                        f"retraining: make predict DATA={comp.cfg.name} MODEL={model}")
 
 
 def stale(saved: dict[str, str], current: dict[str, str]) -> list[str]:
@@ -113,6 +157,6 @@ def describe(changed: list[str]) -> str:
     why = {
         "folds": "the folds file was rewritten",
         "labels": "the label vocabulary changed",
-        "data": "train.csv/test.csv changed",
+        "train": "the train file changed",
     }
     return "; ".join(why[k] for k in changed)

@@ -4,7 +4,10 @@ Files (their folders come from :mod:`mmfold.paths`):
 
 - ``runs/<data>/<model>/fold<k>/oof.parquet``: ``id``, ``fold``, one float32 column per label;
   the fold's validation rows (:func:`write_fold_oof`, by the fold runner).
-- ``runs/<data>/<model>/fold<k>/test.parquet``: ``id`` + labels; the test set (:func:`write_fold_test`).
+- ``runs/<data>/<model>/fold<k>/test.parquet``: ``id`` + labels; the test set the fold was
+  trained with (:func:`write_fold_test`); ``test-<key>.parquet``: another test set, predicted
+  later from the fold's saved model (``mmfold predict``), ``<key>`` its
+  :func:`mmfold.artifacts.manifest.testset_key`.
 - ``oof/<data>/<model>.parquet``: the collected OOF, every train id once (:func:`write_oof`).
 - ``oof/<data>/<model>.test.parquet``: test probabilities averaged over folds (:func:`write_test`).
 - ``reports/<data>/blend_<name>.oof.parquet``: a blend's own predictions (:func:`write_blend_oof`).
@@ -75,6 +78,13 @@ def fold_file(rd: Path, kind: str) -> Path:
     return rd / FOLD_FILES[kind]
 
 
+def fold_test_file(rd: Path, key: str, trained_key: str | None) -> Path:
+    """A fold's test probabilities for the test set ``key``: ``test.parquet`` when that is the
+    set the fold was trained with (``trained_key``, from its ``done.json``), else
+    ``test-<key>.parquet`` (written by ``mmfold predict``)."""
+    return fold_file(rd, "test") if key == trained_key else rd / f"test-{key}.parquet"
+
+
 def _write_checked(path: Path, ids: Sequence[str], probs: np.ndarray, classes: Sequence[str],
                    what: str, fold: int | np.ndarray | None = None) -> Path:
     """Check, then write atomically."""
@@ -89,9 +99,9 @@ def write_fold_oof(rd: Path, ids: pd.Series | Sequence[str], probs: np.ndarray,
 
 
 def write_fold_test(rd: Path, ids: pd.Series | Sequence[str], probs: np.ndarray,
-                    classes: Sequence[str], what: str) -> Path:
-    """A fold's predictions of the test set."""
-    return _write_checked(fold_file(rd, "test"), list(ids), probs, classes, what)
+                    classes: Sequence[str], what: str, path: Path | None = None) -> Path:
+    """A fold's predictions of the test set (``path``: default ``test.parquet``)."""
+    return _write_checked(path or fold_file(rd, "test"), list(ids), probs, classes, what)
 
 
 def write_oof(data: str, model: str, ids: Sequence[str], probs: np.ndarray,
@@ -275,14 +285,13 @@ def read_fold_oofs(data: str, model: str, ids: Sequence[str], classes: Sequence[
 
 
 def mean_fold_tests(data: str, model: str, ids: Sequence[str], classes: Sequence[str],
-                    n_folds: int) -> np.ndarray | None:
-    """The folds' test probabilities averaged, in ``ids`` (test) order; None unless every
-    fold wrote one."""
-    files = [fold_file(paths.run_dir(data, model, k), "test") for k in range(n_folds)]
+                    files: Sequence[Path]) -> np.ndarray | None:
+    """The folds' test probabilities (``files``, one per fold) averaged, in ``ids`` (test)
+    order; None unless every file exists."""
     if not all(f.exists() for f in files):
         return None
     probs = [read_probs(f, ids, classes, f"{model} fold {k} ({f})", data, against="the test set",
-                        fix=_retrain(model, k)) for k, f in enumerate(files)]
+                        fix=f"re-run `make predict MODEL={model}`") for k, f in enumerate(files)]
     return np.mean(probs, axis=0)
 
 

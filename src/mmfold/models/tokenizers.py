@@ -69,6 +69,11 @@ class HFTokenizer:
             return backend.to_str()
         return repr(sorted(self.tok.get_vocab().items()))
 
+    def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the tokenizer lives in its folder, so only its key, which
+        :func:`tokenizer_from_state` checks (a changed folder would encode other ids)."""
+        return {"kind": "hf", "key": self.key}
+
     def __call__(self, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
         """Ids and mask ``(N, max_len)``, truncated and right-padded."""
         enc = self.tok(list(texts), max_length=max_len, truncation=True, padding="max_length",
@@ -123,7 +128,7 @@ class WordTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint (loadable with ``torch.load(weights_only=True)``)."""
-        return {"vocab": self.vocab}
+        return {"kind": "word", "vocab": self.vocab}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WordTokenizer:
@@ -141,3 +146,24 @@ def hf_tokenizer(p: ModelParams, train_captions: Sequence[str]) -> HFTokenizer:
 def word_tokenizer(p: ModelParams, train_captions: Sequence[str]) -> WordTokenizer:
     """A word vocabulary fitted on ``train_captions`` only (``params.lstm``)."""
     return WordTokenizer.fit(train_captions, p.lstm.vocab_size, p.lstm.min_freq)
+
+
+def tokenizer_from_state(p: ModelParams, state: dict[str, Any] | None) -> Tokenizer | None:
+    """The tokenizer a fold was trained with, from the state saved in its checkpoint.
+
+    A word vocabulary is rebuilt exactly (it was fitted on that fold's training captions, which
+    a bundle or a new test set no longer has); a Hugging Face tokenizer is reloaded from
+    ``params.text_model`` and must still encode to the same ids.
+
+    Raises:
+        UserError: the Hugging Face folder now holds another tokenizer.
+    """
+    if state is None:
+        return None
+    if state["kind"] == "word":
+        return WordTokenizer.from_dict(state)
+    tok = hf_tokenizer(p, [])
+    if tok.key != state["key"]:
+        raise UserError(f"{tok.folder}: the tokenizer differs from the one this fold was trained with "
+                        f"({tok.key} now, {state['key']} then); restore the folder or retrain")
+    return tok

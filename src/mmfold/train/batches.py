@@ -23,6 +23,7 @@ from mmfold.config import Config, ConfigError, TrainConfig
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.train.caches import image_cache, token_cache
+from mmfold.train.canonical import canonical_batches, is_filler, padded_length
 
 __all__ = ["FoldDataset", "EpochSampler", "LengthBucketSampler", "caption_lengths", "make_loader", "fold_loaders",
            "build_augment", "FoldData", "build_data", "model_inputs"]
@@ -46,14 +47,24 @@ class FoldDataset(Dataset):
             ``image_feats`` ``(N, 2, C, h, w)`` (image, flipped image), ``text_states`` ``(N, T, H)``.
         flip_p: Training: the chance that a row's cached ``image_feats`` come from the
             flipped image (0: never). None (evaluation) returns both views, for flip TTA.
+
+        canonical: An evaluation dataset: captions padded to their canonical length and
+            filler rows of canonical batches marked (``filler``), see :mod:`mmfold.train.canonical`.
     """
 
     def __init__(self, rows: np.ndarray, images: Any = None, tokens: dict[str, np.ndarray] | None = None,
                  y: np.ndarray | None = None, transform: Any = None, seed: int = 0,
-                 feats: dict[str, np.ndarray] | None = None, flip_p: float | None = None) -> None:
+                 feats: dict[str, np.ndarray] | None = None, flip_p: float | None = None,
+                 canonical: bool = False) -> None:
         self.rows, self.images, self.tokens, self.y = np.asarray(rows), images, tokens, y
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.feats, self.flip_p = dict(feats or {}), flip_p
+        self.canonical = canonical
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        """Token count of each position's caption (None without captions)."""
+        return None if self.tokens is None else self.tokens["attention_mask"][self.rows].sum(1)
 
     def set_epoch(self, epoch: int) -> None:
         """New augmentations each epoch, the same ones on a rerun."""
@@ -69,7 +80,9 @@ class FoldDataset(Dataset):
         if self.images is not None:
             out["image"] = torch.from_numpy(self._images(rows, pos[0]))
         if self.tokens is not None:
-            out.update(_trimmed_tokens(self.tokens, rows))
+            out.update(_trimmed_tokens(self.tokens, rows, canonical=self.canonical))
+        if self.canonical:
+            out["filler"] = torch.from_numpy(is_filler(np.asarray(pos)))
         if "image_feats" in self.feats:
             out["image_feats"] = torch.from_numpy(self._image_feats(rows, pos[0]))
         if "text_states" in self.feats:
@@ -136,10 +149,12 @@ def _reopen(ref: Any) -> Any:
     return ref
 
 
-def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """Token ids cut to the longest caption in the batch: padding costs attention time."""
+def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray, canonical: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids cut to the longest caption in the batch (padding costs attention time), or
+    with ``canonical`` to the batch's padded length (:func:`mmfold.train.canonical.padded_length`)."""
     mask = tokens["attention_mask"][rows]
-    t = max(int(mask.sum(1).max()), 1)
+    longest = int(mask.sum(1).max())
+    t = int(padded_length(longest, mask.shape[1])) if canonical else max(longest, 1)
     return {"input_ids": torch.from_numpy(tokens["input_ids"][rows, :t].astype(np.int64)),
             "attention_mask": torch.from_numpy(mask[:, :t].astype(np.int64))}
 
@@ -224,6 +239,23 @@ def caption_lengths(ds: FoldDataset) -> np.ndarray:
     return ds.tokens["attention_mask"][ds.rows].sum(1)
 
 
+class CanonicalBatchSampler(BatchSampler):
+    """Evaluation batches that make a row's prediction independent of the other rows
+    (:func:`mmfold.train.canonical.canonical_batches`): grouped by padded caption length,
+    each exactly ``batch_size`` rows."""
+
+    def __init__(self, ds: FoldDataset, batch_size: int) -> None:
+        super().__init__(SequentialSampler(ds), batch_size, drop_last=False)
+        width = 0 if ds.tokens is None else ds.tokens["attention_mask"].shape[1]
+        self._batches = [b.tolist() for b in canonical_batches(len(ds), batch_size, ds.lengths, width)] if len(ds) else []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
 def _batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``collate_fn``: :meth:`FoldDataset.__getitems__` already returns a batch."""
     return batch
@@ -240,6 +272,9 @@ def make_loader(ds: FoldDataset, batch_size: int, *, shuffle: bool, num_workers:
         return DataLoader(ds, batch_sampler=LengthBucketSampler(caption_lengths(ds), batch_size, length_buckets, seed),
                           num_workers=num_workers, collate_fn=_batch_as_is, pin_memory=pin_memory,
                           generator=torch.Generator().manual_seed(seed))
+    if not shuffle and ds.canonical:
+        return DataLoader(ds, batch_sampler=CanonicalBatchSampler(ds, batch_size), num_workers=num_workers,
+                          collate_fn=_batch_as_is, pin_memory=pin_memory)
     sampler = EpochSampler(len(ds), seed) if shuffle else SequentialSampler(ds)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=_batch_as_is, pin_memory=pin_memory,
@@ -272,13 +307,37 @@ def build_augment(spec: list[dict[str, Any]]) -> Any:
 
 @dataclass
 class FoldData:
-    """The fold's datasets and how to turn their batches into model inputs."""
+    """The fold's datasets, how to turn their batches into model inputs, and the tokenizer the
+    captions were encoded with (saved with the fold's best checkpoint)."""
 
-    train: FoldDataset
-    valid: FoldDataset
+    train: FoldDataset | None
+    valid: FoldDataset | None
     test: FoldDataset | None
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    tokenizer: Any = None
+
+
+def split_inputs(cfg: Config, comp: Competition, model: nn.Module, tokenizer: Any,
+                 splits: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """Cached images and token ids of each split the model reads, and the pixel mean/std.
+
+    Returns:
+        ``(images, tokens, mean, std)``: ``{split: memmap or None}`` twice, then the
+        ``(1, 3, 1, 1)`` normalisation tensors (None for text-only models).
+    """
+    t = cfg.train
+    images, tokens = dict.fromkeys(splits), dict.fromkeys(splits)
+    mean = std = None
+    if model.needs_image:
+        if not comp.has_images:
+            raise UserError(f"model {cfg.model.name} needs images but data {comp.cfg.name} has none")
+        dc = model.image_data_config
+        images = {s: image_cache(comp, s, tuple(dc["input_size"][1:]), progress=t.progress) for s in splits}
+        mean, std = (torch.tensor(dc[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+    if model.needs_text:
+        tokens = {s: token_cache(comp, s, tokenizer, t.max_len) for s in splits}
+    return images, tokens, mean, std
 
 
 def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.ndarray,
@@ -287,34 +346,37 @@ def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.
 
     A model with frozen prefixes (``model.params.train_blocks`` / ``train_layers``) reads their
     cached outputs instead of pixels (:mod:`mmfold.train.prefix_cache`, run on ``device``).
+    The word vocabulary of an LSTM encoder is fitted on ``train_rows``' captions only.
     """
-    t, y, has_test = cfg.train, comp.y(), comp.test is not None and len(comp.test) > 0
-    images = {"train": None, "test": None}
-    tokens = {"train": None, "test": None}
-    mean = std = None
-    if model.needs_image:
-        if not comp.has_images:
-            raise UserError(f"model {cfg.model.name} needs images but data {comp.cfg.name} has none")
-        dc = model.image_data_config
-        size = tuple(dc["input_size"][1:])
-        images = {s: image_cache(comp, s, size, progress=t.progress)
-                  for s in ("train", "test") if s == "train" or has_test}
-        mean, std = (torch.tensor(dc[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
-    if model.needs_text:
-        from mmfold.models import build_tokenizer
+    from mmfold.models import build_tokenizer
 
-        tok = build_tokenizer(cfg, comp.train["caption"].iloc[train_rows].tolist())
-        tokens = {s: token_cache(comp, s, tok, t.max_len) for s in ("train", "test") if s == "train" or has_test}
+    t, y, has_test = cfg.train, comp.y(), comp.test is not None and len(comp.test) > 0
+    tok = build_tokenizer(cfg, comp.train["caption"].iloc[train_rows].tolist())
+    splits = ("train", "test") if has_test else ("train",)
+    images, tokens, mean, std = split_inputs(cfg, comp, model, tok, splits)
     feats, flip_p = _prefix_feats(comp, model, images, tokens, mean, std, device, t)
     if "image_feats" in feats["train"]:
         images = {s: None for s in images}  # the cache replaces the pixels
     aug = build_augment(t.augment) if images["train"] is not None else None
-    test = (FoldDataset(np.arange(len(comp.test)), images.get("test"), tokens.get("test"), feats=feats.get("test"))
-            if has_test else None)
+    test = (FoldDataset(np.arange(len(comp.test)), images.get("test"), tokens.get("test"), feats=feats.get("test"),
+                        canonical=True) if has_test else None)
     return FoldData(train=FoldDataset(train_rows, images["train"], tokens["train"], y, aug, t.seed,
                                       feats=feats["train"], flip_p=flip_p),
-                    valid=FoldDataset(valid_rows, images["train"], tokens["train"], y, feats=feats["train"]),
-                    test=test, mean=mean, std=std)
+                    valid=FoldDataset(valid_rows, images["train"], tokens["train"], y, feats=feats["train"],
+                                      canonical=True),
+                    test=test, mean=mean, std=std, tokenizer=tok)
+
+
+def build_test_data(cfg: Config, comp: Competition, model: nn.Module, tokenizer: Any,
+                    device: torch.device | None = None) -> FoldData:
+    """The test split alone, encoded with a fold's saved ``tokenizer``: what predicting a new
+    test set from a saved fold needs (no train rows are read)."""
+    images, tokens, mean, std = split_inputs(cfg, comp, model, tokenizer, ("test",))
+    feats, _ = _prefix_feats(comp, model, images, tokens, mean, std, device, cfg.train)
+    if "image_feats" in feats["test"]:
+        images = {"test": None}
+    test = FoldDataset(np.arange(len(comp.test)), images["test"], tokens["test"], feats=feats["test"], canonical=True)
+    return FoldData(train=None, valid=None, test=test, mean=mean, std=std, tokenizer=tokenizer)
 
 
 def _prefix_feats(comp: Competition, model: nn.Module, images: dict[str, Any], tokens: dict[str, Any],

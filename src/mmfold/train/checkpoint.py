@@ -130,12 +130,14 @@ class Run:
                 "progress": asdict(prog), "rng": rng_state(), "config": self.cfg.to_dict()})
         self.acc.wait_for_everyone()
 
-    def save_best(self, eval_model: nn.Module, prog: Progress) -> None:
-        """The weights predictions will come from (the EMA's when EMA is on)."""
+    def save_best(self, eval_model: nn.Module, prog: Progress, tokenizer: Any = None) -> None:
+        """The weights predictions will come from (the EMA's when EMA is on), with the config
+        and the caption tokenizer's state: all a new test set needs (:mod:`mmfold.train.infer`)."""
         if self.acc.is_main_process:
             save_checkpoint(self.best, {"version": CKPT_VERSION, "model": eval_model.state_dict(),
                                         "epoch": prog.best_epoch, "score": prog.best_score,
-                                        "config": self.cfg.to_dict()})
+                                        "config": self.cfg.to_dict(),
+                                        "tokenizer": None if tokenizer is None else tokenizer.to_dict()})
 
     def append_log(self, row: dict[str, Any]) -> None:
         """One JSON line per epoch (the file is rewritten atomically; it stays small)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -19,9 +20,10 @@ from mmfold.config import Config, config_from_dict, describe_diff, learning_diff
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.artifacts.manifest import (config_drift, data_fingerprints, describe, fingerprints, learning_view,
-                             stale)
+                                      stale, testset_key)
 from mmfold.metrics import all_metrics, metric_label
 from mmfold.ensemble.scoring import at_half, honest_cv
+from mmfold.ensemble.submission import utc_now
 
 
 def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
@@ -30,7 +32,7 @@ def missing_folds(data: str, model: str, fold_of_row: np.ndarray) -> list[int]:
     return [k for k in range(n) if not (paths.run_dir(data, model, k) / "done.json").exists()]
 
 
-def _fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict], list[dict]]:
+def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict], list[dict]]:
     """Each fold's done.json and saved config, refusing folds made from other inputs than the
     current ones.
 
@@ -76,12 +78,31 @@ def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> np.nda
                                       fold_of_row)
 
 
-def mean_test(cfg: Config, comp: Competition, n_folds: int) -> np.ndarray | None:
-    """The folds' test probabilities averaged (each fold's file checked), or None without a
-    test set or when a fold wrote none."""
+def fold_test_files(cfg: Config, comp: Competition, infos: list[dict]) -> list[Path]:
+    """Each fold's test file for the current test set: ``test.parquet`` if the fold was trained
+    with it, else what ``mmfold predict`` wrote for it (``test-<key>.parquet``)."""
+    key = testset_key(comp)
+    return [predictions.fold_test_file(paths.run_dir(cfg.data.name, cfg.model.name, k), key,
+                                       info.get("hashes", {}).get("test")) for k, info in enumerate(infos)]
+
+
+def mean_test(cfg: Config, comp: Competition, infos: list[dict]) -> np.ndarray | None:
+    """The folds' test probabilities for the current test set averaged (each fold's file
+    checked), or None without a test set or when a fold has none for it."""
     if comp.test is None:
         return None
-    return predictions.mean_fold_tests(cfg.data.name, cfg.model.name, comp.ids("test"), comp.classes, n_folds)
+    return predictions.mean_fold_tests(cfg.data.name, cfg.model.name, comp.ids("test"), comp.classes,
+                                       fold_test_files(cfg, comp, infos))
+
+
+def write_test(cfg: Config, comp: Competition, test: np.ndarray, source: str) -> None:
+    """``oof/<data>/<model>.test.parquet`` and ``.test.json`` (the test set it is for, and
+    whether training or ``mmfold predict`` made the fold files)."""
+    data, model = cfg.data.name, cfg.model.name
+    predictions.write_test(data, model, comp.ids("test"), test, comp.classes)
+    fileio.write_json(paths.test_meta_file(data, model), {
+        "test": testset_key(comp), "test_csv": str(comp.cfg.test_csv), "rows": len(comp.test),
+        "source": source, "time": utc_now()})
 
 
 def cv_summary(cfg: Config, y: np.ndarray, probs: np.ndarray, fold_of_row: np.ndarray) -> dict:
@@ -100,22 +121,25 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
     if missing:
         raise UserError(f"{cfg.model.name}: folds {missing} are not finished; not writing a partial OOF")
     n = int(fold_of_row.max()) + 1
-    infos, configs = _fold_infos(cfg, comp, n)
+    infos, configs = fold_infos(cfg, comp, n)
     oof = merge_oof(cfg, comp, fold_of_row)
-    test = mean_test(cfg, comp, n)
+    test = mean_test(cfg, comp, infos)
     trained = config_from_dict(configs[0])  # every fold was trained the same way (checked)
     meta = _meta(cfg, trained, comp, oof, fold_of_row, infos)
     data, model = cfg.data.name, cfg.model.name
     names = [p.name for p in (paths.oof_file(data, model), paths.test_pred_file(data, model),
-                              paths.oof_meta_file(data, model))]
+                              paths.oof_meta_file(data, model), paths.test_meta_file(data, model))]
     # two fold runs finishing together both collect: one at a time, and each clears the
     # temp files a killed collect of this model left behind
     with fileio.file_lock(paths.oof_dir(data) / f".{model}.collect.lock", wait=True):
         fileio.remove_orphan_temps(paths.oof_dir(data), names)
         predictions.write_oof(data, model, comp.ids("train"), oof, comp.classes, fold_of_row)
         if test is not None:
-            predictions.write_test(data, model, comp.ids("test"), test, comp.classes)
+            write_test(cfg, comp, test, "train")
         fileio.write_json(paths.oof_meta_file(data, model), meta)
+    if test is None and comp.test is not None:
+        print(f"{model}: no test predictions for the current test set ({comp.cfg.test_csv}); "
+              f"make them from the saved fold models: make predict DATA={data} MODEL={model}")
     metric = cfg.data.metric
     print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "
           f"{meta['cv_tuned'][metric]:.4f} with tuned thresholds (honest: each fold decided by "

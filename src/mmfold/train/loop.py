@@ -199,7 +199,7 @@ def _after_epoch(s: FoldSession, epoch: int) -> None:
     probs = predict(s.eval_model, s.valid_dl, s.data, s.acc, tta=t.tta, channels_last=t.channels_last)
     row = _end_epoch(s.prog, epoch, s.y_valid, probs, s.opt, s.cfg.data.metric, s.cfg.train.select_threshold)
     if s.prog.best_epoch == epoch:
-        s.run.save_best(s.eval_model, s.prog)
+        s.run.save_best(s.eval_model, s.prog, s.data.tokenizer)
     s.run.save_last(s.net, s.opt, s.sched, s.ema, s.prog)
     s.run.append_log(row)
     for callback in list(EPOCH_CALLBACKS):  # e.g. Optuna pruning
@@ -244,20 +244,27 @@ def _end_epoch(prog: Progress, epoch: int, y: np.ndarray, probs: np.ndarray, opt
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any, data: FoldData, acc: Any, *, tta: bool,
             channels_last: bool = False) -> np.ndarray:
-    """Sigmoid probabilities in dataset order, gathered from every process without padding.
+    """Sigmoid probabilities in dataset order, gathered from every process.
 
+    Evaluation loaders yield canonical batches (:mod:`mmfold.train.canonical`), so a row's
+    probability does not depend on the rows it is predicted with; their filler rows, and the
+    batches a multi-process launch repeats to even out, are dropped here.
     With ``tta`` the image is also flipped horizontally and the two probabilities averaged.
     """
     model.eval()
-    probs, index = [], []
+    probs, index, filler = [], [], []
     for batch in loader:
         views = image_views(model_inputs(batch, data, channels_last=channels_last), tta=tta,
                             channels_last=channels_last)
         with acc.autocast():
             p = sum(torch.sigmoid(model(v).float()) for v in views) / len(views)
-        probs.append(acc.gather_for_metrics(p).cpu())
-        index.append(acc.gather_for_metrics(batch["index"]).cpu())
-    return _in_order(torch.cat(probs).numpy(), torch.cat(index).numpy(), len(loader.dataset))
+        probs.append(acc.gather(p).cpu())
+        index.append(acc.gather(batch["index"]).cpu())
+        filler.append(acc.gather(batch.get("filler", torch.zeros(len(p), dtype=torch.bool, device=p.device))).cpu())
+    if not probs:
+        return np.zeros((0, 0), np.float32)
+    keep = ~torch.cat(filler).numpy()
+    return _in_order(torch.cat(probs).numpy()[keep], torch.cat(index).numpy()[keep], len(loader.dataset))
 
 
 def image_views(x: dict[str, torch.Tensor], *, tta: bool, channels_last: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -277,12 +284,13 @@ def image_views(x: dict[str, torch.Tensor], *, tta: bool, channels_last: bool = 
 
 
 def _in_order(probs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
-    """Rows sorted by dataset position; every position exactly once or it is a bug."""
-    if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-        dup = len(index) - len(np.unique(index))
-        raise RuntimeError(f"gathered {len(index)} predictions for {n} rows ({dup} duplicated)")
-    out = np.empty_like(probs)
-    out[index] = probs
+    """Rows sorted by dataset position; every position at least once or it is a bug (a
+    position repeated by a multi-process launch has the same probabilities: its first is kept)."""
+    first = np.unique(index, return_index=True)[1]
+    if len(first) != n or not np.array_equal(index[first], np.arange(n)):
+        raise RuntimeError(f"gathered predictions for {len(first)} of {n} rows")
+    out = np.empty((n, probs.shape[1]), probs.dtype)
+    out[index[first]] = probs[first]
     return out.astype(np.float32)
 
 

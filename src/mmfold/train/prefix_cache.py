@@ -13,7 +13,11 @@ fold, model and rerun that shares them reads one file
   augmentation and flip TTA survive caching (other augmentations cannot: they change the
   pixels the frozen layers would see, see :func:`flip_probability`).
 * ``text_states``: ``(N, T, H)`` token states, zero after each caption's end, ``T`` the
-  split's longest caption; batches are cut to their own longest caption when read.
+  split's longest caption (padded as :mod:`mmfold.train.canonical` pads it); batches are
+  cut to their own padded length when read.
+
+Rows are computed in canonical batches (:func:`mmfold.train.canonical.canonical_batches`), so
+a row's cached output is the same whichever split or test set it is computed in.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from tqdm.auto import tqdm
 from mmfold import fileio, paths
 from mmfold.config import ConfigError, stable_hash
 from mmfold.data.competition import Competition
+from mmfold.train.canonical import canonical_batches, padded_length
 
 __all__ = ["PREFIX_VERSION", "prefix_caches", "flip_probability", "weights_digest"]
 
-PREFIX_VERSION = 1  # bump when what is cached changes, so old files are not reused
+PREFIX_VERSION = 2  # bump when what is cached changes, so old files are not reused
 BATCH = 256  # rows per prefix forward pass: inference only, no activations are kept
 
 
@@ -101,12 +106,12 @@ def _one_cache(comp: Competition, key: str, split: str, prefix: nn.Module, diges
 
 def _build(tmp: Path, shape: tuple[int, ...], run: Any, prefix: nn.Module, src: dict[str, Any],
            device: torch.device, desc: str, *, progress: bool) -> None:
-    """Fill a new float16 memmap at ``tmp`` batch by batch."""
+    """Fill a new float16 memmap at ``tmp`` batch by batch (canonical batches: filler rows
+    repeat a row of the batch and write the same values again)."""
     arr = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
-    order = run.order(src)
+    batches = canonical_batches(shape[0], BATCH, *run.lengths(src)) if shape[0] else []
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), BATCH), desc=f"cache {desc}", disable=not progress, leave=False):
-            rows = np.sort(order[start:start + BATCH])
+        for rows in tqdm(batches, desc=f"cache {desc}", disable=not progress, leave=False):
             arr[rows] = run.compute(prefix, src, rows, device, shape[1:])
     arr.flush()
     del arr
@@ -135,8 +140,8 @@ class ImageRunner:
             return (2, *prefix(cls._pixels(src, np.arange(1), device)).shape[1:])
 
     @staticmethod
-    def order(src: dict[str, Any]) -> np.ndarray:
-        return np.arange(len(src["images"]))
+    def lengths(src: dict[str, Any]) -> tuple[None, int]:
+        return None, 0  # one group: every image has the same shape
 
     @classmethod
     def compute(cls, prefix: nn.Module, src: dict[str, Any], rows: np.ndarray, device: torch.device,
@@ -157,26 +162,27 @@ class TextRunner:
     @staticmethod
     def row_shape(prefix: nn.Module, src: dict[str, Any], device: torch.device) -> tuple[int, ...]:
         mask = src["tokens"]["attention_mask"]
-        t = max(int(mask.sum(1).max()) if len(mask) else 1, 1)
+        t = int(padded_length(mask.sum(1).max(initial=1), mask.shape[1]))
         with torch.no_grad():
             ids = torch.from_numpy(src["tokens"]["input_ids"][:1, :1].astype(np.int64)).to(device)
             hidden = prefix(ids, torch.ones_like(ids)).shape[-1]
         return t, hidden
 
     @staticmethod
-    def order(src: dict[str, Any]) -> np.ndarray:
-        return np.argsort(src["tokens"]["attention_mask"].sum(1), kind="stable")
+    def lengths(src: dict[str, Any]) -> tuple[np.ndarray, int]:
+        mask = src["tokens"]["attention_mask"]
+        return mask.sum(1), mask.shape[1]
 
     @staticmethod
     def compute(prefix: nn.Module, src: dict[str, Any], rows: np.ndarray, device: torch.device,
                 row_shape: tuple[int, ...]) -> np.ndarray:
         mask = src["tokens"]["attention_mask"][rows]
-        t = max(int(mask.sum(1).max()), 1)
+        t = int(padded_length(mask.sum(1).max(), mask.shape[1]))  # the same for the whole batch
         ids = torch.from_numpy(src["tokens"]["input_ids"][rows, :t].astype(np.int64)).to(device)
         m = torch.from_numpy(mask[:, :t].astype(np.int64)).to(device)
         states = (prefix(ids, m) * m.unsqueeze(-1)).cpu().numpy().astype(np.float16)
         out = np.zeros((len(rows), *row_shape), np.float16)
-        out[:, :t] = states
+        out[:, :t] = states[:, :row_shape[0]]
         return out
 
 

@@ -1,0 +1,128 @@
+"""``mmfold predict``: test probabilities for the current (or a given) test set from the saved
+fold models, nothing retrained.
+
+Competitions change the test set (a second stage, a re-issued ``test.csv``, a hidden set in a
+code competition). Each fold keeps what predicting needs (``best.pt`` with its tokenizer for
+torch models, ``member.skops`` for CPU members), so a new test set costs one forward pass per
+fold. For each model and fold this writes ``runs/<data>/<model>/fold<k>/test-<key>.parquet``
+(``<key>``: :func:`mmfold.artifacts.manifest.testset_key` of the test set; the set the
+fold was trained with is its ``test.parquet``), then the collected
+``oof/<data>/<model>.test.parquet`` and ``.test.json`` for it. Out-of-fold files, ``done.json``
+and checkpoints are only read. A model whose train side changed (train file, folds, labels,
+config) is refused exactly as ``collect`` refuses it: that needs retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mmfold import fileio, paths
+from mmfold.artifacts import predictions
+from mmfold.artifacts.manifest import testset_key
+from mmfold.config import Config, config_from_dict, load_config, model_names
+from mmfold.data.competition import Competition, load_competition, load_folds
+from mmfold.errors import UserError
+
+Predictor = Callable[[Config, Competition, Path], np.ndarray]
+
+
+def predictor_for(kind: str) -> Predictor:
+    """How a fold of ``kind`` predicts from its saved state: a CPU member's fitted pipeline or
+    the torch engine's ``best.pt`` (imported lazily: members need no torch import)."""
+    from mmfold.cpu.members import MEMBERS
+
+    if kind in MEMBERS:
+        from mmfold.cpu.members import predict_member_fold
+
+        return lambda cfg, comp, rd: predict_member_fold(cfg, comp, rd, "test")
+    from mmfold.train.infer import predict_fold
+    from mmfold.train.runner import runner_for
+
+    runner_for(kind)  # an unknown kind fails here, listing the registered ones
+    return predict_fold
+
+
+def trained_config(data_cfg: Config, comp: Competition, model: str, n_folds: int) -> tuple[Config, list[dict]]:
+    """The config ``model``'s folds were trained with (checked as ``collect`` checks it: same
+    train side, same settings in every fold, YAML unchanged), with the current data section
+    (the test set to predict), and each fold's ``done.json``.
+
+    Raises:
+        UserError: unfinished folds, or a train side or config that changed (retrain).
+    """
+    from mmfold.train.collect import fold_infos, missing_folds
+
+    base = load_config(data_cfg.source or data_cfg.data.name, model, [])
+    missing = missing_folds(comp.cfg.name, model, np.arange(n_folds))
+    if missing:
+        raise UserError(f"{model}: folds {missing} are not trained; train them first (make train MODEL={model})")
+    infos, configs = fold_infos(base, comp, n_folds)
+    cfg = config_from_dict(configs[0])
+    cfg.data = data_cfg.data
+    return cfg, infos
+
+
+def predict_model(cfg: Config, comp: Competition, infos: list[dict], force: bool = False) -> dict:
+    """Write each fold's test file for the current test set (skipping those that exist unless
+    ``force``), then the collected test file; return timings."""
+    from mmfold.train.collect import fold_test_files, write_test
+    from mmfold.train.runner import fold_lock
+
+    key, started, done = testset_key(comp), time.perf_counter(), []
+    files = fold_test_files(cfg, comp, infos)
+    predict = predictor_for(cfg.model.kind)
+    for k, path in enumerate(files):
+        trained_with_it = path.name == predictions.FOLD_FILES["test"]
+        if path.exists() and (trained_with_it or not force):
+            continue  # a fold's own test.parquet is never rewritten
+        rd = paths.run_dir(cfg.data.name, cfg.model.name, k)
+        with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, k)):
+            probs = predict(cfg, comp, rd)
+            predictions.write_fold_test(rd, comp.ids("test"), probs, comp.classes,
+                                        f"{cfg.model.name} fold {k} test ({key})", path=path)
+        done.append(k)
+    test = predictions.mean_fold_tests(cfg.data.name, cfg.model.name, comp.ids("test"), comp.classes, files)
+    with fileio.file_lock(paths.oof_dir(cfg.data.name) / f".{cfg.model.name}.collect.lock", wait=True):
+        write_test(cfg, comp, test, "predict")
+    return {"model": cfg.model.name, "folds_predicted": done, "seconds": round(time.perf_counter() - started, 2),
+            "test": key, "rows": len(comp.test)}
+
+
+def test_override(test: str | None) -> list[str]:
+    """``--test PATH`` as a ``data.test_csv`` override (an absolute path: the data root does
+    not apply to a file given on the command line)."""
+    if not test:
+        return []
+    path = Path(test).expanduser().absolute()
+    if not path.is_file():
+        raise UserError(f"--test {test}: no such file")
+    return [f"data.test_csv={path}"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold predict`` options."""
+    p.add_argument("--model", help="model name(s), comma-separated (default: data.models)")
+    p.add_argument("--test", help="a test CSV to predict instead of the data config's test_csv "
+                                  "(its images in data.image_dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check every model first, then predict each; one summary line per model."""
+    overrides = list(args.overrides) + test_override(args.test)
+    base = load_config(args.data, None, overrides)
+    comp = load_competition(base.data)
+    if comp.test is None:
+        raise UserError(f"data '{comp.cfg.name}' has no test set (data.test_csv); nothing to predict")
+    n_folds = int(load_folds(comp).max()) + 1
+    jobs = [trained_config(base, comp, name, n_folds) for name in model_names(base, args.model)]
+    for cfg, infos in jobs:
+        r = predict_model(cfg, comp, infos, args.force)
+        what = f"folds {r['folds_predicted']} predicted" if r["folds_predicted"] else "every fold up to date"
+        print(f"{r['model']}: {r['rows']} test rows ({comp.cfg.test_csv}, key {r['test']}): {what} in "
+              f"{r['seconds']:.1f}s -> {paths.test_pred_file(comp.cfg.name, r['model'])}")
+    return 0

@@ -13,6 +13,7 @@ GPUS  ?=
 JOBS  ?=
 TEST  ?=
 FROM  ?=
+OUT   ?=
 
 MMFOLD = $(PY) -m mmfold
 # GPUS=N: one process per GPU through Hugging Face Accelerate (DDP); rank 0 writes the files.
@@ -51,8 +52,12 @@ collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 predict: setup  ## test probabilities for the current test set (or TEST=path) from the saved fold models, no retraining
 	$(MMFOLD) predict $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(TEST),--test '$(TEST)')
 
-blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name>.csv and log row
-	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME))
+blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name>.csv and log row; FROM=<logged blend> re-submits it on new test predictions
+	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME)) $(if $(FROM),--from '$(FROM)') $(if $(TEST),--test '$(TEST)')
+
+export: setup  ## offline bundle of a logged blend (NAME=<blend>, OUT=dir) -> exports/<data>/<name>/ with predict.py
+	@test -n '$(strip $(NAME))' || { echo "make export: missing NAME= (a logged blend: $(MMFOLD) submit --data $(DATA) --show)" >&2; exit 2; }
+	$(MMFOLD) export --data $(DATA) --name '$(strip $(NAME))' $(if $(OUT),--out '$(OUT)')
 
 submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>
 	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data $(DATA) --show)" >&2; exit 2; }

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("mmfold.train.collect", "merge fold predictions into oof/<data>/<model>.parquet"),
     "predict": ("mmfold.train.predict", "predict a new test set from the saved fold models (no retraining)"),
     "blend": ("mmfold.ensemble.blend", "blend OOF probabilities, tune thresholds, write a submission"),
+    "export": ("mmfold.export", "a logged blend as an offline bundle: configs, fold models, weights, one entry point"),
     "submit": ("mmfold.ensemble.submission", "record (or show) leaderboard scores of submissions in the log"),
     "report": ("mmfold.report.report", "write reports/<data>/report.md with plots"),
     "sweep": ("mmfold.studies.sweep", "Optuna sweep over a model's declared search space"),

@@ -262,6 +262,17 @@ def validate(cfg: Config) -> None:
                           f"known: {list(CHECKPOINT_SCORES)}")
 
 
+def test_override(test: str | None) -> list[str]:
+    """``--test PATH`` as a ``data.test_csv`` override (absolute: a path typed on the command
+    line is not relative to the data root)."""
+    if not test:
+        return []
+    path = Path(test).expanduser().absolute()
+    if not path.is_file():
+        raise ConfigError(f"--test {test}: no such file")
+    return [f"data.test_csv={path}"]
+
+
 def model_names(cfg: Config, requested: str | None) -> list[str]:
     """Models to train: ``--model a,b`` or the data config's list."""
     names = requested.split(",") if requested else cfg.data.models

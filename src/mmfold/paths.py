@@ -91,8 +91,10 @@ def reports_dir(data: str) -> Path:
 
 
 def cache_dir(data: str) -> Path:
-    """``cache/<data>/``: decoded-image memmaps, token ids, frozen embeddings."""
-    return root() / "cache" / data_name(data)
+    """``cache/<data>/``: decoded-image memmaps, token ids, frozen embeddings; under
+    ``$MMFOLD_CACHE`` when set (an exported bundle runs from a read-only folder)."""
+    base = Path(os.environ["MMFOLD_CACHE"]) if os.environ.get("MMFOLD_CACHE") else root() / "cache"
+    return base / data_name(data)
 
 
 def sweeps_dir(data: str) -> Path:

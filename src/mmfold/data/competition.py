@@ -279,6 +279,26 @@ def load_competition(
     return comp
 
 
+def load_test_set(cfg: DataConfig, classes: list[str]) -> Competition:
+    """A competition of the test set alone (no train rows): what predicting from saved models
+    needs where ``train.csv`` is absent (an exported bundle in a code competition).
+
+    Raises:
+        DataError: no test file, or a malformed one or missing images (named).
+    """
+    if not cfg.test_csv:
+        raise DataError("no test file given (data.test_csv)")
+    path = paths.resolve(cfg.root) / cfg.test_csv
+    if not path.exists():
+        raise DataError(f"test file {path} not found")
+    test = _load_split(cfg, path, labelled=False)
+    train = pd.DataFrame({"id": pd.Series(dtype=str), "caption": pd.Series(dtype=str), "labels": pd.Series(dtype=object)})
+    comp = Competition(cfg=cfg, train=train, test=test, classes=list(classes))
+    if comp.has_images:
+        _check_images_exist(comp)
+    return comp
+
+
 def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     """One CSV -> ``id``, ``caption``, ``labels`` (+ extra columns), validated."""
     df, overflow = _read_table(path, cfg.encoding)

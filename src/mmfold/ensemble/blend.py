@@ -26,10 +26,11 @@ import numpy as np
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions, studies
 from mmfold.artifacts.predictions import OOFSet
-from mmfold.config import Config, load_config
+from mmfold.config import Config, load_config, test_override
 from mmfold.ensemble import submission
 from mmfold.ensemble.nested import BlendFit, fit_blend
 from mmfold.ensemble.progress import Progress
+from mmfold.ensemble.state import BlendState, check_members, load_state, member_fingerprints, save_state
 from mmfold.errors import UserError
 from mmfold.metrics import all_metrics, per_label_f1
 
@@ -40,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="models to blend (default: blend.models, data.models, or every "
                         "model in oof/<data>/)")
     p.add_argument("--name", default=None, help="submission name (default: <method>-<UTC time>)")
+    p.add_argument("--from", dest="from_", default=None, metavar="NAME",
+                   help="re-submit logged blend NAME on the current test predictions: its saved "
+                        "weights and thresholds, nothing refitted")
+    p.add_argument("--test", default=None, help="the test CSV the members were predicted on with "
+                                                 "`mmfold predict --test` (default: data.test_csv)")
 
 
 def resolve_models(cli: list[str] | None, cfg: Config) -> list[str]:
@@ -60,16 +66,16 @@ def run(args: argparse.Namespace) -> int:
     from mmfold.data.competition import load_competition, load_folds
 
     cli_models = [m for m in (args.models or []) if "=" not in m]
-    overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m]
+    overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m] + test_override(args.test)
     cfg = load_config(args.data, None, overrides)
     comp = load_competition(cfg.data)
     folds = load_folds(comp)
+    if args.from_:
+        return resubmit(cfg, comp, args.from_, args.name)
     models = resolve_models(cli_models, cfg)
     name = args.name or default_name(cfg.blend.method)
     sub_path = submission.submission_path(cfg.data.name, name) if comp.test is not None else None
-    if sub_path is not None and sub_path.exists():  # fail before minutes of fitting
-        raise UserError(f"{sub_path} exists; submissions are never overwritten: "
-                        "pick another NAME=...")
+    _check_new(sub_path)  # fail before minutes of fitting
     fmt = submission.submission_format(comp) if comp.test is not None else None  # same: fail early
     progress = Progress(sys.stderr)
     progress.stage(f"loading {len(models)} models from {paths.oof_dir(cfg.data.name)}")
@@ -82,10 +88,68 @@ def run(args: argparse.Namespace) -> int:
         report["submission"] = str(write_submission(comp, fit, oofs, sub_path, fmt))
     write_oof(predictions.blend_oof_file(cfg.data.name, name), fit, oofs)
     if sub_path is not None:
+        save_state(cfg.data.name, name, state_meta(name, cfg, comp, fit.models, str(sub_path)),
+                   fit.blender, fit.thresholds)
         submission.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"]))
     md, _ = write_report(cfg.data.name, name, report)
     print(summary(report, md))
     return 0
+
+
+def _check_new(sub_path: Path | None) -> None:
+    """Submissions are never overwritten."""
+    if sub_path is not None and sub_path.exists():
+        raise UserError(f"{sub_path} exists; submissions are never overwritten: pick another NAME=...")
+
+
+def state_meta(name: str, cfg: Config, comp: Any, models: list[str], sub: str,
+               source: str | None = None) -> dict[str, Any]:
+    """The JSON half of a blend's saved state (:mod:`mmfold.ensemble.state`)."""
+    from mmfold.artifacts.manifest import testset_key
+
+    return {"name": name, "data": cfg.data.name, "models": list(models), "classes": list(comp.classes),
+            "metric": cfg.data.metric, "blend": dict(vars(cfg.blend)),
+            "members": member_fingerprints(cfg.data.name, list(models)), "test": testset_key(comp),
+            "test_csv": str(cfg.data.test_csv), "submission": _relative(Path(sub)), "from": source,
+            "time": submission.utc_now()}
+
+
+def resubmit(cfg: Config, comp: Any, source: str, name: str | None) -> int:
+    """Apply logged blend ``source``'s saved blender and thresholds to the members' current
+    test probabilities (after ``mmfold predict``), write the submission and log a row that
+    points at ``source``. Nothing is refitted, so the CV of ``source`` still describes it."""
+    from mmfold.artifacts.manifest import testset_key
+
+    if comp.test is None:
+        raise UserError(f"data '{cfg.data.name}' has no test set to submit")
+    state = load_state(cfg.data.name, source)
+    name = name or f"{source}-resubmit-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    sub_path = submission.submission_path(cfg.data.name, name)
+    _check_new(sub_path)
+    fmt = submission.submission_format(comp)
+    check_members(state, cfg.data.name, list(comp.classes))
+    models = state.meta["models"]
+    oofs = predictions.load_oofs(cfg.data.name, models, comp)  # freshness: train side and test set
+    df = submission.submission_frame(comp, state.predict(oofs.test), oofs.classes, fmt)
+    submission.validate_submission(df, comp, oofs.classes, fmt)
+    submission.write_submission(df, sub_path)
+    save_state(cfg.data.name, name, state_meta(name, cfg, comp, models, str(sub_path), source),
+               state.blender, state.thresholds)
+    submission.append_log(cfg.data.name, resubmit_row(cfg.data.name, source, name, state, testset_key(comp)))
+    print(f"re-submitted blend {source} as {name}: its weights and thresholds on the test predictions of "
+          f"{cfg.data.test_csv} ({len(comp.test)} rows)\n  submission   {sub_path}")
+    return 0
+
+
+def resubmit_row(data: str, source: str, name: str, state: BlendState, key: str) -> dict[str, Any]:
+    """The log row of a re-submission: the source blend's row (its CV still holds: same blend),
+    renamed, with ``from`` naming the source and no LB score yet."""
+    log = submission.read_log(data)
+    rows = log[log["name"] == source]
+    row = rows.iloc[-1].to_dict() if len(rows) else {"models": " ".join(state.meta["models"])}
+    note = f"re-submitted from {source} on test set {key}"
+    return {**row, "name": name, "time": submission.utc_now(), "lb": "", "from": source,
+            "commit": submission.git_commit(), "note": note}
 
 
 def write_submission(comp: Any, fit: BlendFit, oofs: OOFSet, path: Path,

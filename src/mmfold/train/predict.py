@@ -24,7 +24,7 @@ import numpy as np
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import testset_key
-from mmfold.config import Config, config_from_dict, load_config, model_names
+from mmfold.config import Config, config_from_dict, load_config, model_names, test_override
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 
@@ -45,6 +45,14 @@ def predictor_for(kind: str) -> Predictor:
 
     runner_for(kind)  # an unknown kind fails here, listing the registered ones
     return predict_fold
+
+
+def as_collected(fold_probs: list[np.ndarray]) -> np.ndarray:
+    """The folds' test probabilities averaged exactly as the collected file holds them, read
+    back: each fold's as written (float32), their mean in float64, stored as float32. An
+    exported bundle, which writes no files, gets the very numbers ``make blend`` blended."""
+    mean = np.mean([np.asarray(p, np.float32).astype(np.float64) for p in fold_probs], axis=0)
+    return mean.astype(np.float32).astype(np.float64)
 
 
 def trained_config(data_cfg: Config, comp: Competition, model: str, n_folds: int) -> tuple[Config, list[dict]]:
@@ -91,17 +99,6 @@ def predict_model(cfg: Config, comp: Competition, infos: list[dict], force: bool
         write_test(cfg, comp, test, "predict")
     return {"model": cfg.model.name, "folds_predicted": done, "seconds": round(time.perf_counter() - started, 2),
             "test": key, "rows": len(comp.test)}
-
-
-def test_override(test: str | None) -> list[str]:
-    """``--test PATH`` as a ``data.test_csv`` override (an absolute path: the data root does
-    not apply to a file given on the command line)."""
-    if not test:
-        return []
-    path = Path(test).expanduser().absolute()
-    if not path.is_file():
-        raise UserError(f"--test {test}: no such file")
-    return [f"data.test_csv={path}"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,62 @@
+"""Fitted estimators on disk, with skops: what a CPU member, a blender or a decision rule
+learned, kept so a new test set is predicted without refitting.
+
+Trust boundary: ``pickle`` (and joblib) run arbitrary code when a file is loaded, so a model
+file someone hands you (a Kaggle dataset, a bundle) could take over the machine. skops stores
+an object as a tree of plain nodes (JSON + ``.npy`` arrays) and loading rebuilds only types the
+caller trusts. :func:`load` trusts skops' defaults (numpy, scipy, builtins, scikit-learn
+estimators) plus exactly the types its caller lists, refuses a file that asks for anything
+else, naming the types, and never unpickles. Objects that hold something skops cannot store
+(a torch module) turn it into arrays in ``__getstate__`` and rebuild it in ``__setstate__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from mmfold import fileio
+from mmfold.errors import UserError
+
+# LightGBM models (inside member heads and the lgbm stacker) are stored by skops through
+# their own model text (the booster's ``__getstate__``): these are the types that rebuild them.
+LIGHTGBM_TYPES = ("lightgbm.sklearn.LGBMClassifier", "lightgbm.basic.Booster",
+                  "lightgbm.sklearn._LGBMLabelEncoder", "collections.OrderedDict")
+
+
+def save(obj: Any, path: Path) -> Path:
+    """Write ``obj`` as a skops file, atomically (a kill mid-write keeps the old file)."""
+    import skops.io as sio
+
+    return fileio.atomic_write(Path(path), lambda tmp: sio.dump(obj, tmp))
+
+
+def untrusted_types(path: Path, trusted: Collection[str]) -> list[str]:
+    """The types a skops file needs beyond skops' defaults and ``trusted``."""
+    import skops.io as sio
+
+    return sorted(set(sio.get_untrusted_types(file=path)) - set(trusted))
+
+
+def load(path: Path, trusted: Collection[str], what: str) -> Any:
+    """Load a skops file whose every type is trusted.
+
+    Args:
+        path: The file.
+        trusted: Fully qualified type names the caller trusts besides skops' defaults.
+        what: What the file is, for messages.
+
+    Raises:
+        UserError: the file is missing, or asks for a type nobody trusted (named).
+    """
+    import skops.io as sio
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what}: {path} not found")
+    extra = untrusted_types(path, trusted)
+    if extra:
+        raise UserError(f"{what}: {path} asks to load types mmfold does not trust: {extra}; it was not "
+                        "written by this version of mmfold, or was tampered with (nothing was loaded)")
+    return sio.load(path, trusted=list(sio.get_untrusted_types(file=path)))

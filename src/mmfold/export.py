@@ -1,0 +1,212 @@
+"""``mmfold export``: a logged blend as a self-contained offline bundle (a code competition's
+"dataset": upload the folder, run ``python predict.py --test test.csv`` in the notebook).
+
+The bundle is laid out as a small project root, so the same code paths that made the
+submission make it again: ``mmfold/`` (this package's source), ``configs/data/<data>.yaml``,
+``folds/<data>.labels.json``, ``runs/<data>/<model>/fold<k>/`` with each fold's fitted state
+(``best.pt`` with its tokenizer, or ``member.skops``) and ``config.yaml``, ``weights/`` with every
+pretrained file those configs and the frozen encoders read, the blend's state under
+``submissions/<data>/``, ``requirements.txt`` and ``bundle.json`` (contents, sizes, hashes).
+Nothing in it needs ``train.csv``, ``oof/``, the network or a writable folder
+(:mod:`mmfold.bundle` runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmfold import fileio, paths
+from mmfold.artifacts.manifest import file_hash
+from mmfold.config import Config, load_config
+from mmfold.data.competition import load_competition, load_folds
+from mmfold.ensemble.state import check_members, load_state, state_files
+from mmfold.errors import UserError
+
+FOLD_STATE = ("best.pt", "member.skops", "config.yaml", "done.json")  # copied when present
+ENTRY = '''"""Offline inference for blend {name!r} on {data!r}, made by `mmfold export`.
+
+    python predict.py --test path/to/test.csv [--images DIR] [--out submission.csv]
+
+Needs the pinned requirements.txt (no network, no train data). See README.md.
+"""
+from mmfold.bundle import main
+
+raise SystemExit(main())
+'''
+README = """# mmfold bundle: blend `{name}` on `{data}`
+
+Made by `mmfold export` on {time} (commit {commit}); {size_mb:.1f} MB.
+
+    pip install -r requirements.txt   # once, where the pinned packages are not installed
+    python predict.py --test /path/to/test.csv --out submission.csv
+
+`--images DIR`: the test images (default: `{image_dir}` beside the test file);
+`--sample FILE`: a sample submission to follow (default: `data.sample_submission` beside the
+test file, if the data config names one); `--work DIR`: where caches go (default: a temporary
+folder). Members: {models}. Folds: {folds}.
+"""
+# distributions whose pinned versions the bundle records when the project has no requirements.txt
+PINNED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "accelerate", "numpy", "pandas",
+          "scikit-learn", "scipy", "lightgbm", "skops", "pillow", "pyyaml", "safetensors", "pyarrow",
+          "albumentations", "iterative-stratification", "optuna", "tqdm", "sentence-transformers")
+
+
+def weight_files(cfg: Config) -> list[Path]:
+    """Pretrained files and folders a model reads, under the project's ``weights/``: every
+    ``model.params`` value naming one (a timm ``pretrained_file``, a Hugging Face
+    ``text_model``), and the weights of the frozen encoders a CPU member embeds with. (Weights
+    read straight from an installed package come with the pinned requirements instead.)"""
+    from mmfold.cpu.members import MEMBERS
+
+    found = [v for v in _strings(cfg.model.params) if _is_weight(v)]
+    if cfg.model.kind in MEMBERS:
+        from mmfold.cpu.encoders import build_encoder
+
+        settings = cfg.model.params.get("encoder_settings") or {}
+        names = [] if cfg.model.kind == "tfidf_linear" else cfg.model.params.get("encoders", ["minilm"])
+        found += [str(build_encoder(n, **settings.get(n, {})).weights) for n in names]
+    return sorted({paths.resolve(f).resolve() for f in found if _is_weight(f)})
+
+
+def _strings(obj: Any) -> list[str]:
+    """Every string inside a nested dict/list."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def _is_weight(value: str) -> bool:
+    """A string that names an existing path inside the project's ``weights/``."""
+    path = paths.resolve(value)
+    try:
+        path.resolve().relative_to(paths.weights_dir().resolve())
+    except ValueError:
+        return False
+    return path.exists()
+
+
+def _copy(src: Path, dest: Path) -> None:
+    """A file or folder, into place (caches of compiled Python left out)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:
+        shutil.copy2(src, dest)
+
+
+def plan(data: str, name: str) -> dict[str, Any]:
+    """Everything the bundle will hold, checked before anything is written.
+
+    Raises:
+        UserError: an unknown blend, a member retrained since it, a fold without fitted state.
+    """
+    from mmfold.train.predict import trained_config
+
+    base = load_config(data)
+    comp = load_competition(base.data)
+    n_folds = int(load_folds(comp).max()) + 1
+    state = load_state(base.data.name, name)
+    check_members(state, base.data.name, list(comp.classes))
+    models, weights = {}, set()
+    for m in state.meta["models"]:
+        cfg, _ = trained_config(base, comp, m, n_folds)
+        dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
+        for rd in dirs:
+            if not ((rd / "best.pt").exists() or (rd / "member.skops").exists()):
+                raise UserError(f"{rd} has no fitted state (best.pt or member.skops): it was trained before "
+                                f"mmfold saved it; retrain it (make train MODEL={m} FORCE=1)")
+        models[m] = {"kind": cfg.model.kind, "dirs": dirs}
+        weights |= set(weight_files(cfg))
+    return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
+            "n_folds": n_folds}
+
+
+def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Copy everything into ``out`` (a new folder, made whole under a temp name first) and
+    return the bundle manifest."""
+    import mmfold
+
+    cfg, data, name = p["cfg"], p["cfg"].data.name, p["state"].meta["name"]
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _copy(Path(mmfold.__file__).parent, tmp / "mmfold")
+    fileio.write_text(tmp / "configs" / "data" / f"{data}.yaml", yaml.safe_dump({"data": vars(cfg.data)}, sort_keys=False))
+    _copy(paths.labels_file(data), tmp / "folds" / paths.labels_file(data).name)
+    for m, info in p["models"].items():
+        for rd in info["dirs"]:
+            for f in FOLD_STATE:
+                if (rd / f).exists():
+                    _copy(rd / f, tmp / "runs" / data / m / rd.name / f)
+    for w in p["weights"]:
+        _copy(w, tmp / "weights" / w.relative_to(paths.weights_dir().resolve()))
+    for f in state_files(data, name):
+        _copy(f, tmp / "submissions" / data / f.name)
+    _requirements(tmp / "requirements.txt")
+    manifest = _manifest(p, tmp)
+    fileio.write_json(tmp / "bundle.json", manifest)
+    fileio.write_text(tmp / "predict.py", ENTRY.format(name=name, data=data))
+    fileio.write_text(tmp / "README.md", README.format(name=name, data=data, time=manifest["created"],
+                                                       commit=manifest["commit"], size_mb=manifest["bytes"] / 1e6,
+                                                       image_dir=cfg.data.image_dir, models=", ".join(p["models"]),
+                                                       folds=p["n_folds"]))
+    tmp.rename(out)
+    return manifest
+
+
+def _requirements(dest: Path) -> None:
+    """The project's pinned requirements, or the installed versions of what the bundle imports."""
+    src = paths.root() / "requirements.txt"
+    if src.exists():
+        _copy(src, dest)
+        return
+    lines = []
+    for dist in PINNED:
+        try:
+            lines.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    fileio.write_text(dest, "\n".join(lines) + "\n")
+
+
+def _manifest(p: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What is in the bundle: members, folds, files with sizes and hashes."""
+    from mmfold.ensemble.submission import git_commit, utc_now
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return {"data": p["cfg"].data.name, "blend": p["state"].meta["name"], "created": utc_now(), "commit": git_commit(),
+            "models": {m: {"kind": i["kind"], "folds": len(i["dirs"])} for m, i in p["models"].items()},
+            "n_folds": p["n_folds"], "bytes": sum(f.stat().st_size for f in files),
+            "files": {str(f.relative_to(folder)): [f.stat().st_size, file_hash(f)] for f in files
+                      if "mmfold" not in f.relative_to(folder).parts[:1]}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold export --name BLEND [--out DIR]``."""
+    p.add_argument("--name", required=True, help="the logged blend to export (see `mmfold submit --show`)")
+    p.add_argument("--out", help="the bundle folder to create (default: exports/<data>/<name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check, copy, report the size."""
+    started = time.perf_counter()
+    out = Path(args.out) if args.out else paths.root() / "exports" / paths.data_name(args.data) / args.name
+    if out.exists():
+        raise UserError(f"{out} exists; bundles are never overwritten: remove it or pass --out (OUT=...)")
+    bundle = plan(args.data, args.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest = write_bundle(bundle, out)
+    print(f"exported blend {args.name} ({len(manifest['models'])} members x {manifest['n_folds']} folds) to {out}: "
+          f"{manifest['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s\n"
+          f"  run it offline: python {out / 'predict.py'} --test <test.csv> --out submission.csv")
+    return 0

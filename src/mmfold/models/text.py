@@ -179,6 +179,10 @@ class LSTMTextEncoder(nn.Module):
                             bidirectional=True, dropout=p.dropout if p.layers > 1 else 0.0)
         self.token_dim, self.out_dim = 2 * p.hidden, 4 * p.hidden
 
+    # a packed step runs on the captions still longer than it: evaluation batches must hold
+    # captions of one length for a row's output not to depend on the others (mmfold.train.canonical)
+    packs_sequences = True
+
     def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-word states ``(B, T, 2*hidden)``; zeros after each caption's end."""
         lengths = mask.sum(1).clamp(min=1).cpu()  # an empty caption still yields one step

@@ -23,7 +23,7 @@ from mmfold.config import Config, ConfigError, TrainConfig
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.train.caches import image_cache, token_cache
-from mmfold.train.canonical import canonical_batches, is_filler, padded_length
+from mmfold.train.canonical import canonical_batches, is_filler, padded_length, token_multiple
 
 __all__ = ["FoldDataset", "EpochSampler", "LengthBucketSampler", "caption_lengths", "make_loader", "fold_loaders",
            "build_augment", "FoldData", "build_data", "model_inputs"]
@@ -48,14 +48,15 @@ class FoldDataset(Dataset):
         flip_p: Training: the chance that a row's cached ``image_feats`` come from the
             flipped image (0: never). None (evaluation) returns both views, for flip TTA.
 
-        canonical: An evaluation dataset: captions padded to their canonical length and
-            filler rows of canonical batches marked (``filler``), see :mod:`mmfold.train.canonical`.
+        canonical: An evaluation dataset: captions padded to their canonical length (a
+            multiple of this many tokens) and filler rows of canonical batches marked
+            (``filler``), see :mod:`mmfold.train.canonical`. 0: a training dataset.
     """
 
     def __init__(self, rows: np.ndarray, images: Any = None, tokens: dict[str, np.ndarray] | None = None,
                  y: np.ndarray | None = None, transform: Any = None, seed: int = 0,
                  feats: dict[str, np.ndarray] | None = None, flip_p: float | None = None,
-                 canonical: bool = False) -> None:
+                 canonical: int = 0) -> None:
         self.rows, self.images, self.tokens, self.y = np.asarray(rows), images, tokens, y
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.feats, self.flip_p = dict(feats or {}), flip_p
@@ -80,7 +81,7 @@ class FoldDataset(Dataset):
         if self.images is not None:
             out["image"] = torch.from_numpy(self._images(rows, pos[0]))
         if self.tokens is not None:
-            out.update(_trimmed_tokens(self.tokens, rows, canonical=self.canonical))
+            out.update(_trimmed_tokens(self.tokens, rows, multiple=self.canonical))
         if self.canonical:
             out["filler"] = torch.from_numpy(is_filler(np.asarray(pos)))
         if "image_feats" in self.feats:
@@ -149,12 +150,12 @@ def _reopen(ref: Any) -> Any:
     return ref
 
 
-def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray, canonical: bool = False) -> dict[str, torch.Tensor]:
+def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray, multiple: int = 0) -> dict[str, torch.Tensor]:
     """Token ids cut to the longest caption in the batch (padding costs attention time), or
-    with ``canonical`` to the batch's padded length (:func:`mmfold.train.canonical.padded_length`)."""
+    with a ``multiple`` to the batch's padded length (:func:`mmfold.train.canonical.padded_length`)."""
     mask = tokens["attention_mask"][rows]
     longest = int(mask.sum(1).max())
-    t = int(padded_length(longest, mask.shape[1])) if canonical else max(longest, 1)
+    t = int(padded_length(longest, mask.shape[1], multiple)) if multiple else max(longest, 1)
     return {"input_ids": torch.from_numpy(tokens["input_ids"][rows, :t].astype(np.int64)),
             "attention_mask": torch.from_numpy(mask[:, :t].astype(np.int64))}
 
@@ -247,7 +248,8 @@ class CanonicalBatchSampler(BatchSampler):
     def __init__(self, ds: FoldDataset, batch_size: int) -> None:
         super().__init__(SequentialSampler(ds), batch_size, drop_last=False)
         width = 0 if ds.tokens is None else ds.tokens["attention_mask"].shape[1]
-        self._batches = [b.tolist() for b in canonical_batches(len(ds), batch_size, ds.lengths, width)] if len(ds) else []
+        batches = canonical_batches(len(ds), batch_size, ds.lengths, width, ds.canonical) if len(ds) else []
+        self._batches = [b.tolist() for b in batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches)
@@ -358,12 +360,13 @@ def build_data(cfg: Config, comp: Competition, model: nn.Module, train_rows: np.
     if "image_feats" in feats["train"]:
         images = {s: None for s in images}  # the cache replaces the pixels
     aug = build_augment(t.augment) if images["train"] is not None else None
+    multiple = token_multiple(model)
     test = (FoldDataset(np.arange(len(comp.test)), images.get("test"), tokens.get("test"), feats=feats.get("test"),
-                        canonical=True) if has_test else None)
+                        canonical=multiple) if has_test else None)
     return FoldData(train=FoldDataset(train_rows, images["train"], tokens["train"], y, aug, t.seed,
                                       feats=feats["train"], flip_p=flip_p),
                     valid=FoldDataset(valid_rows, images["train"], tokens["train"], y, feats=feats["train"],
-                                      canonical=True),
+                                      canonical=multiple),
                     test=test, mean=mean, std=std, tokenizer=tok)
 
 
@@ -375,7 +378,8 @@ def build_test_data(cfg: Config, comp: Competition, model: nn.Module, tokenizer:
     feats, _ = _prefix_feats(comp, model, images, tokens, mean, std, device, cfg.train)
     if "image_feats" in feats["test"]:
         images = {"test": None}
-    test = FoldDataset(np.arange(len(comp.test)), images["test"], tokens["test"], feats=feats["test"], canonical=True)
+    test = FoldDataset(np.arange(len(comp.test)), images["test"], tokens["test"], feats=feats["test"],
+                       canonical=token_multiple(model))
     return FoldData(train=None, valid=None, test=test, mean=mean, std=std, tokenizer=tokenizer)
 
 

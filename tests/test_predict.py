@@ -97,3 +97,92 @@ def test_canonical_batches_cover_every_row_once_with_fixed_size() -> None:
     for b in batches:  # one padded length per batch
         assert len(set(padded_length(lengths[b], 24).tolist())) == 1
     assert padded_length(np.array([1, 8, 9, 23, 40]), 24).tolist() == [8, 8, 16, 24, 24]
+
+
+# ---------------------------------------------------------------- the commands, on the demo
+
+DEMO_MODELS = ["demo_image", "demo_text", "demo_fusion"]
+
+
+def _train_side(project: Path) -> dict[str, tuple[int, str]]:
+    """(mtime, hash) of everything training and collect wrote (not the test predictions)."""
+    from mmfold.artifacts.manifest import file_hash
+
+    files = [f for f in (project / "runs").rglob("*") if f.is_file() and not f.name.startswith(("test", "."))]
+    files += [f for f in (project / "oof").rglob("*") if f.is_file() and ".test." not in f.name
+              and not f.name.startswith(".")]  # lock files are touched by design
+    return {str(f): (f.stat().st_mtime_ns, file_hash(f)) for f in files}
+
+
+def _demo_test2(project: Path) -> Path:
+    """A shuffled subset of the demo's test rows plus new rows (copies of train rows)."""
+    data = project / "input" / "demo"
+    test, train = pd.read_csv(data / "test.csv", dtype=str), pd.read_csv(data / "train.csv", dtype=str)
+    new = train.sample(8, random_state=2)[["ImageID", "Caption"]].copy()
+    for old in new["ImageID"]:
+        shutil.copy(data / "images" / old, data / "images" / f"new_{old}")
+    new["ImageID"] = "new_" + new["ImageID"]
+    out = pd.concat([test.sample(frac=0.6, random_state=1)[["ImageID", "Caption"]], new]).sample(frac=1, random_state=3)
+    out.to_csv(data / "test2.csv", index=False)
+    return data / "test2.csv"
+
+
+def _run_bundle(bundle: Path, test: Path, out: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MMFOLD_HOME"}
+    r = subprocess.run([sys.executable, str(bundle / "predict.py"), "--test", str(test), "--out", str(out)],
+                       cwd=out.parent, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert str(bundle / "mmfold") in subprocess.run(  # the bundle's own copy of the package ran
+        [sys.executable, "-c", "import mmfold; print(mmfold.__file__)"], cwd=bundle, env=env,
+        capture_output=True, text=True).stdout
+
+
+def test_predict_resubmit_and_export_on_the_demo(project: Path, demo_template: Path,
+                                                 tmp_path_factory: pytest.TempPathFactory,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from mmfold import paths
+    from mmfold.cli import main
+    from tests.conftest import install_demo
+
+    install_demo(project, demo_template)
+    assert main(["train", "--model", ",".join(DEMO_MODELS), "train.epochs=1", "train.progress=false"]) == 0
+    assert main(["blend", "--name", "b", "blend.n_trials=4"]) == 0
+    trained = _train_side(project)
+    test2 = _demo_test2(project)
+
+    assert main(["blend", "--name", "stale", "--test", str(test2)]) == 2  # members predicted another test set
+    assert "make predict" in capsys.readouterr().err
+    assert main(["predict", "--test", str(test2)]) == 0
+    assert _train_side(project) == trained  # OOF, done.json, checkpoints: untouched
+    for m in DEMO_MODELS:
+        for k in range(5):
+            rd = paths.run_dir("demo", m, k)
+            old = pd.read_parquet(rd / "test.parquet").set_index("id")
+            (new_file,) = rd.glob("test-*.parquet")
+            new = pd.read_parquet(new_file).set_index("id")
+            both = new.index.intersection(old.index)
+            assert len(both) == 18 and len(new) == 26
+            pd.testing.assert_frame_equal(new.loc[both], old.loc[both])  # exactly the training run's
+    assert main(["blend", "--from", "b", "--test", str(test2), "--name", "b2"]) == 0
+    log = pd.read_csv(paths.submissions_dir("demo") / "log.csv", dtype=str, keep_default_na=False)
+    row = log.set_index("name").loc["b2"]
+    assert row["from"] == "b" and row["cv_mean"] == log.set_index("name").loc["b", "cv_mean"]
+
+    assert main(["export", "--name", "b", "--out", str(project / "bundle")]) == 0
+    assert "MB" in capsys.readouterr().out
+    fresh = tmp_path_factory.mktemp("elsewhere")
+    bundle = Path(shutil.move(str(project / "bundle"), fresh / "bundle"))
+    _run_bundle(bundle, project / "input" / "demo" / "test.csv", fresh / "sub.csv")
+    assert (fresh / "sub.csv").read_bytes() == (paths.submissions_dir("demo") / "b.csv").read_bytes()
+    _run_bundle(bundle, test2, fresh / "sub2.csv")
+    assert (fresh / "sub2.csv").read_bytes() == (paths.submissions_dir("demo") / "b2.csv").read_bytes()
+
+    train_csv = project / "input" / "demo" / "train.csv"
+    train_csv.write_text(train_csv.read_text().replace("a ", "an ", 1))
+    assert main(["predict", "--test", str(test2)]) == 2
+    assert "the train file changed" in capsys.readouterr().err
+    assert _train_side(project) == trained

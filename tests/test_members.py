@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmfold.cpu import encoders as embeddings
-from mmfold.cpu import members
+from mmfold.cpu import heads, members
+from mmfold.cpu.features import DenseReducer, TfidfBlock, member_input
 from mmfold.config import load_config
 from mmfold.data.competition import load_competition
 from mmfold.errors import UserError
@@ -77,35 +79,75 @@ def test_member_shapes_and_probabilities(tiny: Path, case: str) -> None:
     kind, params = MEMBER_CASES[case]
     _, comp = _comp()
     tr, va = _halves(len(comp.train))
-    out = members.MEMBERS.get(kind)(_cfg(kind, params), comp, tr, va)
+    out = members.fit_member_fold(_cfg(kind, params), comp, tr, va)
     _check(out, len(va), len(comp.test), len(comp.classes))
+
+
+@pytest.mark.parametrize("case", sorted(MEMBER_CASES))
+def test_a_stored_member_predicts_a_new_test_set_without_refitting(tiny: Path, case: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``member.skops`` reproduces training's test probabilities exactly, and scores rows it
+    has never seen (reordered test rows, scored train rows) as it scored them in training."""
+    import pandas as pd
+
+    kind, params = MEMBER_CASES[case]
+    cfg, (_, comp) = _cfg(kind, params), _comp()
+    tr, va = _halves(len(comp.train))
+    p_va, p_te, _ = members.fit_member_fold(cfg, comp, tr, va, tmp_path)
+    monkeypatch.setattr(members.MemberModel, "fit", lambda *a: pytest.fail("a stored member was refitted"))
+    assert np.array_equal(members.predict_member_fold(cfg, comp, tmp_path), p_te)
+    old_test, train = pd.read_csv(tiny / "test.csv"), pd.read_csv(tiny / "train.csv")
+    copies = train.iloc[va][["ImageID", "Caption"]].assign(ImageID=lambda d: "copy_" + d["ImageID"])
+    for i in train.iloc[va]["ImageID"]:  # the scored rows again, under new ids (test ids are not train ids)
+        shutil.copy(tiny / "images" / i, tiny / "images" / f"copy_{i}")
+    new = pd.concat([old_test.iloc[::-1], copies])
+    new.to_csv(tmp_path / "new_test.csv", index=False)
+    _, comp2 = _comp(test_csv=str(tmp_path / "new_test.csv"))
+    got = members.predict_member_fold(cfg, comp2, tmp_path)
+    np.testing.assert_allclose(got, np.vstack([p_te[::-1], p_va]), rtol=0, atol=2e-6)
+
+
+def test_a_member_file_with_an_untrusted_type_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A tampered ``member.skops`` (here: a type no member is made of) loads nothing."""
+    from collections import Counter
+
+    from mmfold.artifacts import fitted
+
+    fitted.save(Counter(a=1), tmp_path / members.MEMBER_FILE)
+    with pytest.raises(UserError, match="does not trust.*Counter"):
+        members.load_member(tmp_path)
+    (tmp_path / members.MEMBER_FILE).unlink()
+    with pytest.raises(UserError, match="retrain"):
+        members.load_member(tmp_path)
 
 
 def test_reduce_dense_fits_on_train_only_and_scales_to_the_weight() -> None:
     rng = np.random.default_rng(0)
-    tr, va, te = rng.normal(size=(50, 20)) * 7, rng.normal(size=(10, 20)) * 7, rng.normal(size=(5, 20)) * 7
-    r_tr, r_va, r_te = members.reduce_dense((tr, va, te), pca_dim=8, weight=1.0)
-    assert r_tr.shape == (50, 8) and r_va.shape == (10, 8) and r_te.shape == (5, 8)
+    tr, va = rng.normal(size=(50, 20)) * 7, rng.normal(size=(10, 20)) * 7
+    red = DenseReducer(pca_dim=8, weight=1.0).fit(tr)
+    r_tr, r_va = red.transform(tr), red.transform(va)
+    assert r_tr.shape == (50, 8) and r_va.shape == (10, 8)
     assert np.sqrt((r_tr ** 2).sum(1).mean()) == pytest.approx(1.0)
     # more components than training rows asks for the impossible: capped at the row count
-    r_tr, _, r_te = members.reduce_dense((tr[:6], va, None), pca_dim=256, weight=None)
-    assert r_tr.shape == (6, 6) and r_te is None
+    assert DenseReducer(pca_dim=256).fit(tr[:6]).transform(va).shape == (10, 6)
     # no PCA: only the scale changes, direction kept
-    s_tr, s_va, _ = members.reduce_dense((tr, va, None), pca_dim=None, weight=2.0)
+    red = DenseReducer(weight=2.0).fit(tr)
+    s_tr, s_va = red.transform(tr), red.transform(va)
     assert np.allclose(s_tr / tr, s_tr[0, 0] / tr[0, 0]) and np.allclose(s_va / va, s_tr[0, 0] / tr[0, 0])
 
 
 def test_unknown_param_is_an_error(tiny: Path) -> None:
     _, comp = _comp()
     with pytest.raises(UserError, match="unknown params"):
-        members.MEMBERS.get("tfidf_linear")(_cfg("tfidf_linear", {"ngram": 3}), comp, *_halves(len(comp.train)))
+        members.fit_member_fold(_cfg("tfidf_linear", {"ngram": 3}), comp, *_halves(len(comp.train)))
 
 
 def test_tfidf_vocabulary_excludes_validation_only_words(tiny: Path) -> None:
     _, comp = _comp()
     tr, va = _halves(len(comp.train))
     comp.train.loc[va, "caption"] = "zebraword quokkaword"
-    vec = members.fit_tfidf(members.Split(comp, tr, va), {"min_df": 1, "char_ngrams": None})
+    inp = member_input(comp, "train", [])
+    vec = TfidfBlock({"min_df": 1, "char_ngrams": None}).fit(inp.take(tr)).vectorizer_
     vocab = vec.transformer_list[0][1].vocabulary_
     assert "tag1" in vocab and "zebraword" not in vocab and "quokkaword" not in vocab
 
@@ -141,7 +183,7 @@ def test_thread_counts_come_from_the_machine_and_do_not_leak(monkeypatch: pytest
     epoch = members.TorchMLP._epoch
     monkeypatch.setattr(members.TorchMLP, "_epoch", lambda self, *a: (seen.append(torch.get_num_threads()),
                                                                       epoch(self, *a)))
-    monkeypatch.setattr(members, "available_cores", lambda: 3)
+    monkeypatch.setattr(heads, "available_cores", lambda: 3)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -165,9 +207,9 @@ def test_text_only_data(project: Path) -> None:
     _, comp = _comp()
     tr, va = _halves(len(comp.train))
     for kind, params in (MEMBER_CASES["tfidf_logreg"], MEMBER_CASES["minilm_logreg"]):
-        _check(members.MEMBERS.get(kind)(_cfg(kind, params), comp, tr, va), len(va), len(comp.test), len(comp.classes))
+        _check(members.fit_member_fold(_cfg(kind, params), comp, tr, va), len(va), len(comp.test), len(comp.classes))
     with pytest.raises(UserError, match="image folder"):
-        members.MEMBERS.get("frozen_embed")(_cfg("frozen_embed", {"encoders": ["effnet_lite0"]}), comp, tr, va)
+        members.fit_member_fold(_cfg("frozen_embed", {"encoders": ["effnet_lite0"]}), comp, tr, va)
 
 
 def test_image_only_data(tiny: Path) -> None:
@@ -177,9 +219,9 @@ def test_image_only_data(tiny: Path) -> None:
     params = {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES}
     cfg = _cfg("frozen_embed", params)
     cfg.data = comp.cfg
-    _check(members.MEMBERS.get("frozen_embed")(cfg, comp, tr, va), len(va), len(comp.test), len(comp.classes))
+    _check(members.fit_member_fold(cfg, comp, tr, va), len(va), len(comp.test), len(comp.classes))
     with pytest.raises(UserError, match="caption column"):
-        members.MEMBERS.get("tfidf_linear")(_cfg("tfidf_linear", {}), comp, tr, va)
+        members.fit_member_fold(_cfg("tfidf_linear", {}), comp, tr, va)
     assert members.modalities(cfg) == {"image"}
 
 

@@ -101,7 +101,7 @@ def test_canonical_batches_cover_every_row_once_with_fixed_size() -> None:
 
 # ---------------------------------------------------------------- the commands, on the demo
 
-DEMO_MODELS = ["demo_image", "demo_text", "demo_fusion"]
+DEMO_MODELS = ["demo_image", "demo_text", "demo_fusion", "tfidf_lr"]  # three torch kinds and a CPU member
 
 
 def _train_side(project: Path) -> dict[str, tuple[int, str]]:
@@ -150,7 +150,7 @@ def test_predict_resubmit_and_export_on_the_demo(project: Path, demo_template: P
 
     install_demo(project, demo_template)
     assert main(["train", "--model", ",".join(DEMO_MODELS), "train.epochs=1", "train.progress=false"]) == 0
-    assert main(["blend", "--name", "b", "blend.n_trials=4"]) == 0
+    assert main(["blend", "--name", "b", "--models", *DEMO_MODELS, "blend.n_trials=4"]) == 0
     trained = _train_side(project)
     test2 = _demo_test2(project)
 

@@ -200,3 +200,14 @@ def test_variants_are_kept_out_of_the_main_table(trained: Path) -> None:
 
     shutil.copy(paths.oof_meta_file("demo", "tfidf_a"), paths.oof_meta_file("demo", "tfidf_a@trial0"))
     assert model_names("demo") == ["tfidf_a", "tfidf_b"]
+
+
+def test_a_collected_test_file_is_not_a_model(project: Path) -> None:
+    """``<model>.test.parquet``/``.test.json`` (what predict writes) name no model of their own."""
+    from mmfold.report.report import model_names
+
+    folder = paths.oof_dir("demo")
+    folder.mkdir(parents=True)
+    for name in ("a.parquet", "a.json", "a.test.parquet", "a.test.json", "a@t1.parquet"):
+        (folder / name).write_text("")
+    assert model_names("demo") == ["a"]

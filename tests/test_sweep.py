@@ -34,22 +34,48 @@ CALLS: list[tuple[str, int]] = []  # (run name, epochs emitted) per fold trained
 INTERRUPT: dict[str, int | None] = {"at": None}  # raise KeyboardInterrupt on this call number
 
 
-def fake_member(cfg, comp, train_idx, valid_idx):
-    """Probabilities as good as ``model.params.quality``; epochs reported through the hook."""
-    CALLS.append((cfg.model.name, 0))
-    if INTERRUPT["at"] == len(CALLS):
-        raise KeyboardInterrupt
-    q = float(cfg.model.params["quality"])
-    y = comp.y()[valid_idx].astype(float)
-    rng = np.random.default_rng(len(valid_idx))
-    prob = np.clip(q * y + (1 - q) * rng.random(y.shape), 0, 1)
-    epochs = int(cfg.model.params.get("epochs", 1))
-    for epoch in range(epochs):
-        CALLS[-1] = (cfg.model.name, epoch + 1)
-        f1 = samples_f1(y, binarize(prob, 0.5)) * (epoch + 1) / epochs
-        for callback in list(getattr(train, "EPOCH_CALLBACKS", None) or []):
-            callback({"epoch": epoch, "valid_f1": f1, "model": cfg.model.name, "fold": -1})
-    return prob, None, {"images_per_s": 1.0}
+class FakeMember:
+    """Probabilities as good as ``model.params.quality``; epochs reported through the hook.
+
+    A member with the real contract (``fit(inp, Y)``, ``predict_proba(inp)``), no learning:
+    the first scored rows (the fold's) get noisy true labels, looked up by id."""
+
+    def __init__(self, cfg, comp) -> None:
+        self.cfg, self.comp, self.head_name, self.scored = cfg, comp, "fake", False
+
+    def needed_encoders(self):
+        return []
+
+    def __getstate__(self):  # what member.skops keeps: the settings, not the data
+        return {"quality": float(self.cfg.model.params["quality"])}
+
+    def fit(self, inp, Y):
+        CALLS.append((self.cfg.model.name, 0))
+        if INTERRUPT["at"] == len(CALLS):
+            raise KeyboardInterrupt
+        self.head_, self.info_ = self, {"images_per_s": 1.0}
+        return self
+
+    def predict_proba(self, inp):
+        q = float(self.cfg.model.params["quality"])
+        row = {i: r for r, i in enumerate(self.comp.ids("train"))}
+        if not all(i in row for i in inp.ids):  # the test set: no labels to be noisy about
+            return np.full((len(inp.ids), len(self.comp.classes)), 0.5)
+        y = self.comp.y()[[row[i] for i in inp.ids]].astype(float)
+        rng = np.random.default_rng(len(inp.ids))
+        prob = np.clip(q * y + (1 - q) * rng.random(y.shape), 0, 1)
+        epochs = int(self.cfg.model.params.get("epochs", 1))
+        for epoch in range(epochs):
+            CALLS[-1] = (self.cfg.model.name, epoch + 1)
+            f1 = samples_f1(y, binarize(prob, 0.5)) * (epoch + 1) / epochs
+            for callback in list(getattr(train, "EPOCH_CALLBACKS", None) or []):
+                callback({"epoch": epoch, "valid_f1": f1, "model": self.cfg.model.name, "fold": -1})
+        return prob
+
+
+def fake_member(cfg, comp):
+    """The fake member's builder, as registered member kinds are."""
+    return FakeMember(cfg, comp)
 
 
 if "fake_sweep" not in MEMBERS:

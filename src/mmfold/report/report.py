@@ -99,8 +99,11 @@ def score_blend(name: str, saved: dict[str, np.ndarray], y: np.ndarray, folds: n
 
 
 def model_names(data: str) -> list[str]:
-    """Collected models (``oof/<data>/<model>.json``), sweep trials and ablation variants excluded."""
-    return sorted(p.stem for p in paths.oof_dir(data).glob("*.json") if not paths.is_variant(p.stem))
+    """Collected models, sweep trials and ablation variants excluded (one owner: the
+    prediction files' module; a ``<model>.test.json`` is not a model)."""
+    from mmfold.artifacts.predictions import available_models
+
+    return available_models(data)
 
 
 def load_models(cfg: Config, comp: Competition, folds: np.ndarray) -> list[Scored]:

@@ -24,7 +24,7 @@ import numpy as np
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import testset_key
-from mmfold.config import Config, config_from_dict, load_config, model_names, test_override
+from mmfold.config import Config, config_from_dict, load_config, test_override
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 
@@ -101,9 +101,19 @@ def predict_model(cfg: Config, comp: Competition, infos: list[dict], force: bool
             "test": key, "rows": len(comp.test)}
 
 
+def models_to_predict(cfg: Config, requested: str | None) -> list[str]:
+    """``--model a,b``, or every collected model of the data (sweep trials and ablation
+    variants aside): a blend may use any of them, not only ``data.models``."""
+    names = requested.split(",") if requested else predictions.available_models(cfg.data.name)
+    if not names:
+        raise UserError(f"data '{cfg.data.name}': no collected models to predict; train some first (make train)")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmfold predict`` options."""
-    p.add_argument("--model", help="model name(s), comma-separated (default: data.models)")
+    p.add_argument("--model", help="model name(s), comma-separated (default: every collected model, "
+                                   "i.e. everything a blend can use)")
     p.add_argument("--test", help="a test CSV to predict instead of the data config's test_csv "
                                   "(its images in data.image_dir)")
 
@@ -116,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if comp.test is None:
         raise UserError(f"data '{comp.cfg.name}' has no test set (data.test_csv); nothing to predict")
     n_folds = int(load_folds(comp).max()) + 1
-    jobs = [trained_config(base, comp, name, n_folds) for name in model_names(base, args.model)]
+    jobs = [trained_config(base, comp, name, n_folds) for name in models_to_predict(base, args.model)]
     for cfg, infos in jobs:
         r = predict_model(cfg, comp, infos, args.force)
         what = f"folds {r['folds_predicted']} predicted" if r["folds_predicted"] else "every fold up to date"

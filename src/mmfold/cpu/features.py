@@ -1,0 +1,206 @@
+"""Member features: what a CPU member reads about a row, and the blocks that turn it into a matrix.
+
+A member's input for a set of rows is a :class:`MemberInput` (ids, captions, and the cached
+frozen-encoder embeddings it asked for). Feature *blocks* are scikit-learn-style transformers
+over that input, ``fit(inp)`` on the training fold's rows only and ``transform(inp)`` on any
+rows: TF-IDF (vocabulary and idf), TF-IDF -> SVD, and embeddings -> scaler -> PCA -> scale.
+What they learn lives in attributes ending in ``_`` that skops can store, so a fold's fitted
+member transforms a new test set exactly as it transformed the rows it scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.decomposition import PCA, TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.pipeline import FeatureUnion
+from sklearn.preprocessing import StandardScaler
+
+from mmfold.data.competition import Competition
+from mmfold.errors import UserError
+
+EncoderSpec = tuple[str, dict[str, Any]]  # (encoder name, its settings)
+
+
+@dataclass
+class MemberInput:
+    """The rows a member sees: ids, captions (None without a caption column) and embeddings
+    by encoder name, all in the same row order."""
+
+    ids: np.ndarray
+    captions: list[str] | None
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def take(self, idx: np.ndarray) -> MemberInput:
+        """The input of rows ``idx`` (a fold's train or scored rows)."""
+        caps = None if self.captions is None else [self.captions[i] for i in idx]
+        return MemberInput(self.ids[idx], caps, {k: v[idx] for k, v in self.embeddings.items()})
+
+
+def require(comp: Competition, modality: str, who: str) -> None:
+    """Fail clearly when a member needs captions or images the data config does not have."""
+    have = {"text": comp.has_captions, "image": comp.has_images}[modality]
+    if not have:
+        what = "caption column (data.caption_col)" if modality == "text" else "image folder (data.image_dir)"
+        raise UserError(f"{who} needs a {what}, but data '{comp.cfg.name}' has none")
+
+
+def member_input(comp: Competition, split: str, encoders: list[EncoderSpec]) -> MemberInput:
+    """Every row of ``split`` (``train``/``test``) with the embeddings of ``encoders``
+    (cached per split and input, so a second fold or a re-predict costs an ``np.load``)."""
+    from mmfold.cpu.encoders import build_encoder, embed
+
+    df = comp.train if split == "train" else comp.test
+    emb = {}
+    for name, settings in encoders:
+        require(comp, build_encoder(name, **settings).modality, f"encoder {name}")
+        emb[name] = embed(comp, split, name, **settings)
+    caps = df["caption"].tolist() if comp.has_captions else None
+    return MemberInput(np.asarray(comp.ids(split)), caps, emb)
+
+
+def tfidf_vectorizer(word_ngrams: tuple[int, int] = (1, 2), char_ngrams: tuple[int, int] | None = (2, 5),
+                     min_df: int = 2, max_features: int | None = None) -> FeatureUnion:
+    """Word and char-n-gram TF-IDF side by side (char n-grams catch typos and word pieces)."""
+    parts = [("word", TfidfVectorizer(ngram_range=tuple(word_ngrams), min_df=min_df, sublinear_tf=True,
+                                      max_features=max_features, token_pattern=r"(?u)\b\w+\b"))]
+    if char_ngrams:
+        parts.append(("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(char_ngrams), min_df=min_df,
+                                              sublinear_tf=True, max_features=max_features)))
+    return FeatureUnion(parts)
+
+
+class TfidfBlock(BaseEstimator, TransformerMixin):
+    """Caption TF-IDF (sparse); vocabulary and idf from the fitted rows only."""
+
+    def __init__(self, opts: dict[str, Any] | None = None) -> None:
+        self.opts = opts
+
+    def needed_encoders(self) -> list[EncoderSpec]:
+        """Embeddings this block reads: none."""
+        return []
+
+    def fit(self, inp: MemberInput, y: Any = None) -> TfidfBlock:
+        """Learn the vocabulary and idf of the rows' captions."""
+        if inp.captions is None:
+            raise UserError("tfidf features need a caption column (data.caption_col)")
+        self.vectorizer_ = tfidf_vectorizer(**(self.opts or {})).fit(inp.captions)
+        self.info_ = {"tfidf_features": sum(len(v.vocabulary_) for _, v in self.vectorizer_.transformer_list)}
+        return self
+
+    def transform(self, inp: MemberInput) -> Any:
+        """CSR TF-IDF rows."""
+        return self.vectorizer_.transform(inp.captions)
+
+
+class SvdBlock(BaseEstimator, TransformerMixin):
+    """TF-IDF -> truncated SVD (dense, tree-friendly), both fitted on the fitted rows only."""
+
+    def __init__(self, opts: dict[str, Any] | None = None, dim: int = 64) -> None:
+        self.opts = opts
+        self.dim = dim
+
+    def needed_encoders(self) -> list[EncoderSpec]:
+        """Embeddings this block reads: none."""
+        return []
+
+    def fit(self, inp: MemberInput, y: Any = None) -> SvdBlock:
+        """Fit the TF-IDF, then the SVD on its training rows."""
+        self.tfidf_ = TfidfBlock(self.opts).fit(inp)
+        X = self.tfidf_.transform(inp)
+        self.svd_ = TruncatedSVD(n_components=min(int(self.dim), X.shape[1] - 1), random_state=42).fit(X)
+        self.info_ = {**self.tfidf_.info_, "svd_dim": int(self.svd_.n_components)}
+        return self
+
+    def transform(self, inp: MemberInput) -> np.ndarray:
+        """Dense SVD components."""
+        return self.svd_.transform(self.tfidf_.transform(inp))
+
+
+class DenseReducer(BaseEstimator, TransformerMixin):
+    """PCA to ``pca_dim`` components, then a scale making the mean training row norm ``weight``.
+
+    Both fitted on the training fold only. Next to unit-norm TF-IDF rows, 1,664 standardized
+    embedding dims (row norm ~40) swamp the words under one C; scaled to norm ~1 the two views
+    share the regularisation. PCA also keeps a sparse-solver fit at seconds, not minutes:
+    liblinear's cost grows with the non-zeros, and a dense block makes every entry one.
+    """
+
+    def __init__(self, pca_dim: int | None = None, weight: float | None = None) -> None:
+        self.pca_dim = pca_dim
+        self.weight = weight
+
+    def fit(self, X: np.ndarray, y: Any = None) -> DenseReducer:
+        """Fit the PCA (no more components than training rows) and the scale."""
+        k = min(int(self.pca_dim or X.shape[1]), X.shape[0])
+        self.pca_ = PCA(k, random_state=0).fit(X) if k < X.shape[1] else None
+        Z = X if self.pca_ is None else self.pca_.transform(X)
+        norm = max(float(np.sqrt((Z ** 2).sum(1).mean())), 1e-12)
+        self.scale_ = float(self.weight) / norm if self.weight else 1.0
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Project and scale."""
+        Z = X if self.pca_ is None else self.pca_.transform(X)
+        return Z * self.scale_ if self.weight else Z
+
+
+class EmbedBlock(BaseEstimator, TransformerMixin):
+    """Frozen-encoder embeddings side by side, optionally standardized and reduced.
+
+    Standardizing matters because concatenated encoders live on different scales (unit-norm
+    MiniLM vs non-negative EfficientNet activations); one C then fits both.
+
+    Args:
+        encoders: Encoder names, in column order.
+        settings: Per-encoder options (part of each embedding's cache key).
+        standardize: Zero-mean unit-variance per feature, fitted rows' statistics.
+        pca_dim: See :class:`DenseReducer`.
+        dense_weight: See :class:`DenseReducer`.
+    """
+
+    def __init__(self, encoders: list[str] | None = None, settings: dict[str, dict] | None = None,
+                 standardize: bool = False, pca_dim: int | None = None, dense_weight: float | None = None) -> None:
+        self.encoders = encoders
+        self.settings = settings
+        self.standardize = standardize
+        self.pca_dim = pca_dim
+        self.dense_weight = dense_weight
+
+    def needed_encoders(self) -> list[EncoderSpec]:
+        """The (name, settings) of every embedding this block reads."""
+        return [(n, dict((self.settings or {}).get(n, {}))) for n in self.encoders or []]
+
+    def _stack(self, inp: MemberInput) -> np.ndarray:
+        """The encoders' embeddings as one matrix."""
+        return np.hstack([inp.embeddings[n] for n, _ in self.needed_encoders()])
+
+    def fit(self, inp: MemberInput, y: Any = None) -> EmbedBlock:
+        """Fit the scaler and the reducer on the rows' embeddings."""
+        if not self.encoders:
+            raise UserError("embedding features need at least one encoder in model.params.encoders")
+        X = self._stack(inp)
+        self.scaler_ = StandardScaler().fit(X) if self.standardize else None
+        X = X if self.scaler_ is None else self.scaler_.transform(X)
+        reduce = bool(self.pca_dim or self.dense_weight)
+        self.reducer_ = DenseReducer(self.pca_dim, self.dense_weight).fit(X) if reduce else None
+        dim = X.shape[1] if self.reducer_ is None else self.reducer_.transform(X[:1]).shape[1]
+        self.info_ = {"embedding_dim": int(dim)}
+        return self
+
+    def transform(self, inp: MemberInput) -> np.ndarray:
+        """Dense features of the rows."""
+        X = self._stack(inp)
+        X = X if self.scaler_ is None else self.scaler_.transform(X)
+        return X if self.reducer_ is None else self.reducer_.transform(X)
+
+
+# Every type a fitted block may hold beyond skops' defaults: what member files are loaded with.
+TRUSTED_TYPES = (
+    "mmfold.cpu.features.TfidfBlock", "mmfold.cpu.features.SvdBlock", "mmfold.cpu.features.DenseReducer",
+    "mmfold.cpu.features.EmbedBlock",
+)

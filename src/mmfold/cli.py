@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mmfold.bench.suite", "speed and quality benchmarks -> reports/bench/"),
     "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),
     "bench-deep": ("mmfold.bench.deep", "fine-tuned members on ../shared/data, blended with the CPU members"),
+    "bench-predict": ("mmfold.bench.predict", "a new test set from saved fold models vs retraining, and the bundle"),
 }
 
 

@@ -40,6 +40,15 @@ def learning_view(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in keep.items() if k not in RUN_LENGTH_KEYS and not k.startswith(NOT_LEARNING)}
 
 
+def portable_view(config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`learning_view` as a saved model is checked against when it predicts elsewhere:
+    ``data.image_dir`` says only *whether* images are read, since where they live (a bundle's
+    ``--images``, a moved data folder) changes nothing the model learned."""
+    view = learning_view(config)
+    view["data.image_dir"] = bool(view.get("data.image_dir"))
+    return view
+
+
 # data.* settings that change what a model learns from the same files
 DATA_LEARNING_KEYS = ("id_col", "label_col", "caption_col", "image_dir", "image_ext", "label_sep", "metric",
                       "drop_bad_images")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfold.artifacts.manifest import learning_view
+from mmfold.artifacts.manifest import portable_view
 from mmfold.config import Config, describe_diff, learning_diff
 from mmfold.cpu.threads import torch_threads
 from mmfold.data.competition import Competition
@@ -39,7 +39,7 @@ def best_checkpoint(run_dir: Path, cfg: Config) -> dict:
         raise UserError(f"{path} missing: fold {run_dir.name} has no saved model; retrain it "
                         f"(make train MODEL={cfg.model.name} FOLD={run_dir.name.removeprefix('fold')} FORCE=1)")
     ck = load_checkpoint(path)
-    changed = learning_diff(learning_view(ck["config"]), learning_view(cfg.to_dict()))
+    changed = learning_diff(portable_view(ck["config"]), portable_view(cfg.to_dict()))
     if changed:
         raise UserError(f"{path} was trained with other settings:\n{describe_diff(changed, 'checkpoint', 'now')}")
     if "tokenizer" not in ck:

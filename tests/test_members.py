@@ -239,6 +239,32 @@ def test_embedding_cache_is_reused_and_keyed_on_inputs(tiny: Path) -> None:
     assert embeddings.cache_file(comp, "train", embeddings.build_encoder("minilm")) != path
 
 
+def test_parallel_jobs_embed_a_split_once(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fold jobs that miss the cache together: one forward pass, the other waits for it."""
+    import threading
+    import time
+
+    _, comp = _comp()
+    real = embeddings.build_encoder
+
+    def slow(name: str, **settings):
+        enc = real(name, **settings)
+        encode = enc.encode
+        enc.encode = lambda items: (time.sleep(0.5), encode(items))[1]  # a wide race window
+        return enc
+
+    monkeypatch.setattr(embeddings, "build_encoder", slow)
+    before = embeddings.COMPUTE_COUNT.get("minilm", 0)
+    out: list[np.ndarray] = []
+    jobs = [threading.Thread(target=lambda: out.append(embeddings.embed(comp, "test", "minilm"))) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    assert embeddings.COMPUTE_COUNT["minilm"] == before + 1
+    np.testing.assert_array_equal(out[0], out[1])
+
+
 @pytest.mark.shared
 @pytest.mark.slow
 @needs_shared

@@ -249,6 +249,17 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
     path = cache_file(comp, split, enc)
     if path.exists():
         return np.load(path)
+    # Parallel fold jobs (train --jobs N) all miss the cache at once: one computes, the others
+    # wait for its file instead of running the same forward pass N times.
+    with fileio.file_lock(path.with_name(f".{path.stem}.lock"), wait=True):
+        if path.exists():
+            return np.load(path)
+        return _compute(comp, split, enc, path)
+
+
+def _compute(comp: Competition, split: str, enc: Encoder, path: Path) -> np.ndarray:
+    """Run the encoder over the split and write its cache file atomically."""
+    encoder = enc.name
     log.info("embedding %s/%s with %s -> %s", comp.cfg.name, split, encoder, path)
     with torch_threads(_threads()):  # for this forward pass only, not the rest of the process
         emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)

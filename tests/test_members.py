@@ -239,6 +239,36 @@ def test_embedding_cache_is_reused_and_keyed_on_inputs(tiny: Path) -> None:
     assert embeddings.cache_file(comp, "train", embeddings.build_encoder("minilm")) != path
 
 
+def test_a_new_test_set_embeds_only_its_new_rows(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows an earlier cache holds are copied bit for bit; only never-seen rows are encoded."""
+    import pandas as pd
+
+    _, comp = _comp()
+    old = embeddings.embed(comp, "test", "minilm")
+    path = embeddings.cache_file(comp, "test", embeddings.build_encoder("minilm"))
+    path.with_suffix(".rows.json").unlink()  # a cache from before row indexes: indexed on next use
+    np.testing.assert_array_equal(embeddings.embed(comp, "test", "minilm"), old)
+    test = pd.read_csv(tiny / "test.csv")
+    new = pd.concat([test.iloc[::-1], pd.DataFrame({"ImageID": ["new.jpg"], "Caption": ["a brand new caption"]})])
+    shutil.copy(tiny / "images" / test["ImageID"][0], tiny / "images" / "new.jpg")
+    new.to_csv(tmp_path / "new.csv", index=False)
+    _, comp2 = _comp(test_csv=str(tmp_path / "new.csv"))
+    encoded: list[str] = []
+    real = embeddings.build_encoder
+
+    def counting(name: str, **settings):
+        enc = real(name, **settings)
+        encode = enc.encode
+        enc.encode = lambda items: (encoded.extend(items), encode(items))[1]
+        return enc
+
+    monkeypatch.setattr(embeddings, "build_encoder", counting)
+    got = embeddings.embed(comp2, "test", "minilm")
+    assert encoded == ["a brand new caption"]
+    np.testing.assert_array_equal(got[:-1], old[::-1])  # exactly the stored rows
+    assert got.shape == (len(old) + 1, old.shape[1]) and np.isclose(np.linalg.norm(got[-1]), 1, atol=1e-4)
+
+
 def test_parallel_jobs_embed_a_split_once(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two fold jobs that miss the cache together: one forward pass, the other waits for it."""
     import threading

@@ -10,6 +10,7 @@ caption or weights file can never be served a stale embedding.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -248,6 +249,8 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
     enc = build_encoder(encoder, **settings)
     path = cache_file(comp, split, enc)
     if path.exists():
+        if not _index_file(path).exists():  # written before caches kept a row index
+            fileio.write_json(_index_file(path), {"family": _family(enc), "rows": row_keys(_inputs(comp, split, enc), enc)})
         return np.load(path)
     # Parallel fold jobs (train --jobs N) all miss the cache at once: one computes, the others
     # wait for its file instead of running the same forward pass N times.
@@ -258,14 +261,79 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
 
 
 def _compute(comp: Competition, split: str, enc: Encoder, path: Path) -> np.ndarray:
-    """Run the encoder over the split and write its cache file atomically."""
-    encoder = enc.name
-    log.info("embedding %s/%s with %s -> %s", comp.cfg.name, split, encoder, path)
-    with torch_threads(_threads()):  # for this forward pass only, not the rest of the process
-        emb = np.ascontiguousarray(enc.encode(_inputs(comp, split, enc)), dtype=np.float32)
-    COMPUTE_COUNT[encoder] = COMPUTE_COUNT.get(encoder, 0) + 1
-    fileio.atomic_write(path, lambda tmp: _save_npy(tmp, emb))
-    return emb
+    """Embed the split: rows any earlier cache file of this encoder already holds are copied
+    from it (bit for bit), the rest run through the encoder; then write the cache file and its
+    row index atomically."""
+    items = _inputs(comp, split, enc)
+    keys = row_keys(items, enc)
+    emb = _from_bank(path.parent, enc, keys)
+    todo = [i for i, row in enumerate(emb) if row is None]
+    if todo:
+        log.info("embedding %d of %d %s/%s rows with %s -> %s", len(todo), len(items), comp.cfg.name, split,
+                 enc.name, path)
+        with torch_threads(_threads()):  # for this forward pass only, not the rest of the process
+            new = np.asarray(enc.encode([items[i] for i in todo]), dtype=np.float32)
+        COMPUTE_COUNT[enc.name] = COMPUTE_COUNT.get(enc.name, 0) + 1
+        for i, row in zip(todo, new):
+            emb[i] = row
+    out = np.ascontiguousarray(np.stack(emb) if emb else np.zeros((0, 0), np.float32), dtype=np.float32)
+    fileio.atomic_write(path, lambda tmp: _save_npy(tmp, out))
+    fileio.write_json(_index_file(path), {"family": _family(enc), "rows": keys})
+    return out
+
+
+def row_keys(items: list[Any], enc: Encoder) -> list[str]:
+    """What makes a row's embedding: its caption, or its image file's path, size and mtime
+    (a replaced image is a new row), hashed short."""
+    import hashlib
+
+    def ident(x: Any) -> str:
+        if enc.modality == "text":
+            return str(x)
+        st = Path(x).stat()
+        return f"{x}|{st.st_size}|{st.st_mtime_ns}"
+
+    return [hashlib.sha1(ident(x).encode()).hexdigest()[:20] for x in items]
+
+
+def _family(enc: Encoder) -> str:
+    """Encoders whose embeddings of the same input are identical: name, settings, weights."""
+    return stable_hash({"name": enc.name, "settings": enc.settings, "weights": _weights_key(enc.weights)})
+
+
+def _index_file(cache: Path) -> Path:
+    """``emb_....rows.json`` beside a cache file: its family and each row's key."""
+    return cache.with_suffix(".rows.json")
+
+
+def _from_bank(folder: Path, enc: Encoder, keys: list[str]) -> list[np.ndarray | None]:
+    """Each row's embedding from an earlier cache file of the same family in ``folder``, None
+    where none has it.
+
+    A re-issued test set that shares most rows with the old one then costs only its new rows,
+    and a shared row gets exactly the numbers the members were trained and scored with."""
+    out: list[np.ndarray | None] = [None] * len(keys)
+    where: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        where.setdefault(k, []).append(i)  # the same caption twice: one embedding, both rows
+    family = _family(enc)
+    for index in sorted(folder.glob(f"emb_{enc.name}_*.rows.json")):
+        cache = index.with_suffix("").with_suffix(".npy")
+        try:
+            doc = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue  # a half-written or foreign file: just not part of the bank
+        if doc.get("family") != family or not cache.exists():
+            continue
+        hits = {k: r for r, k in enumerate(doc["rows"]) if k in where and out[where[k][0]] is None}
+        if hits:
+            arr = np.load(cache, mmap_mode="r")
+            for k, r in hits.items():
+                for i in where[k]:
+                    out[i] = np.array(arr[r])
+        if all(x is not None for x in out):
+            break
+    return out
 
 
 def _save_npy(tmp: Path, arr: np.ndarray) -> None:

@@ -60,8 +60,10 @@ def _check(out, n_valid: int, n_test: int, n_labels: int) -> None:
 
 MEMBER_CASES = {
     "tfidf_logreg": ("tfidf_linear", {"min_df": 1}),
+    "tfidf_mlp": ("tfidf_linear", {"min_df": 1, "head": "mlp", "head_params": {"epochs": 2, "hidden": 8}}),
     "tfidf_svm": ("tfidf_linear", {"min_df": 1, "head": "svm", "head_params": {"cv": 2}}),
     "minilm_logreg": ("frozen_embed", {"encoders": ["minilm"]}),
+    "minilm_knn": ("frozen_embed", {"encoders": ["minilm"], "head": "knn", "head_params": {"k": 5}}),
     "fused_mlp": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
                                    "head": "mlp", "head_params": {"epochs": 3, "hidden": 16}}),
     "fused_tfidf": ("frozen_embed", {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES,
@@ -104,7 +106,7 @@ def test_a_stored_member_predicts_a_new_test_set_without_refitting(tiny: Path, c
     new.to_csv(tmp_path / "new_test.csv", index=False)
     _, comp2 = _comp(test_csv=str(tmp_path / "new_test.csv"))
     got = members.predict_member_fold(cfg, comp2, tmp_path)
-    np.testing.assert_allclose(got, np.vstack([p_te[::-1], p_va]), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got, np.vstack([p_te[::-1], p_va]))  # bit for bit
 
 
 def test_a_member_file_with_an_untrusted_type_is_refused(tiny: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MEMBERS = Registry("CPU member kind")
 MEMBER_FILE = "member.skops"
+PREDICT_ROWS = 512  # rows per prediction block, always full (see MemberModel.predict_proba)
 
 MemberOutput = tuple[np.ndarray, np.ndarray | None, dict[str, Any]]
 
@@ -91,6 +92,7 @@ class MemberModel(BaseEstimator, ClassifierMixin):
         X = self.features(inp)
         start = time.perf_counter()
         self.head_ = clone(self.head).fit(X, Y)
+        self.n_labels_ = int(np.shape(Y)[1])
         self.info_ = {"head": self.head_name, "head_fit_s": round(time.perf_counter() - start, 2),
                       "n_features": int(X.shape[1]), **{k: v for b in self.blocks_ for k, v in b.info_.items()}}
         return self
@@ -103,9 +105,21 @@ class MemberModel(BaseEstimator, ClassifierMixin):
         return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     def predict_proba(self, inp: MemberInput) -> np.ndarray:
-        """``(n, L)`` float32 probabilities in [0, 1] (clipped against solver round-off)."""
-        p = self.head_.predict_proba(self.features(inp))
-        return np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
+        """``(n, L)`` float32 probabilities in [0, 1] (clipped against solver round-off).
+
+        Rows go through in blocks of exactly :data:`PREDICT_ROWS` (the last one padded with
+        repeats of its last row, dropped after): BLAS picks kernels and summation order by
+        matrix shape, so a PCA or a dense head would otherwise give a row a few ulps more or
+        less depending on how many rows came with it. With one shape, a row of a new test set
+        gets the very numbers it got in training."""
+        n, parts = len(inp.ids), []
+        for start in range(0, n, PREDICT_ROWS):
+            rows = np.arange(start, min(start + PREDICT_ROWS, n))
+            padded = np.concatenate([rows, np.full(PREDICT_ROWS - len(rows), rows[-1])])
+            p = self.head_.predict_proba(self.features(inp.take(padded)))
+            parts.append(np.asarray(p, dtype=np.float32)[: len(rows)])
+        out = np.concatenate(parts) if parts else np.zeros((0, self.n_labels_), np.float32)
+        return np.clip(out, 0.0, 1.0)
 
 
 # Types a member file may hold beyond skops' defaults; anything else is refused at load.

@@ -15,7 +15,8 @@ import pytest
 from mmfold import fileio
 from mmfold.config import load_config
 from mmfold.data.competition import load_competition
-from mmfold.artifacts.manifest import data_fingerprints, testset_key
+from mmfold.artifacts import manifest
+from mmfold.artifacts.manifest import data_fingerprints
 
 from mmfold import cli, paths
 from mmfold.artifacts import predictions, studies
@@ -414,7 +415,7 @@ def tiny_blend_project(project: Path, n_train: int = 90, n_test: int = 20) -> tu
     comp = load_competition(load_config("tiny").data)
     for m in ("good", "weak"):  # the manifest `collect` writes: hashes of the inputs
         fileio.write_json(paths.oof_meta_file("tiny", m), {"hashes": {**data_fingerprints(comp),
-                                                                       "test": testset_key(comp)}})
+                                                                       "test": manifest.testset_key(comp)}})
     return test["ImageID"].tolist(), folds
 
 

@@ -12,6 +12,8 @@ else, naming the types, and never unpickles. Objects that hold something skops c
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -25,16 +27,42 @@ LIGHTGBM_TYPES = ("lightgbm.sklearn.LGBMClassifier", "lightgbm.basic.Booster",
                   "lightgbm.sklearn._LGBMLabelEncoder", "collections.OrderedDict")
 
 
+# scikit-learn's vendored array-API shim for torch: importing it imports torch.
+_TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
+
+
+def _skops_io() -> types.ModuleType:
+    """``skops.io``, imported without importing torch.
+
+    skops builds its trusted-type list with scikit-learn's ``all_estimators``, which imports
+    every scikit-learn module, the torch array-API shim included, and that imports torch: a
+    second or two and hundreds of modules in a blend that never touches a tensor. While skops
+    is imported (only then, and only when torch is not loaded already) the shim is an empty
+    module: it defines no estimator, so the trusted list is the same.
+    """
+    if "skops.io" in sys.modules or "torch" in sys.modules or _TORCH_SHIM in sys.modules:
+        import skops.io
+
+        return skops.io
+    stub = sys.modules[_TORCH_SHIM] = types.ModuleType(_TORCH_SHIM)
+    try:
+        import skops.io
+    finally:
+        if sys.modules.get(_TORCH_SHIM) is stub:
+            del sys.modules[_TORCH_SHIM]
+    return skops.io
+
+
 def save(obj: Any, path: Path) -> Path:
     """Write ``obj`` as a skops file, atomically (a kill mid-write keeps the old file)."""
-    import skops.io as sio
+    sio = _skops_io()
 
     return fileio.atomic_write(Path(path), lambda tmp: sio.dump(obj, tmp))
 
 
 def untrusted_types(path: Path, trusted: Collection[str]) -> list[str]:
     """The types a skops file needs beyond skops' defaults and ``trusted``."""
-    import skops.io as sio
+    sio = _skops_io()
 
     return sorted(set(sio.get_untrusted_types(file=path)) - set(trusted))
 
@@ -50,7 +78,7 @@ def load(path: Path, trusted: Collection[str], what: str) -> Any:
     Raises:
         UserError: the file is missing, or asks for a type nobody trusted (named).
     """
-    import skops.io as sio
+    sio = _skops_io()
 
     path = Path(path)
     if not path.exists():

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from mmfold import fileio, paths
@@ -90,32 +89,30 @@ def reversed_test(comp_test_csv: Path, out: Path) -> Path:
 
 
 def cli(*argv: str) -> float:
-    """Seconds one in-process ``mmfold`` command took; a failure stops the benchmark."""
-    from mmfold.cli import main
-
+    """Seconds one ``mmfold`` command took in its own process in the current project, as a
+    user runs it (interpreter start and imports included); a failure stops the benchmark."""
     start = time.perf_counter()
-    if main(list(argv)) != 0:
-        raise SystemExit(f"bench-predict: `mmfold {' '.join(argv)}` failed")
+    r = subprocess.run([sys.executable, "-m", "mmfold", *argv], cwd=paths.root(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench-predict: `mmfold {' '.join(argv)}` failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
-def same_as_training(data: str, model: str, original: pd.DataFrame) -> float:
-    """Largest |difference| between the new test set's collected probabilities and the
-    training run's, row by row by id (0.0: the very same numbers)."""
-    new = pd.read_parquet(paths.test_pred_file(data, model)).set_index("id")
-    return float(np.abs(new.loc[original.index].to_numpy() - original.to_numpy()).max())
+def bench_models(data: str, models: list[str], test: Path, ids: list[str], classes: list[str],
+                 n_folds: int) -> list[dict[str, Any]]:
+    """Predict the new test set model by model (forced: a previous run's files don't count),
+    and compare every row with the training run's probabilities for that id."""
+    from mmfold.artifacts.predictions import read_test
 
-
-def bench_models(data: str, models: list[str], test: Path, n_folds: int) -> list[dict[str, Any]]:
-    """Predict the new test set model by model (forced: a previous run's files don't count)."""
     rows = []
     for m in models:
-        original = pd.read_parquet(paths.test_pred_file(data, m)).set_index("id")
+        before = read_test(data, m, ids, classes)  # the collected test set training wrote
         seconds = cli("predict", "--data", data, "--model", m, "--test", str(test), "--force")
+        after = read_test(data, m, ids, classes)  # now the new test set's, same ids reversed
         cost = fold_cost(data, m, list(range(n_folds)))
         rows.append({"model": m, "predict_s": round(seconds, 1), "retrain_s": cost["train_s"],
                      "retrain_over_predict": round(cost["train_s"] / max(seconds, 1e-9), 1),
-                     "max_abs_diff_vs_training": same_as_training(data, m, original)})
+                     "max_abs_diff_vs_training": float(np.abs(after - before).max())})
     return rows
 
 
@@ -155,7 +152,7 @@ def benchmark(data: str, models: list[str] | None, trials: int) -> dict[str, Any
     with project(root):
         blend_s = cli("blend", "--data", data, "--models", *models, "--name", "bench", f"blend.n_trials={trials}")
         test = reversed_test(test_csv, root / "new_test.csv")
-        rows = bench_models(data, models, test, n_folds)
+        rows = bench_models(data, models, test, comp.ids("test"), comp.classes, n_folds)
         from_s = cli("blend", "--data", data, "--from", "bench", "--test", str(test), "--name", "bench_new")
         bundle = bench_bundle(data, test, images, root)
     predict_s, retrain_s = sum(r["predict_s"] for r in rows), sum(r["retrain_s"] for r in rows)

@@ -54,6 +54,9 @@ class Encoder:
     encode: Callable[[list[Any]], np.ndarray] | None = None
 
 
+# 2: canonical batches (a row's embedding is independent of its batch), images keyed by size
+# and mtime. Part of every cache key: embeddings of an older scheme are never mixed in.
+ENCODE_VERSION = 2
 ENCODE_MAX_THREADS = 4  # torch threads for a frozen encoder's forward pass: more rarely helps
 
 
@@ -62,12 +65,11 @@ def _threads() -> int:
     return min(ENCODE_MAX_THREADS, available_cores())
 
 
-def _batches(items: list[Any], size: int, desc: str) -> Iterator[list[Any]]:
-    """Fixed-size batches with a tqdm progress bar."""
+def _progress(batches: list[np.ndarray], desc: str) -> Iterator[np.ndarray]:
+    """The batches with a tqdm progress bar."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", leave=False):
-        yield items[start : start + size]
+    yield from tqdm(batches, desc=desc, unit="batch", leave=False)
 
 
 # --------------------------------------------------------------------------------- weights
@@ -122,18 +124,26 @@ def minilm(max_len: int = 64, batch_size: int = 128) -> Encoder:
 
 
 def _encode_minilm(path: Path, texts: list[str], max_len: int, batch_size: int) -> np.ndarray:
-    """Run MiniLM over captions in length-sorted batches (less padding = faster)."""
+    """Run MiniLM over captions in canonical batches (:mod:`mmfold.train.canonical`): each
+    caption padded to its own length rounded up to 8 tokens, batches of one padded length and
+    always ``batch_size`` rows. Little padding (fast), and a caption's embedding never depends
+    on which captions were encoded with it, so a new test set's rows match training's."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from mmfold.train.canonical import canonical_batches, is_filler, padded_length
+
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=max_len)["input_ids"]])
+    padded = padded_length(lengths, max_len)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for idx in _batches(list(order), batch_size, "minilm"):
-            batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            out[idx] = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).numpy()
+        for idx in _progress(canonical_batches(len(texts), batch_size, lengths, max_len), "minilm"):
+            batch = tok([texts[i] for i in idx], padding="max_length", truncation=True,
+                        max_length=int(padded[idx[0]]), return_tensors="pt")
+            keep = ~is_filler(idx)
+            out[idx[keep]] = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).numpy()[keep]
     return out
 
 
@@ -183,18 +193,23 @@ def _effnet_data_config() -> dict[str, Any]:
 
 
 def _encode_effnet(weights: Path, files: list[Path], settings: dict[str, Any], batch_size: int) -> np.ndarray:
-    """Decode, resize, normalise and embed images in batches (channels-last is faster on CPU)."""
+    """Decode, resize, normalise and embed images in canonical batches (always ``batch_size``
+    images, the last batch filled with repeats): an image's embedding never depends on the
+    others. Channels-last is faster on CPU."""
     import torch
+
+    from mmfold.train.canonical import canonical_batches, is_filler
 
     model = _effnet_model(weights).to(memory_format=torch.channels_last)
     mean = torch.tensor(settings["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(settings["std"]).view(1, 3, 1, 1)
     out = np.zeros((len(files), model.num_features), dtype=np.float32)
     with torch.inference_mode():
-        for start, chunk in enumerate(_batches(files, batch_size, "effnet_lite0")):
-            pixels = torch.from_numpy(np.stack([load_rgb(f, settings["image_size"]) for f in chunk]))
+        for idx in _progress(canonical_batches(len(files), batch_size), "effnet_lite0"):
+            pixels = torch.from_numpy(np.stack([load_rgb(files[i], settings["image_size"]) for i in idx]))
             x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-            out[start * batch_size : start * batch_size + len(chunk)] = model(x.contiguous(memory_format=torch.channels_last)).numpy()
+            keep = ~is_filler(idx)
+            out[idx[keep]] = model(x.contiguous(memory_format=torch.channels_last)).numpy()[keep]
     return out
 
 
@@ -228,9 +243,8 @@ def _inputs(comp: Competition, split: str, enc: Encoder) -> list[Any]:
 
 def cache_file(comp: Competition, split: str, enc: Encoder) -> Path:
     """``cache/<data>/emb_<encoder>_<split>_<hash>.npy`` for this exact input and encoder."""
-    items = [str(x) for x in _inputs(comp, split, enc)]
-    key = stable_hash({"ids": comp.ids(split), "inputs": items, "settings": enc.settings,
-                       "weights": _weights_key(enc.weights)})
+    key = stable_hash({"ids": comp.ids(split), "inputs": row_keys(_inputs(comp, split, enc), enc),
+                       "settings": enc.settings, "weights": _weights_key(enc.weights), "version": ENCODE_VERSION})
     return paths.cache_dir(comp.cfg.name) / f"emb_{enc.name}_{split}_{key}.npy"
 
 
@@ -249,8 +263,6 @@ def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.nd
     enc = build_encoder(encoder, **settings)
     path = cache_file(comp, split, enc)
     if path.exists():
-        if not _index_file(path).exists():  # written before caches kept a row index
-            fileio.write_json(_index_file(path), {"family": _family(enc), "rows": row_keys(_inputs(comp, split, enc), enc)})
         return np.load(path)
     # Parallel fold jobs (train --jobs N) all miss the cache at once: one computes, the others
     # wait for its file instead of running the same forward pass N times.
@@ -298,7 +310,8 @@ def row_keys(items: list[Any], enc: Encoder) -> list[str]:
 
 def _family(enc: Encoder) -> str:
     """Encoders whose embeddings of the same input are identical: name, settings, weights."""
-    return stable_hash({"name": enc.name, "settings": enc.settings, "weights": _weights_key(enc.weights)})
+    return stable_hash({"name": enc.name, "settings": enc.settings, "weights": _weights_key(enc.weights),
+                        "version": ENCODE_VERSION})
 
 
 def _index_file(cache: Path) -> Path:

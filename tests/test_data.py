@@ -87,6 +87,13 @@ def test_duplicate_ids_named(tiny: Path) -> None:
         load_competition(_cfg())
 
 
+def test_a_test_file_with_a_header_only_is_refused(tiny: Path) -> None:
+    """An empty test set is an error naming the file, not a crash in predict or the bundle."""
+    (tiny / "test.csv").write_text("ImageID,Caption\n")
+    with pytest.raises(DataError, match=r"test.csv: no rows below the header"):
+        load_competition(_cfg())
+
+
 def test_empty_labels_error_or_policy(tiny: Path) -> None:
     lines = (tiny / "train.csv").read_text().splitlines()
     lines[3] = "2.jpg,,no labels here"

@@ -1,8 +1,8 @@
 """``mmfold bench-predict``: what a new test set costs without retraining, and the offline bundle.
 
 On a dataset whose members are trained and collected (``make train DATA=comp5329``), in a
-scratch project under ``cache/bench-predict/`` that links the trained run dirs (so the user's
-submissions, log and collected files are never touched):
+scratch project in a temporary folder that links the trained folds' files read-only (so
+nothing of the user's project is written: no submission, log row, collected or fold file):
 
 1. blend the members and log the blend (the submission a user would make);
 2. write a *new* test set: the data's test rows in reverse order (another file, another key);
@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,12 +53,12 @@ def project(root: Path) -> Iterator[Path]:
             os.environ["MMFOLD_HOME"] = old_home
 
 
-def scratch_project(data: str, models: list[str]) -> Path:
-    """A fresh project beside nothing of the user's: configs (the data config's paths made
-    absolute), folds and collected files copied; run dirs, weights and caches linked."""
+def scratch_project(data: str, models: list[str], root: Path) -> Path:
+    """A project at ``root`` that shares nothing writable with the user's: configs (the data
+    config's paths made absolute), folds and collected files copied; each fold's files and
+    ``weights/`` linked read-only (new files land in ``root``); an empty cache, so the new
+    test set is embedded and tokenized from scratch as a truly new one would be."""
     src = paths.root()
-    root = src / "cache" / "bench-predict"
-    shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(src / "configs", root / "configs")
     data_yaml = root / "configs" / "data" / f"{data}.yaml"
     doc = yaml.safe_load(data_yaml.read_text())
@@ -67,15 +68,17 @@ def scratch_project(data: str, models: list[str]) -> Path:
     for f in (src / "folds").glob(f"{data}.*"):
         shutil.copy2(f, root / "folds" / f.name)
     (root / "oof" / data).mkdir(parents=True)
-    (root / "runs" / data).mkdir(parents=True)
     for m in models:
         for f in paths.oof_dir(data).glob(f"{m}.*"):
             shutil.copy2(f, root / "oof" / data / f.name)
-        (root / "runs" / data / m).symlink_to(paths.run_dir(data, m, 0).parent.resolve())
-    for link in ("weights", f"cache/{data}"):
-        if (src / link).exists():
-            (root / link).parent.mkdir(parents=True, exist_ok=True)
-            (root / link).symlink_to((src / link).resolve())
+        for fold in sorted(paths.run_dir(data, m, 0).parent.glob("fold*")):
+            if fold.is_dir() and fold.name[len("fold"):].isdigit():
+                (root / "runs" / data / m / fold.name).mkdir(parents=True)
+                for f in fold.iterdir():
+                    if f.is_file() and not f.name.startswith(("test-", ".")):
+                        (root / "runs" / data / m / fold.name / f.name).symlink_to(f.resolve())
+    if (src / "weights").exists():
+        (root / "weights").symlink_to((src / "weights").resolve())
     return root
 
 
@@ -148,8 +151,8 @@ def benchmark(data: str, models: list[str] | None, trials: int) -> dict[str, Any
     n_folds = int(load_folds(comp).max()) + 1
     test_csv = paths.resolve(Path(comp.cfg.root) / comp.cfg.test_csv).resolve()
     images = paths.resolve(Path(comp.cfg.root) / comp.cfg.image_dir).resolve() if comp.cfg.image_dir else None
-    root = scratch_project(data, models)
-    with project(root):
+    with tempfile.TemporaryDirectory(prefix="mmfold-bench-predict-") as tmp, project(
+            scratch_project(data, models, Path(tmp))) as root:
         blend_s = cli("blend", "--data", data, "--models", *models, "--name", "bench", f"blend.n_trials={trials}")
         test = reversed_test(test_csv, root / "new_test.csv")
         rows = bench_models(data, models, test, comp.ids("test"), comp.classes, n_folds)

@@ -309,6 +309,8 @@ def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     if overflow:
         _check_overflow(cfg, df, overflow, path)
         _warn_overflow(path, df, overflow)
+    if df.empty:  # a header alone: nothing to learn from or to submit, say so before any stage runs
+        raise DataError(f"{path}: no rows below the header")
     out = pd.DataFrame({"id": df[cfg.id_col].str.strip()})
     out["caption"] = df[cfg.caption_col].str.strip() if cfg.caption_col else ""
     if cfg.label_col in df.columns:

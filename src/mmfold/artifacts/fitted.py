@@ -60,15 +60,15 @@ def save(obj: Any, path: Path) -> Path:
     return fileio.atomic_write(Path(path), lambda tmp: sio.dump(obj, tmp))
 
 
-def untrusted_types(path: Path, trusted: Collection[str]) -> list[str]:
-    """The types a skops file needs beyond skops' defaults and ``trusted``."""
-    sio = _skops_io()
-
-    return sorted(set(sio.get_untrusted_types(file=path)) - set(trusted))
+def untrusted_types(data: bytes, trusted: Collection[str]) -> list[str]:
+    """The types a skops file's bytes need beyond skops' defaults and ``trusted``."""
+    return sorted(set(_skops_io().get_untrusted_types(data=data)) - set(trusted))
 
 
 def load(path: Path, trusted: Collection[str], what: str) -> Any:
     """Load a skops file whose every type is trusted.
+
+    The bytes are read once, so the file that was checked is the file that is loaded.
 
     Args:
         path: The file.
@@ -78,13 +78,12 @@ def load(path: Path, trusted: Collection[str], what: str) -> Any:
     Raises:
         UserError: the file is missing, or asks for a type nobody trusted (named).
     """
-    sio = _skops_io()
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what}: {path} not found")
-    extra = untrusted_types(path, trusted)
+    data = path.read_bytes()
+    extra = untrusted_types(data, trusted)
     if extra:
         raise UserError(f"{what}: {path} asks to load types mmfold does not trust: {extra}; it was not "
                         "written by this version of mmfold, or was tampered with (nothing was loaded)")
-    return sio.load(path, trusted=list(sio.get_untrusted_types(file=path)))
+    return _skops_io().loads(data, trusted=sorted(trusted))

@@ -130,8 +130,8 @@ def trusted_types() -> list[str]:
 
     ours = [f"{c.__module__}.{c.__qualname__}" for c in (MemberModel, PerLabel, TorchMLP, KNNHead)]
     sklearn_private = ["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-                       "sklearn.feature_extraction.text._VectorizerMixin"]
-    return [*ours, *BLOCKS, *LIGHTGBM_TYPES, *sklearn_private, "builtins.type", "numpy.dtype"]
+]
+    return [*ours, *BLOCKS, *LIGHTGBM_TYPES, *sklearn_private]
 
 
 # ----------------------------------------------------------------------------- members

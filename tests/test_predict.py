@@ -156,7 +156,12 @@ def test_predict_resubmit_and_export_on_the_demo(project: Path, demo_template: P
 
     assert main(["blend", "--name", "stale", "--test", str(test2)]) == 2  # members predicted another test set
     assert "make predict" in capsys.readouterr().err
+    ghost = paths.oof_file("demo", "ghost")  # a collected old experiment whose folds are gone
+    ghost.write_bytes(paths.oof_file("demo", "tfidf_lr").read_bytes())
     assert main(["predict", "--test", str(test2)]) == 0
+    assert "skipped ghost" in capsys.readouterr().err  # by default: skipped, the rest predicted
+    assert main(["predict", "--test", str(test2), "--model", "ghost"]) == 2  # named: refused
+    ghost.unlink()
     assert _train_side(project) == trained  # OOF, done.json, checkpoints: untouched
     for m in DEMO_MODELS:
         for k in range(5):

@@ -15,6 +15,7 @@ config) is refused exactly as ``collect`` refuses it: that needs retraining.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,28 @@ def models_to_predict(cfg: Config, requested: str | None) -> list[str]:
     return names
 
 
+def predictable(base: Config, comp: Competition, names: list[str], n_folds: int,
+                strict: bool) -> list[tuple[Config, list[dict]]]:
+    """Each model's trained config and folds, all checked before anything is predicted.
+
+    Named models (``--model``) must all be predictable. By default (every collected model) one
+    that cannot be (unfinished folds, a train side or YAML changed since) is skipped with its
+    reason on stderr, so an old experiment does not block the models a blend uses; a blend
+    that needs it refuses later, naming it.
+    """
+    jobs = []
+    for name in names:
+        try:
+            jobs.append(trained_config(base, comp, name, n_folds))
+        except UserError as e:
+            if strict:
+                raise
+            print(f"predict: skipped {name}: {e}", file=sys.stderr)
+    if not jobs:
+        raise UserError(f"none of {names} can be predicted (reasons above)")
+    return jobs
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmfold predict`` options."""
     p.add_argument("--model", help="model name(s), comma-separated (default: every collected model, "
@@ -126,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if comp.test is None:
         raise UserError(f"data '{comp.cfg.name}' has no test set (data.test_csv); nothing to predict")
     n_folds = int(load_folds(comp).max()) + 1
-    jobs = [trained_config(base, comp, name, n_folds) for name in models_to_predict(base, args.model)]
+    jobs = predictable(base, comp, models_to_predict(base, args.model), n_folds, strict=bool(args.model))
     for cfg, infos in jobs:
         r = predict_model(cfg, comp, infos, args.force)
         what = f"folds {r['folds_predicted']} predicted" if r["folds_predicted"] else "every fold up to date"

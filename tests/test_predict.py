@@ -213,3 +213,14 @@ def test_bench_predict_on_the_demo_leaves_the_project_alone(project: Path, demo_
     assert doc["every_row_as_trained"] and doc["bundle_submission_identical"]
     assert all(r["retrain_s"] > 0 and r["predict_s"] > 0 for r in doc["models"])
     assert snapshot() == before  # not a file of the user's project written, touched or added
+
+
+def test_fingerprints_from_before_the_train_test_split_still_check_the_train_side() -> None:
+    """Old artifacts saved ``data`` = train hash + test hash: an unchanged train file is not
+    reported as changed after an upgrade, a changed one still is."""
+    from mmfold.artifacts.manifest import stale
+
+    current = {"folds": "f", "labels": "l", "train": "a" * 16}
+    assert stale({"folds": "f", "labels": "l", "data": "a" * 16 + "b" * 16}, current) == []
+    assert stale({"folds": "f", "labels": "l", "data": "c" * 16 + "b" * 16}, current) == ["train"]
+    assert stale({"folds": "f", "labels": "l"}, current) == ["train"]

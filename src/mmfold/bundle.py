@@ -12,6 +12,7 @@ submission is byte-identical to the one ``mmfold blend`` wrote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -92,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: {home()} is not a bundle made by `mmfold export` (no bundle.json)", file=sys.stderr)
         return 2
     os.environ["MMFOLD_HOME"] = str(home())
-    os.environ["MMFOLD_CACHE"] = str(Path(args.work or tempfile.mkdtemp(prefix="mmfold-bundle-")) / "cache")
     started = time.perf_counter()
-    try:
-        path = predict_bundle(Path(args.test), Path(args.out).absolute(), args.images, args.sample)
-    except UserError as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
+    # caches (token states, embeddings, image memmaps: gigabytes on a large test set) live in
+    # --work if given (kept: a second run reuses them), else in a temporary folder removed after
+    with contextlib.ExitStack() as stack:
+        work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="mmfold-bundle-"))
+        os.environ["MMFOLD_CACHE"] = str(Path(work) / "cache")
+        try:
+            path = predict_bundle(Path(args.test), Path(args.out).absolute(), args.images, args.sample)
+        except UserError as e:
+            print(f"predict.py: error: {e}", file=sys.stderr)
+            return 2
     print(f"wrote {path} in {time.perf_counter() - started:.1f}s")
     return 0

@@ -66,12 +66,12 @@ def weight_files(cfg: Config) -> list[Path]:
     from mmfold.cpu.members import MEMBERS
 
     found = [v for v in _strings(cfg.model.params) if _is_weight(v)]
-    if cfg.model.kind in MEMBERS:
+    if cfg.model.kind in MEMBERS:  # the encoders its fitted state reads (it owns that list)
         from mmfold.cpu.encoders import build_encoder
+        from mmfold.cpu.members import load_member
 
-        settings = cfg.model.params.get("encoder_settings") or {}
-        names = [] if cfg.model.kind == "tfidf_linear" else cfg.model.params.get("encoders", ["minilm"])
-        found += [str(build_encoder(n, **settings.get(n, {})).weights) for n in names]
+        member = load_member(paths.run_dir(cfg.data.name, cfg.model.name, 0))
+        found += [str(build_encoder(n, **s).weights) for n, s in member.needed_encoders()]
     return sorted({paths.resolve(f).resolve() for f in found if _is_weight(f)})
 
 

@@ -217,3 +217,54 @@ def test_a_value_with_spaces_passes_through_make_when_quoted(project: Path) -> N
     unquoted = subprocess.run([*cmd[:-1], f"ARGS=data.root={spaced}", "FORCE=1"], env=env,
                               capture_output=True, text=True, timeout=120)
     assert unquoted.returncode != 0 and "needs quotes inside ARGS" in unquoted.stderr
+
+
+def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """``kill`` of ``train --jobs N`` must not leave workers running folds and holding locks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = tmp_path / "parent.py"  # a file, not -c: spawn re-imports the parent's main module
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, time
+        from mmfold.train.runner import die_with_parent
+
+        def worker():
+            die_with_parent(poll_s=0.1)
+            open({str(tmp_path / "pid")!r}, "w").write(str(multiprocessing.current_process().pid))
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            multiprocessing.get_context("spawn").Process(target=worker).start()
+            time.sleep(120)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    pid_file = tmp_path / "pid"
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent by 10 s")
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie nobody has reaped yet)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

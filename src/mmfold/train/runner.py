@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -266,14 +268,33 @@ def core_groups(jobs: int) -> list[list[int]]:
 
 
 def _pin_worker(pin: Any) -> None:
-    """Worker start: take a core group, pin to it, size torch's threads to it (the engine's
-    ``train.threads: 0`` and CPU members' thread pools then use exactly this share)."""
+    """Worker start: die with the parent, take a core group, pin to it, size torch's threads
+    to it (the engine's ``train.threads: 0`` and CPU members' thread pools then use exactly
+    this share)."""
     import torch
 
+    die_with_parent()
     group = pin.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, group)
     torch.set_num_threads(len(group))
+
+
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """End this process (SIGTERM to itself) once its parent is gone.
+
+    A pool worker whose parent was killed (``kill <pid>`` of ``mmfold train --jobs N``) would
+    otherwise run on, finishing folds nobody collects and holding their locks, so the next
+    ``make train`` refuses with "locked". A killed fold resumes from its last checkpoint.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def check_folds(folds: Sequence[int] | None, fold_of_row: np.ndarray, data: str) -> list[int]:

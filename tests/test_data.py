@@ -87,11 +87,16 @@ def test_duplicate_ids_named(tiny: Path) -> None:
         load_competition(_cfg())
 
 
-def test_a_test_file_with_a_header_only_is_refused(tiny: Path) -> None:
-    """An empty test set is an error naming the file, not a crash in predict or the bundle."""
+def test_a_test_file_with_a_header_only_is_refused_for_prediction(tiny: Path) -> None:
+    """Training may run without test rows; predicting them is an error naming the file, not a
+    crash in predict or the bundle."""
+    from mmfold.data.competition import load_test_set
+
     (tiny / "test.csv").write_text("ImageID,Caption\n")
-    with pytest.raises(DataError, match=r"test.csv: no rows below the header"):
-        load_competition(_cfg())
+    comp = load_competition(_cfg())
+    assert comp.test is not None and comp.test.empty
+    with pytest.raises(DataError, match=r"test.csv: no rows below the header: nothing to predict"):
+        load_test_set(_cfg(), comp.classes)
 
 
 def test_empty_labels_error_or_policy(tiny: Path) -> None:

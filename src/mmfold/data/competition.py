@@ -292,6 +292,8 @@ def load_test_set(cfg: DataConfig, classes: list[str]) -> Competition:
     if not path.exists():
         raise DataError(f"test file {path} not found")
     test = _load_split(cfg, path, labelled=False)
+    if test.empty:
+        raise DataError(f"{path}: no rows below the header: nothing to predict")
     train = pd.DataFrame({"id": pd.Series(dtype=str), "caption": pd.Series(dtype=str), "labels": pd.Series(dtype=object)})
     comp = Competition(cfg=cfg, train=train, test=test, classes=list(classes))
     if comp.has_images:
@@ -309,8 +311,6 @@ def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     if overflow:
         _check_overflow(cfg, df, overflow, path)
         _warn_overflow(path, df, overflow)
-    if df.empty:  # a header alone: nothing to learn from or to submit, say so before any stage runs
-        raise DataError(f"{path}: no rows below the header")
     out = pd.DataFrame({"id": df[cfg.id_col].str.strip()})
     out["caption"] = df[cfg.caption_col].str.strip() if cfg.caption_col else ""
     if cfg.label_col in df.columns:

@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + test_override(args.test)
     base = load_config(args.data, None, overrides)
     comp = load_competition(base.data)
-    if comp.test is None:
-        raise UserError(f"data '{comp.cfg.name}' has no test set (data.test_csv); nothing to predict")
+    if comp.test is None or comp.test.empty:
+        raise UserError(f"data '{comp.cfg.name}' has no test rows (data.test_csv: {comp.cfg.test_csv}); "
+                        "nothing to predict")
     n_folds = int(load_folds(comp).max()) + 1
     jobs = predictable(base, comp, models_to_predict(base, args.model), n_folds, strict=bool(args.model))
     for cfg, infos in jobs:

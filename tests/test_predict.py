@@ -186,6 +186,12 @@ def test_predict_resubmit_and_export_on_the_demo(project: Path, demo_template: P
     _run_bundle(bundle, test2, fresh / "sub2.csv")
     assert (fresh / "sub2.csv").read_bytes() == (paths.submissions_dir("demo") / "b2.csv").read_bytes()
 
+    member = paths.run_dir("demo", "tfidf_lr", 2) / "member.skops"  # a fold that cannot predict
+    member.rename(member.with_suffix(".away"))
+    assert main(["export", "--name", "b", "--out", str(project / "bundle2")]) == 2
+    assert "retrain" in capsys.readouterr().err and not (project / "bundle2").exists()  # refused up front
+    member.with_suffix(".away").rename(member)
+
     train_csv = project / "input" / "demo" / "train.csv"
     train_csv.write_text(train_csv.read_text().replace("a ", "an ", 1))
     assert main(["predict", "--test", str(test2)]) == 2

@@ -123,13 +123,28 @@ def plan(data: str, name: str) -> dict[str, Any]:
         cfg, _ = trained_config(base, comp, m, n_folds)
         dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
         for rd in dirs:
-            if not ((rd / "best.pt").exists() or (rd / "member.skops").exists()):
-                raise UserError(f"{rd} has no fitted state (best.pt or member.skops): it was trained before "
-                                f"mmfold saved it; retrain it (make train MODEL={m} FORCE=1)")
+            check_fold_state(cfg, rd)
         models[m] = {"kind": cfg.model.kind, "dirs": dirs}
         weights |= set(weight_files(cfg))
     return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
             "n_folds": n_folds}
+
+
+def check_fold_state(cfg: Config, run_dir: Path) -> None:
+    """Load a fold's fitted state as the bundle will (trusted types, tokenizer, settings), so
+    a fold that cannot predict is refused here, not in an offline notebook.
+
+    Raises:
+        UserError: the state is missing, older than this mmfold, or was trained otherwise.
+    """
+    from mmfold.cpu.members import MEMBERS, load_member
+
+    if cfg.model.kind in MEMBERS:
+        load_member(run_dir)
+    else:
+        from mmfold.train.infer import best_checkpoint
+
+        best_checkpoint(run_dir, cfg)
 
 
 def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -35,3 +35,18 @@ def test_summary_lists_sections_without_a_headline() -> None:
     """A section that reports no headline (or no target) still gets its summary row."""
     md = bench.to_markdown({"x": {"seconds": 1.0, "section_wall_s": 1.2}})
     assert "| x | – | – | – |" in md.split("## x")[0]
+
+
+def test_a_stage_printing_a_lot_to_stderr_is_measured_not_hung(tmp_path) -> None:
+    """Progress bars can exceed a pipe's buffer; ``measure`` must not wait on a full pipe."""
+    import sys
+    import threading
+
+    from mmfold.bench.scale import measure
+
+    out: list[dict] = []
+    job = threading.Thread(target=lambda: out.append(
+        measure([sys.executable, "-c", "import sys; sys.stderr.write('x' * 500_000)"], tmp_path)), daemon=True)
+    job.start()
+    job.join(timeout=60)
+    assert out and out[0]["seconds"] >= 0

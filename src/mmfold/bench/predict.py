@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import yaml
 
 from mmfold import fileio, paths
 from mmfold.bench.deep import fold_cost, machine
+from mmfold.bench.scale import measure
 
 
 @contextlib.contextmanager
@@ -94,11 +93,7 @@ def reversed_test(comp_test_csv: Path, out: Path) -> Path:
 def cli(*argv: str) -> float:
     """Seconds one ``mmfold`` command took in its own process in the current project, as a
     user runs it (interpreter start and imports included); a failure stops the benchmark."""
-    start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mmfold", *argv], cwd=paths.root(), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench-predict: `mmfold {' '.join(argv)}` failed:\n{r.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return measure([sys.executable, "-m", "mmfold", *argv], paths.root())["seconds"]
 
 
 def bench_models(data: str, models: list[str], test: Path, ids: list[str], classes: list[str],
@@ -123,15 +118,9 @@ def bench_bundle(data: str, test: Path, images: Path | None, root: Path) -> dict
     """Export the logged blend, run its ``predict.py`` in a fresh process on ``test``."""
     export_s = cli("export", "--data", data, "--name", "bench", "--out", str(root / "bundle"))
     size = sum(f.stat().st_size for f in (root / "bundle").rglob("*") if f.is_file())
-    env = {k: v for k, v in os.environ.items() if k != "MMFOLD_HOME"}
-    start = time.perf_counter()
     where = ["--images", str(images)] if images else []
-    r = subprocess.run([sys.executable, str(root / "bundle" / "predict.py"), "--test", str(test), *where, "--out",
-                        str(root / "bundle_submission.csv"), "--work", str(root / "bundle_work")],
-                       cwd=root, env=env, capture_output=True, text=True)
-    run_s = time.perf_counter() - start
-    if r.returncode != 0:
-        raise SystemExit(f"bench-predict: the bundle failed:\n{r.stderr[-2000:]}")
+    run_s = measure([sys.executable, str(root / "bundle" / "predict.py"), "--test", str(test), *where, "--out",
+                     str(root / "bundle_submission.csv"), "--work", str(root / "bundle_work")], root)["seconds"]
     expected = paths.submissions_dir(data) / "bench_new.csv"
     return {"export_s": round(export_s, 1), "bundle_mb": round(size / 2**20, 1), "bundle_run_s": round(run_s, 1),
             "bundle_submission_identical": (root / "bundle_submission.csv").read_bytes() == expected.read_bytes()}

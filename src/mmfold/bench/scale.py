@@ -74,14 +74,18 @@ def write_fold_outputs(root: Path, model: str, seed: int) -> None:
 
 
 def measure(cmd: list[str], root: Path) -> dict[str, float]:
-    """Run one stage; return its wall seconds and peak RSS (GiB) from ``wait4``."""
+    """Run one stage in ``root`` as its own process; return its wall seconds and peak RSS
+    (GiB) from ``wait4``. stderr goes to a file, not a pipe: a stage printing progress bars
+    would fill a pipe nobody reads before ``wait4`` returns, and hang."""
     env = {**os.environ, "MMFOLD_HOME": str(root)}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode(errors='replace')[-2000:]}")
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 3)}
 
 

@@ -58,20 +58,19 @@ PINNED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "acceler
           "albumentations", "iterative-stratification", "optuna", "tqdm", "sentence-transformers")
 
 
-def weight_files(cfg: Config) -> list[Path]:
+def weight_files(cfg: Config, state: Any) -> list[Path]:
     """Pretrained files and folders a model reads, under the project's ``weights/``: every
     ``model.params`` value naming one (a timm ``pretrained_file``, a Hugging Face
-    ``text_model``), and the weights of the frozen encoders a CPU member embeds with. (Weights
-    read straight from an installed package come with the pinned requirements instead.)"""
+    ``text_model``), and the weights of the frozen encoders a CPU member embeds with (read
+    from ``state``, a fold's fitted member). (Weights read straight from an installed package
+    come with the pinned requirements instead.)"""
     from mmfold.cpu.members import MEMBERS
 
     found = [v for v in _strings(cfg.model.params) if _is_weight(v)]
-    if cfg.model.kind in MEMBERS:  # the encoders its fitted state reads (it owns that list)
+    if cfg.model.kind in MEMBERS:  # the encoders its fitted state (``state``) reads: it owns that list
         from mmfold.cpu.encoders import build_encoder
-        from mmfold.cpu.members import load_member
 
-        member = load_member(paths.run_dir(cfg.data.name, cfg.model.name, 0))
-        found += [str(build_encoder(n, **s).weights) for n, s in member.needed_encoders()]
+        found += [str(build_encoder(n, **s).weights) for n, s in state.needed_encoders()]
     return sorted({paths.resolve(f).resolve() for f in found if _is_weight(f)})
 
 
@@ -122,17 +121,19 @@ def plan(data: str, name: str) -> dict[str, Any]:
     for m in state.meta["models"]:
         cfg, _ = trained_config(base, comp, m, n_folds)
         dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
-        for rd in dirs:
+        first = check_fold_state(cfg, dirs[0])  # kept for its encoders; the others checked and dropped
+        for rd in dirs[1:]:
             check_fold_state(cfg, rd)
         models[m] = {"kind": cfg.model.kind, "dirs": dirs}
-        weights |= set(weight_files(cfg))
+        weights |= set(weight_files(cfg, first))
     return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
             "n_folds": n_folds}
 
 
-def check_fold_state(cfg: Config, run_dir: Path) -> None:
-    """Load a fold's fitted state as the bundle will (trusted types, tokenizer, settings), so
-    a fold that cannot predict is refused here, not in an offline notebook.
+def check_fold_state(cfg: Config, run_dir: Path) -> Any:
+    """A fold's fitted state (a CPU member's model, or the torch checkpoint), loaded as the
+    bundle will load it (trusted types, tokenizer, settings), so a fold that cannot predict
+    is refused here, not in an offline notebook.
 
     Raises:
         UserError: the state is missing, older than this mmfold, or was trained otherwise.
@@ -140,11 +141,10 @@ def check_fold_state(cfg: Config, run_dir: Path) -> None:
     from mmfold.cpu.members import MEMBERS, load_member
 
     if cfg.model.kind in MEMBERS:
-        load_member(run_dir)
-    else:
-        from mmfold.train.infer import best_checkpoint
+        return load_member(run_dir)
+    from mmfold.train.infer import best_checkpoint
 
-        best_checkpoint(run_dir, cfg)
+    return best_checkpoint(run_dir, cfg)
 
 
 def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -134,11 +134,22 @@ class SvdBlock(BaseEstimator, TransformerMixin):
 
     def fit(self, inp: MemberInput, y: Any = None) -> SvdBlock:
         """Fit the TF-IDF, then the SVD on its training rows."""
+        self._fit(inp)
+        return self
+
+    def fit_transform(self, inp: MemberInput, y: Any = None) -> np.ndarray:
+        """Fit, and the fitted rows' components from the TF-IDF matrix the SVD was fitted on
+        (the costly char n-gram pass runs once, not twice)."""
+        X = self._fit(inp)
+        return self.svd_.transform(X)
+
+    def _fit(self, inp: MemberInput) -> Any:
+        """Fit both steps; return the fitted rows' TF-IDF matrix."""
         self.tfidf_ = TfidfBlock(self.opts).fit(inp)
         X = self.tfidf_.transform(inp)
         self.svd_ = TruncatedSVD(n_components=min(int(self.dim), X.shape[1] - 1), random_state=42).fit(X)
         self.info_ = {**self.tfidf_.info_, "svd_dim": int(self.svd_.n_components)}
-        return self
+        return X
 
     def transform(self, inp: MemberInput) -> np.ndarray:
         """Dense SVD components."""

@@ -88,8 +88,8 @@ class MemberModel(BaseEstimator, ClassifierMixin):
 
     def fit(self, inp: MemberInput, Y: np.ndarray) -> MemberModel:
         """Fit the blocks on ``inp``, then the head on their features and 0/1 ``Y``."""
-        self.blocks_ = [clone(b).fit(inp) for b in self.blocks or []]
-        X = self.features(inp)
+        self.blocks_ = [clone(b) for b in self.blocks or []]
+        X = _side_by_side([b.fit_transform(inp) for b in self.blocks_])
         start = time.perf_counter()
         self.head_ = clone(self.head).fit(X, Y)
         self.n_labels_ = int(np.shape(Y)[1])
@@ -99,10 +99,7 @@ class MemberModel(BaseEstimator, ClassifierMixin):
 
     def features(self, inp: MemberInput) -> Any:
         """The head's input for the rows of ``inp``."""
-        parts = [b.transform(inp) for b in self.blocks_]
-        if any(sp.issparse(p) for p in parts):
-            return parts[0] if len(parts) == 1 else sp.hstack([sp.csr_matrix(p) for p in parts], format="csr")
-        return parts[0] if len(parts) == 1 else np.hstack(parts)
+        return _side_by_side([b.transform(inp) for b in self.blocks_])
 
     def predict_proba(self, inp: MemberInput) -> np.ndarray:
         """``(n, L)`` float32 probabilities in [0, 1] (clipped against solver round-off).
@@ -122,15 +119,23 @@ class MemberModel(BaseEstimator, ClassifierMixin):
         return np.clip(out, 0.0, 1.0)
 
 
-# Types a member file may hold beyond skops' defaults; anything else is refused at load.
+def _side_by_side(parts: list[Any]) -> Any:
+    """Blocks' features as one matrix: CSR if any block is sparse (dense blocks first)."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(sp.issparse(p) for p in parts):
+        return sp.hstack([sp.csr_matrix(p) for p in parts], format="csr")
+    return np.hstack(parts)
+
+
 def trusted_types() -> list[str]:
-    """Fully qualified names of every type a fitted member may contain."""
+    """Fully qualified names of every type a fitted member may contain beyond skops'
+    defaults; a member file asking for anything else is refused at load."""
     from mmfold.artifacts.fitted import LIGHTGBM_TYPES
     from mmfold.cpu.features import TRUSTED_TYPES as BLOCKS
 
     ours = [f"{c.__module__}.{c.__qualname__}" for c in (MemberModel, PerLabel, TorchMLP, KNNHead)]
-    sklearn_private = ["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-]
+    sklearn_private = ["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"]
     return [*ours, *BLOCKS, *LIGHTGBM_TYPES, *sklearn_private]
 
 

@@ -120,6 +120,10 @@ class BlendConfig:
     min_labels: int = 1
     max_labels: int | None = None
     top_k: int | None = None
+    # how probabilities become label sets: ``thresholds`` (per label) or ``expected_f1`` (per
+    # row, after a per-label ``calibration``: platt, isotonic or none); mmfold.ensemble.decoders
+    decoder: str = "thresholds"
+    calibration: str = "platt"
     cooccurrence: bool = False
     seed: int = 42
     models: list[str] = field(default_factory=list)

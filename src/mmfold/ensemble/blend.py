@@ -30,6 +30,7 @@ from mmfold.config import Config, load_config, test_override
 from mmfold.ensemble import submission
 from mmfold.ensemble.nested import BlendFit, fit_blend
 from mmfold.ensemble.progress import Progress
+from mmfold.ensemble.thresholds import ThresholdOptimizer
 from mmfold.ensemble.state import BlendState, check_members, load_state, member_fingerprints, save_state
 from mmfold.errors import UserError
 from mmfold.metrics import all_metrics, per_label_f1
@@ -185,9 +186,28 @@ def write_oof(path: Path, fit: BlendFit, oofs: OOFSet) -> Path:
 def thresholds_hash(fit: BlendFit) -> str:
     """Short hash of the submission's decision rule: thresholds and post-rules."""
     t = fit.thresholds
-    h = hashlib.sha256(np.ascontiguousarray(t.thresholds_, np.float64).tobytes())
-    h.update(repr((t.metric, t.min_labels, t.max_labels, t.top_k)).encode())
+    if isinstance(t, ThresholdOptimizer):  # the historical hash: logged rows stay comparable
+        h = hashlib.sha256(np.ascontiguousarray(t.thresholds_, np.float64).tobytes())
+        h.update(repr((t.metric, t.min_labels, t.max_labels, t.top_k)).encode())
+        return h.hexdigest()[:12]
+    h = hashlib.sha256(type(t).__name__.encode())
+    _hash_state(h, t)
     return h.hexdigest()[:12]
+
+
+def _hash_state(h: Any, obj: Any) -> None:
+    """Feed an estimator's parameters and fitted arrays (recursively) into hash ``h``."""
+    if isinstance(obj, np.ndarray):
+        h.update(np.ascontiguousarray(obj, np.float64).tobytes())
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _hash_state(h, item)
+    elif hasattr(obj, "__dict__"):
+        for key in sorted(vars(obj)):
+            h.update(key.encode())
+            _hash_state(h, vars(obj)[key])
+    else:
+        h.update(repr(obj).encode())
 
 
 def _relative(path: Path) -> str:
@@ -213,10 +233,22 @@ def log_row(name: str, cfg: Config, fit: BlendFit, commit: str) -> dict[str, Any
         "best_single_cv": f"{single.mean:.6f}", "commit": commit, "lb": "",
         "transform": b.transform, "n_trials": b.n_trials, "seed": b.seed,
         "cooccurrence": b.cooccurrence, "min_labels": b.min_labels, "max_labels": b.max_labels,
-        "top_k": b.top_k, "exponents": exponents, "thresholds": thresholds_hash(fit),
+        "top_k": b.top_k, "decoder": b.decoder, "calibration": _calibration(b),
+        "exponents": exponents, "thresholds": thresholds_hash(fit),
         "thresholds_file": _relative(report_base(cfg.data.name, name).with_suffix(".json")),
         "note": fit.note,
     }
+
+
+def _calibration(b: Any) -> str | None:
+    """The calibration setting where the decoder uses one (``None`` for thresholds)."""
+    return None if b.decoder == "thresholds" else b.calibration
+
+
+def _per_label_thresholds(decoder: Any, n_labels: int) -> list[float | None]:
+    """Each label's threshold, or ``None`` for a decoder that decides per row."""
+    thr = getattr(decoder, "thresholds_", None)
+    return [None] * n_labels if thr is None else list(thr)
 
 
 def build_report(name: str, cfg: Config, fit: BlendFit, oofs: OOFSet,
@@ -237,10 +269,14 @@ def build_report(name: str, cfg: Config, fit: BlendFit, oofs: OOFSet,
         "weights": {m: float(w) for m, w in zip(fit.models, b.weights_)},
         "post_rules": {"min_labels": cfg.blend.min_labels, "max_labels": cfg.blend.max_labels,
                        "top_k": cfg.blend.top_k},
-        "global_threshold": thr.global_threshold_, "thresholds_hash": thresholds_hash(fit),
+        "decoder": cfg.blend.decoder, "calibration": _calibration(cfg.blend),
+        "global_threshold": getattr(thr, "global_threshold_", None),
+        "thresholds_hash": thresholds_hash(fit),
         "note": fit.note, "oof": _relative(predictions.blend_oof_file(cfg.data.name, name)),
-        "per_label": {c: {"threshold": float(t), "f1": float(f), "support": int(s)}
-                      for c, t, f, s in zip(oofs.classes, thr.thresholds_, f1, y.sum(0))},
+        "per_label": {c: {"threshold": None if t is None else float(t), "f1": float(f),
+                          "support": int(s)}
+                      for c, t, f, s in zip(oofs.classes, _per_label_thresholds(thr, len(f1)), f1,
+                                            y.sum(0))},
         "honest_metrics": all_metrics(y, fit.honest.pred),
         "submission": None,
     }

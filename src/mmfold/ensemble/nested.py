@@ -7,7 +7,6 @@ blend and for each model alone, then fits the blend on all OOF rows for the subm
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +18,8 @@ from mmfold.config import BlendConfig
 from mmfold.metrics import METRICS
 from mmfold.ensemble.blenders import Blender, SingleModel, WeightedBlender, check_stack, build_blender
 from mmfold.ensemble.progress import Progress
-from mmfold.ensemble.scoring import FoldScores, threshold_params
-from mmfold.ensemble.thresholds import ThresholdOptimizer
+from mmfold.ensemble.decoders import Decoder, build_decoder
+from mmfold.ensemble.scoring import FoldScores
 
 
 @dataclass
@@ -37,36 +36,49 @@ class NestedCV(FoldScores):
 
 
 def nested_cv(P: np.ndarray, y: np.ndarray, folds: np.ndarray,
-              make_blender: Callable[[int], Blender], make_thresholds: Callable[[], ThresholdOptimizer],
+              make_blender: Callable[[int], Blender], make_thresholds: Callable[[], Decoder],
               metric: str = "samples", progress: Progress | None = None) -> NestedCV:
     """Score a blend recipe on folds it was never fitted on.
 
     For each fold k: a new blender is fitted on the other folds' OOF (``folds`` passed along,
-    so a stacker trains out-of-fold inside them), thresholds on that blender's ``oof_``, and
-    both are applied to fold k. Fitting anything on fold k would flatter the score.
+    so a stacker trains out-of-fold inside them), the decoder (thresholds, or a calibration for
+    expected-F1 decoding) on that blender's ``oof_``, and both are applied to fold k. Fitting
+    anything on fold k would flatter the score.
 
     Args:
         P: ``(M, n, L)`` OOF probabilities.
         y: ``(n, L)`` 0/1 labels.
         folds: Fold of every row.
         make_blender: ``fold -> unfitted blender``.
-        make_thresholds: ``() -> unfitted ThresholdOptimizer``.
+        make_thresholds: ``() -> unfitted decoder`` (``blend.decoder``: thresholds, expected-F1).
         metric: A :data:`mmfold.metrics.METRICS` name to score each fold.
         progress: Prints ``nested CV fold i/K`` as each fold starts (silent when None).
     """
+    return nested_cv_decoders(P, y, folds, make_blender, {"": make_thresholds}, metric, progress)[""]
+
+
+def nested_cv_decoders(P: np.ndarray, y: np.ndarray, folds: np.ndarray,
+                       make_blender: Callable[[int], Blender],
+                       decoders: dict[str, Callable[[], Decoder]], metric: str = "samples",
+                       progress: Progress | None = None) -> dict[str, NestedCV]:
+    """:func:`nested_cv` of one blend recipe under several decoders, fitting each fold's
+    blender once: every decoder decides the same honest probabilities, so their scores differ
+    by the decoder alone (how ``mmfold levers`` compares thresholds with expected-F1)."""
     P, y, folds = check_stack(P), np.asarray(y), np.asarray(folds)
-    prob, pred = np.zeros(P.shape[1:]), np.zeros(P.shape[1:], np.uint8)
-    scores, ks = [], np.unique(folds)
+    prob = np.zeros(P.shape[1:])
+    pred = {name: np.zeros(P.shape[1:], np.uint8) for name in decoders}
+    scores: dict[str, list[float]] = {name: [] for name in decoders}
+    ks = np.unique(folds)
     for i, k in enumerate(ks):
         if progress is not None:
             progress.stage(f"nested CV fold {i + 1}/{len(ks)} (fitted on the other {len(ks) - 1})")
         tr, te = folds != k, folds == k
         blender = make_blender(int(k)).fit(P[:, tr], y[tr], folds[tr])
-        thresholds = make_thresholds().fit(blender.oof_, y[tr])
         prob[te] = blender.predict(P[:, te])
-        pred[te] = thresholds.predict(prob[te])
-        scores.append(float(METRICS[metric](y[te], pred[te])))
-    return NestedCV(scores, prob, pred)
+        for name, make in decoders.items():
+            pred[name][te] = make().fit(blender.oof_, y[tr]).predict(prob[te])
+            scores[name].append(float(METRICS[metric](y[te], pred[name][te])))
+    return {name: NestedCV(scores[name], prob, pred[name]) for name in decoders}
 
 
 @dataclass
@@ -75,7 +87,7 @@ class BlendFit:
 
     models: list[str]
     blender: Blender  # fitted on all OOF: used for the test submission
-    thresholds: ThresholdOptimizer  # fitted on all of the blender's oof_
+    thresholds: Decoder  # blend.decoder, fitted on all of the blender's oof_
     honest: NestedCV
     in_sample: float  # weights and thresholds fitted and scored on the same rows
     singles: dict[str, NestedCV] = field(default_factory=dict)
@@ -98,7 +110,9 @@ def fit_blend(oofs: OOFSet, y: np.ndarray, cfg: BlendConfig, metric: str,
     """
     P, folds = oofs.P, oofs.folds
     progress = progress or Progress()
-    make_thresholds = functools.partial(ThresholdOptimizer, **threshold_params(cfg, metric))
+    def make_thresholds() -> Decoder:
+        return build_decoder(cfg, metric)
+
 
     def make_blender(label: str) -> Blender:
         return build_blender(cfg, metric, storage, f"{study_name}-{label}", progress)

@@ -15,13 +15,7 @@ import numpy as np
 
 from mmfold.config import BlendConfig
 from mmfold.metrics import METRICS, binarize
-from mmfold.ensemble.thresholds import ThresholdOptimizer
-
-
-def threshold_params(cfg: BlendConfig, metric: str) -> dict[str, Any]:
-    """:class:`ThresholdOptimizer` arguments from ``blend.*`` and the competition metric."""
-    return {"metric": metric, "min_labels": cfg.min_labels, "max_labels": cfg.max_labels,
-            "top_k": cfg.top_k}
+from mmfold.ensemble.decoders import build_decoder, threshold_params  # noqa: F401 (re-exported)
 
 
 class FoldScores:
@@ -48,7 +42,8 @@ class HonestCV(FoldScores):
 
 def honest_cv(probs: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: BlendConfig,
               metric: str) -> HonestCV:
-    """Thresholds fitted on the other folds, applied to fold k, scored by ``metric``.
+    """The ``blend.decoder`` (thresholds by default) fitted on the other folds, applied to
+    fold k, scored by ``metric``.
 
     With a single fold there are no other folds to fit on: the fold's rows are split into two
     seeded halves and each half is decided by thresholds fitted on the other (still honest,
@@ -63,11 +58,10 @@ def honest_cv(probs: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: BlendCon
     """
     probs, y, folds = np.asarray(probs, np.float64), np.asarray(y), np.asarray(folds)
     groups = folds if len(np.unique(folds)) > 1 else _halves(len(folds), cfg.seed)
-    params = threshold_params(cfg, metric)
     pred = np.zeros(y.shape, dtype=np.uint8)
     for k in np.unique(groups):
         fit, te = groups != k, groups == k
-        pred[te] = ThresholdOptimizer(**params).fit(probs[fit], y[fit]).predict(probs[te])
+        pred[te] = build_decoder(cfg, metric).fit(probs[fit], y[fit]).predict(probs[te])
     scored = folds if len(np.unique(folds)) > 1 else np.zeros(len(folds), int)
     per_fold = [float(METRICS[metric](y[scored == k], pred[scored == k])) for k in np.unique(scored)]
     return HonestCV(per_fold, pred)

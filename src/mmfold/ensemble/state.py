@@ -26,7 +26,9 @@ TRUSTED_TYPES = (
     "mmfold.ensemble.blenders.OptunaBlender", "mmfold.ensemble.blenders.LGBMStacker",
     "mmfold.ensemble.blenders.SingleModel", "mmfold.ensemble.transforms.IdentityTransform",
     "mmfold.ensemble.transforms.PowerTransform", "mmfold.ensemble.transforms.RankTransform",
-    "mmfold.ensemble.thresholds.ThresholdOptimizer", *fitted.LIGHTGBM_TYPES,
+    "mmfold.ensemble.thresholds.ThresholdOptimizer", "mmfold.ensemble.decoders.ExpectedF1Decoder",
+    "mmfold.ensemble.calibration.PlattCalibrator", "mmfold.ensemble.calibration.IsotonicCalibrator",
+    "mmfold.ensemble.calibration.IdentityCalibrator", *fitted.LIGHTGBM_TYPES,
 )
 # fitted attributes only needed while fitting or reporting (large, or not storable)
 FIT_ONLY = ("oof_", "study_", "trajectory_", "progress")

@@ -348,6 +348,8 @@ def signature(opts: SweepOptions, space: list[Param]) -> str:
     are never compared with these."""
     cfg = load_config(opts.data, opts.model, opts.overrides)
     scoring = ["honest_cv", threshold_params(cfg.blend, cfg.data.metric), cfg.blend.seed]
+    if cfg.blend.decoder != "thresholds":  # appended only then: older studies keep their hash
+        scoring.append([cfg.blend.decoder, cfg.blend.calibration])
     return stable_hash([learned_settings(cfg.to_dict()), [vars(p) for p in space], opts.folds, opts.sampler, scoring])
 
 

@@ -1,0 +1,195 @@
+"""Decoders: how a blend's probabilities become each row's predicted label set.
+
+``blend.decoder`` names one of :data:`DECODERS`; every decoder is an sklearn-style estimator
+(``fit(P, y)`` returns self, ``predict(P)`` a 0/1 matrix, ``score_`` its in-sample metric) and
+:func:`build_decoder` is the one place ``blend.*`` turns into one, for the blend, its nested
+CV and every model's honest CV alike.
+
+- ``thresholds``: one cut-off per label (:class:`~mmfold.ensemble.thresholds.ThresholdOptimizer`),
+  what every public pipeline does; any metric.
+- ``expected_f1``: per row, the label set with the highest *expected* samples-F1 given the
+  row's calibrated marginals. Under label independence that set is the top-k labels by
+  probability for some k (Lewis 1995; Ye et al., ICML 2012), and the expected F1 of every k
+  is computed exactly from the Poisson-binomial distributions of the true-label counts inside
+  and outside the top k (:func:`expected_f1_by_k`). It adapts k per row: a confident row gets
+  one label, an ambiguous one two or three, which no fixed per-label threshold can express.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Self, runtime_checkable
+
+import numpy as np
+
+from mmfold.config import BlendConfig
+from mmfold.errors import UserError
+from mmfold.metrics import METRICS
+from mmfold.registry import Registry
+from mmfold.ensemble.calibration import CALIBRATORS
+from mmfold.ensemble.thresholds import ThresholdOptimizer, _check_xy, _top_k
+
+DECODERS = Registry("blend decoder")
+
+ROW_CHUNK = 8192  # rows decoded at once: bounds the (rows, k, count) temporaries
+COUNT_MARGIN = 10  # true labels counted outside the top k: k_max + this (the rest lumped)
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """What :mod:`mmfold.ensemble.nested` and the blend's saved state need of a decoder."""
+
+    metric: str
+    min_labels: int
+    max_labels: int | None
+    top_k: int | None
+    score_: float
+
+    def fit(self, P: np.ndarray, y: np.ndarray) -> Self: ...
+
+    def predict(self, P: np.ndarray) -> np.ndarray: ...
+
+
+def threshold_params(cfg: BlendConfig, metric: str) -> dict[str, Any]:
+    """The metric and post-rules every decoder shares (the :class:`ThresholdOptimizer`
+    arguments the blenders' objectives use too), from ``blend.*`` and the competition metric."""
+    return {"metric": metric, "min_labels": cfg.min_labels, "max_labels": cfg.max_labels,
+            "top_k": cfg.top_k}
+
+
+def build_decoder(cfg: BlendConfig, metric: str) -> Decoder:
+    """An unfitted decoder for ``blend.decoder`` (a fresh one per fit: nothing is shared)."""
+    return DECODERS.get(cfg.decoder)(cfg, metric)
+
+
+@DECODERS.register("thresholds")
+def _thresholds(cfg: BlendConfig, metric: str) -> ThresholdOptimizer:
+    return ThresholdOptimizer(**threshold_params(cfg, metric))
+
+
+@DECODERS.register("expected_f1")
+def _expected_f1(cfg: BlendConfig, metric: str) -> ExpectedF1Decoder:
+    return ExpectedF1Decoder(calibration=cfg.calibration, **threshold_params(cfg, metric))
+
+
+class ExpectedF1Decoder:
+    """Per row, the top-k label set maximising expected samples-F1 (sklearn-style).
+
+    Args:
+        metric: Must be ``samples``: the decoder maximises the expectation of that metric.
+        calibration: A :data:`~mmfold.ensemble.calibration.CALIBRATORS` name, fitted per label
+            on the rows given to :meth:`fit` (out-of-fold probabilities).
+        min_labels: Every row gets at least this many labels (k is searched from here).
+        max_labels: At most this many labels per row (k is searched up to here).
+        top_k: If set, exactly ``top_k`` labels per row (the calibrated top k).
+        k_max: Largest k searched; default: one more than the most labels any training row has.
+
+    Attributes:
+        calibrator_: The fitted calibrator.
+        k_max_: The largest label-set size considered.
+        score_: In-sample samples-F1 of :meth:`predict` on the training rows.
+    """
+
+    def __init__(self, metric: str = "samples", calibration: str = "platt", min_labels: int = 1,
+                 max_labels: int | None = None, top_k: int | None = None,
+                 k_max: int | None = None) -> None:
+        self.metric = metric
+        self.calibration = calibration
+        self.min_labels = min_labels
+        self.max_labels = max_labels
+        self.top_k = top_k
+        self.k_max = k_max
+
+    def fit(self, P: np.ndarray, y: np.ndarray) -> ExpectedF1Decoder:
+        """Calibrate per label on ``(P, y)`` and fix the range of k."""
+        P, y = _check_xy(P, y)
+        if self.metric != "samples":
+            raise UserError(f"blend.decoder=expected_f1 maximises samples-F1, but the metric is "
+                            f"{self.metric}; use blend.decoder=thresholds")
+        if self.max_labels is not None and self.max_labels < max(self.min_labels, 1):
+            raise UserError(f"max_labels={self.max_labels} is below min_labels={self.min_labels}")
+        self.calibrator_ = CALIBRATORS.get(self.calibration)().fit(P, y)
+        k_max = self.k_max or int(y.sum(1).max()) + 1
+        self.k_max_ = int(min(P.shape[1], k_max, self.max_labels or k_max))
+        self.score_ = self.score(P, y)
+        return self
+
+    def predict(self, P: np.ndarray) -> np.ndarray:
+        """0/1 matrix: each row's calibrated top k, k maximising its expected F1."""
+        P, _ = _check_xy(P)
+        q = self.calibrator_.transform(P)
+        if self.top_k:
+            return _top_k(q, self.top_k).astype(np.uint8)
+        out = np.zeros(q.shape, np.uint8)
+        k_min = min(max(self.min_labels, 1), q.shape[1])
+        for lo in range(0, len(q), ROW_CHUNK):
+            out[lo : lo + ROW_CHUNK] = _decode(q[lo : lo + ROW_CHUNK], k_min, max(self.k_max_, k_min))
+        return out
+
+    def score(self, P: np.ndarray, y: np.ndarray) -> float:
+        """Samples-F1 of :meth:`predict` against ``y``."""
+        return float(METRICS[self.metric](y, self.predict(P)))
+
+
+def _decode(q: np.ndarray, k_min: int, k_max: int) -> np.ndarray:
+    """Top-k sets of one chunk of rows, k the expected-F1 maximiser in ``[k_min, k_max]``."""
+    order = np.argsort(-q, axis=1, kind="stable")
+    qs = np.take_along_axis(q, order, axis=1)
+    f = expected_f1_by_k(qs, k_max)
+    k = k_min + np.argmax(f[:, k_min - 1 :], axis=1)  # first (smallest) k on ties
+    keep = np.arange(q.shape[1])[None, :] < k[:, None]
+    out = np.zeros(q.shape, np.uint8)
+    np.put_along_axis(out, order, keep.astype(np.uint8), axis=1)
+    return out
+
+
+def expected_f1_by_k(qs: np.ndarray, k_max: int, margin: int = COUNT_MARGIN) -> np.ndarray:
+    """``(rows, k_max)``: expected samples-F1 of predicting the top k, k = 1..k_max.
+
+    ``qs`` holds each row's probabilities sorted in decreasing order, read as independent
+    Bernoulli marginals. With ``A`` the true labels inside the top k (at most k) and ``B``
+    those outside, F1 = 2A / (k + A + B), so E[F1] = sum over (a, b) of
+    P(A=a) P(B=b) 2a / (k + a + b): two Poisson-binomial distributions, built by the usual
+    one-label-at-a-time convolution, A from the top and B from the bottom of the order. B is
+    counted exactly up to ``k_max + margin`` and the rare rest lumped into that last count,
+    which is what keeps a row O(L * (k_max + margin)) instead of O(L^2).
+    """
+    n, L = qs.shape
+    cap = min(L, k_max + margin)
+    W = [_f1_weights(k, cap) for k in range(1, k_max + 1)]
+    B_at = _suffix_counts(qs, k_max, cap)  # B_at[k]: distribution of B for the top-k set
+    A = np.zeros((n, k_max + 1))
+    A[:, 0] = 1.0
+    f = np.empty((n, k_max))
+    for k in range(1, k_max + 1):
+        p = qs[:, k - 1 : k]
+        A[:, 1:] = A[:, 1:] * (1.0 - p) + A[:, :-1] * p
+        A[:, 0] *= 1.0 - p[:, 0]
+        f[:, k - 1] = ((A[:, : k + 1] @ W[k - 1]) * B_at[k]).sum(1)
+    return f
+
+
+def _f1_weights(k: int, cap: int) -> np.ndarray:
+    """``(k + 1, cap + 1)``: F1 = 2a / (k + a + b) for a true labels in and b out of the set."""
+    a = np.arange(k + 1)[:, None]
+    b = np.arange(cap + 1)[None, :]
+    return 2.0 * a / (k + a + b)
+
+
+def _suffix_counts(qs: np.ndarray, k_max: int, cap: int) -> dict[int, np.ndarray]:
+    """Distribution of true labels among sorted positions k..L-1, for each k in 1..k_max,
+    counted 0..cap with everything above ``cap`` lumped into ``cap``."""
+    n, L = qs.shape
+    B = np.zeros((n, cap + 1))
+    B[:, 0] = 1.0
+    out: dict[int, np.ndarray] = {}
+    if L <= k_max:
+        out[L] = B.copy()
+    for pos in range(L - 1, 0, -1):  # after this step B covers positions pos..L-1
+        p = qs[:, pos : pos + 1]
+        top = B[:, cap] * p[:, 0]  # rows already at the cap stay there when the label is true
+        B[:, 1:] = B[:, 1:] * (1.0 - p) + B[:, :-1] * p
+        B[:, 0] *= 1.0 - p[:, 0]
+        B[:, cap] += top
+        if pos <= k_max:
+            out[pos] = B.copy()
+    return out

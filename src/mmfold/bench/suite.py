@@ -21,6 +21,7 @@ from mmfold import fileio, paths
 BENCH_SECTIONS: dict[str, str] = {
     "folds": "mmfold.bench.suite:bench_folds",
     "thresholds": "mmfold.bench.thresholds:benchmark",
+    "decoders": "mmfold.bench.decoders:benchmark",
     "cache": "mmfold.bench.cache:benchmark",
     "scale": "mmfold.bench.scale:benchmark",
     "deep_speed": "mmfold.bench.deep_speed:benchmark",

@@ -386,6 +386,8 @@ class LGBMStacker(Blender):
         n_estimators, learning_rate, num_leaves, min_child_samples: LightGBM settings, small so
             that one label's stacker trains in milliseconds.
         cooccurrence: Add the mean probability of every label as features.
+        all_labels: Add every model's probability of every label as features (the all-label
+            stacker of Planet's and iMet's winners; ``blend.method=lgbm_all``).
         seed: LightGBM seed.
         num_threads: LightGBM threads. 1 by default: a stacker fits on a few thousand rows
             and a handful of features, where OpenMP start-up costs more than it saves, and on
@@ -399,7 +401,7 @@ class LGBMStacker(Blender):
 
     def __init__(self, n_estimators: int = 60, learning_rate: float = 0.1, num_leaves: int = 7,
                  min_child_samples: int = 10, cooccurrence: bool = False, seed: int = 42,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, all_labels: bool = False) -> None:
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -407,6 +409,7 @@ class LGBMStacker(Blender):
         self.cooccurrence = cooccurrence
         self.seed = seed
         self.num_threads = num_threads
+        self.all_labels = all_labels
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
@@ -437,9 +440,14 @@ class LGBMStacker(Blender):
         return np.stack([_proba(m, self._x(P, j)) for j, m in enumerate(self.models_)], axis=1)
 
     def _x(self, P: np.ndarray, j: int) -> np.ndarray:
-        """Features for label j: every model's probability of j (+ mean of every label)."""
-        x = P[:, :, j].T
-        return np.hstack([x, P.mean(0)]) if self.cooccurrence else x
+        """Features for label j: every model's probability of j first (the gain shares read
+        them), then the mean of every label and/or every model's every label."""
+        parts = [P[:, :, j].T]
+        if self.cooccurrence:
+            parts.append(P.mean(0))
+        if self.all_labels:
+            parts.append(P.transpose(1, 0, 2).reshape(P.shape[1], -1))
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
 
     def _fit_label(self, P: np.ndarray, yj: np.ndarray, j: int) -> Any:
         """One label's classifier; a constant when the label never or always occurs."""
@@ -461,6 +469,20 @@ class LGBMStacker(Blender):
             if not isinstance(m, float):
                 gain += m.feature_importances_[:M]
         return gain / gain.sum() if gain.sum() > 0 else np.full(M, 1.0 / M)
+
+
+@BLENDERS.register("lgbm_all")
+class LGBMAllLabelsStacker(LGBMStacker):
+    """:class:`LGBMStacker` whose label-j classifier sees every model's probability of every
+    label, so it can learn from "model A is sure of label 3" when deciding label 7 (not only from
+    the labels' means, as ``cooccurrence`` does). Features grow to models x labels per label:
+    measured against the per-label stacker by ``mmfold levers``."""
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> LGBMAllLabelsStacker:
+        """From ``blend.*``, with every label's probabilities as features."""
+        return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed, all_labels=True)
 
 
 def _proba(model: Any, x: np.ndarray) -> np.ndarray:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Self, runtime_checkable
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from mmfold.config import BlendConfig
 from mmfold.errors import UserError
+from mmfold.machine import available_cores
 from mmfold.metrics import METRICS
 from mmfold.registry import Registry
 from mmfold.ensemble.calibration import CALIBRATORS
@@ -121,8 +124,14 @@ class ExpectedF1Decoder:
             return _top_k(q, self.top_k).astype(np.uint8)
         out = np.zeros(q.shape, np.uint8)
         k_min = min(max(self.min_labels, 1), q.shape[1])
-        for lo in range(0, len(q), ROW_CHUNK):
-            out[lo : lo + ROW_CHUNK] = _decode(q[lo : lo + ROW_CHUNK], k_min, max(self.k_max_, k_min))
+        k_max = max(self.k_max_, k_min)
+
+        def chunk(lo: int) -> None:
+            out[lo : lo + ROW_CHUNK] = _decode(q[lo : lo + ROW_CHUNK], k_min, k_max)
+
+        # chunks are independent and NumPy releases the GIL in the array updates
+        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+            list(pool.map(chunk, range(0, len(q), ROW_CHUNK)))
         return out
 
     def score(self, P: np.ndarray, y: np.ndarray) -> float:
@@ -151,21 +160,31 @@ def expected_f1_by_k(qs: np.ndarray, k_max: int, margin: int = COUNT_MARGIN) -> 
     P(A=a) P(B=b) 2a / (k + a + b): two Poisson-binomial distributions, built by the usual
     one-label-at-a-time convolution, A from the top and B from the bottom of the order. B is
     counted exactly up to ``k_max + margin`` and the rare rest lumped into that last count,
-    which is what keeps a row O(L * (k_max + margin)) instead of O(L^2).
+    which is what keeps a row O(L * (k_max + margin)) instead of O(L^2). Distributions are
+    laid out ``(count, rows)`` so every update runs over contiguous memory.
     """
     n, L = qs.shape
+    q = np.ascontiguousarray(qs.T)  # (L, n): one contiguous row per sorted position
     cap = min(L, k_max + margin)
-    W = [_f1_weights(k, cap) for k in range(1, k_max + 1)]
-    B_at = _suffix_counts(qs, k_max, cap)  # B_at[k]: distribution of B for the top-k set
-    A = np.zeros((n, k_max + 1))
-    A[:, 0] = 1.0
+    B_at = _suffix_counts(q, k_max, cap)  # B_at[k]: distribution of B for the top-k set
+    A = np.zeros((k_max + 1, n))
+    A[0] = 1.0
     f = np.empty((n, k_max))
     for k in range(1, k_max + 1):
-        p = qs[:, k - 1 : k]
-        A[:, 1:] = A[:, 1:] * (1.0 - p) + A[:, :-1] * p
-        A[:, 0] *= 1.0 - p[:, 0]
-        f[:, k - 1] = ((A[:, : k + 1] @ W[k - 1]) * B_at[k]).sum(1)
+        _add_label(A[: k + 1], q[k - 1])
+        f[:, k - 1] = np.einsum("an,an->n", _f1_weights(k, cap).T @ A[: k + 1], B_at[k])
     return f
+
+
+def _add_label(D: np.ndarray, p: np.ndarray, lump: bool = False) -> None:
+    """In place: count distribution ``D`` ``(counts, rows)`` after one more Bernoulli(p)
+    label; the last count stays put when ``lump`` (it stands for "that many or more")."""
+    d = D[:-1] - D[1:]  # new[c] = old[c] + p (old[c-1] - old[c])
+    if lump:
+        d[-1] += D[-1]
+    d *= p
+    D[1:] += d
+    D[0] -= p * D[0]
 
 
 def _f1_weights(k: int, cap: int) -> np.ndarray:
@@ -175,21 +194,17 @@ def _f1_weights(k: int, cap: int) -> np.ndarray:
     return 2.0 * a / (k + a + b)
 
 
-def _suffix_counts(qs: np.ndarray, k_max: int, cap: int) -> dict[int, np.ndarray]:
-    """Distribution of true labels among sorted positions k..L-1, for each k in 1..k_max,
-    counted 0..cap with everything above ``cap`` lumped into ``cap``."""
-    n, L = qs.shape
-    B = np.zeros((n, cap + 1))
-    B[:, 0] = 1.0
+def _suffix_counts(q: np.ndarray, k_max: int, cap: int) -> dict[int, np.ndarray]:
+    """Distribution ``(cap + 1, rows)`` of true labels among sorted positions k..L-1, for each
+    k in 1..k_max, counted 0..cap with everything above ``cap`` lumped into ``cap``."""
+    L, n = q.shape
+    B = np.zeros((cap + 1, n))
+    B[0] = 1.0
     out: dict[int, np.ndarray] = {}
     if L <= k_max:
         out[L] = B.copy()
     for pos in range(L - 1, 0, -1):  # after this step B covers positions pos..L-1
-        p = qs[:, pos : pos + 1]
-        top = B[:, cap] * p[:, 0]  # rows already at the cap stay there when the label is true
-        B[:, 1:] = B[:, 1:] * (1.0 - p) + B[:, :-1] * p
-        B[:, 0] *= 1.0 - p[:, 0]
-        B[:, cap] += top
+        _add_label(B, q[pos], lump=True)
         if pos <= k_max:
             out[pos] = B.copy()
     return out

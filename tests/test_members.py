@@ -64,6 +64,10 @@ MEMBER_CASES = {
     "tfidf_svm": ("tfidf_linear", {"min_df": 1, "head": "svm", "head_params": {"cv": 2}}),
     "minilm_logreg": ("frozen_embed", {"encoders": ["minilm"]}),
     "minilm_knn": ("frozen_embed", {"encoders": ["minilm"], "head": "knn", "head_params": {"k": 5}}),
+    "image_knn": ("frozen_embed", {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES,
+                                   "head": "knn", "head_params": {"k": 5}}),
+    "fused_knn": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
+                                   "block_norm": True, "head": "knn", "head_params": {"k": 5}}),
     "fused_mlp": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
                                    "head": "mlp", "head_params": {"epochs": 3, "hidden": 16}}),
     "fused_tfidf": ("frozen_embed", {"encoders": ["effnet_lite0"], "encoder_settings": SMALL_IMAGES,
@@ -328,3 +332,21 @@ def test_coco_mini_real_images_end_to_end(project: Path) -> None:
     oof = __import__("pandas").read_parquet(paths.oof_file("coco_mini", "effnet_small"))
     assert len(oof) == 159 and oof["id"].is_unique
     assert (project / "reports/bench/real.md").read_text().count("effnet_small") >= 1
+
+
+def test_block_norm_gives_every_encoder_the_same_weight() -> None:
+    """Each encoder's columns end at norm 1/sqrt(2) per row, whatever their width and scale."""
+    from types import SimpleNamespace
+
+    from mmfold.cpu.features import EmbedBlock
+
+    rng = np.random.default_rng(0)
+    emb = {"minilm": rng.normal(size=(30, 4)), "effnet_lite0": rng.random((30, 40)) * 50}
+    inp = SimpleNamespace(embeddings=emb)
+    block = EmbedBlock(["minilm", "effnet_lite0"], standardize=True, block_norm=True).fit(inp)
+    X = block.transform(inp)
+    np.testing.assert_allclose(np.linalg.norm(X[:, :4], axis=1), np.sqrt(0.5))
+    np.testing.assert_allclose(np.linalg.norm(X[:, 4:], axis=1), np.sqrt(0.5))
+    old = EmbedBlock(["minilm", "effnet_lite0"], standardize=True).fit(inp)
+    del old.block_norm  # a member saved before the option existed still transforms as before
+    np.testing.assert_allclose(old.transform(inp), old.scaler_.transform(np.hstack(list(emb.values()))))

@@ -196,15 +196,21 @@ class EmbedBlock(BaseEstimator, TransformerMixin):
         standardize: Zero-mean unit-variance per feature, fitted rows' statistics.
         pca_dim: See :class:`DenseReducer`.
         dense_weight: See :class:`DenseReducer`.
+        block_norm: After standardizing, scale each encoder's columns to unit norm per row
+            (divided by sqrt(#encoders)), so every encoder weighs the same in a cosine
+            neighbour search over the concatenation (a 1,280-d image embedding would otherwise
+            drown a 384-d caption one).
     """
 
     def __init__(self, encoders: list[str] | None = None, settings: dict[str, dict] | None = None,
-                 standardize: bool = False, pca_dim: int | None = None, dense_weight: float | None = None) -> None:
+                 standardize: bool = False, pca_dim: int | None = None, dense_weight: float | None = None,
+                 block_norm: bool = False) -> None:
         self.encoders = encoders
         self.settings = settings
         self.standardize = standardize
         self.pca_dim = pca_dim
         self.dense_weight = dense_weight
+        self.block_norm = block_norm
 
     def needed_encoders(self) -> list[EncoderSpec]:
         """The (name, settings) of every embedding this block reads."""
@@ -219,8 +225,9 @@ class EmbedBlock(BaseEstimator, TransformerMixin):
         if not self.encoders:
             raise UserError("embedding features need at least one encoder in model.params.encoders")
         X = self._stack(inp)
+        self.spans_ = np.cumsum([0] + [inp.embeddings[n].shape[1] for n, _ in self.needed_encoders()])
         self.scaler_ = StandardScaler().fit(X) if self.standardize else None
-        X = X if self.scaler_ is None else self.scaler_.transform(X)
+        X = self._normed(X if self.scaler_ is None else self.scaler_.transform(X))
         reduce = bool(self.pca_dim or self.dense_weight)
         self.reducer_ = DenseReducer(self.pca_dim, self.dense_weight).fit(X) if reduce else None
         dim = X.shape[1] if self.reducer_ is None else self.reducer_.transform(X[:1]).shape[1]
@@ -230,8 +237,21 @@ class EmbedBlock(BaseEstimator, TransformerMixin):
     def transform(self, inp: MemberInput) -> np.ndarray:
         """Dense features of the rows."""
         X = self._stack(inp)
-        X = X if self.scaler_ is None else self.scaler_.transform(X)
+        X = self._normed(X if self.scaler_ is None else self.scaler_.transform(X))
         return X if self.reducer_ is None else self.reducer_.transform(X)
+
+    def _normed(self, X: np.ndarray) -> np.ndarray:
+        """Each encoder's block at norm 1/sqrt(#encoders) per row, with ``block_norm``.
+
+        ``getattr``: member files saved before this option existed have no such attribute."""
+        if not getattr(self, "block_norm", False):
+            return X
+        X = np.array(X, dtype=np.float64)
+        spans = self.spans_
+        for lo, hi in zip(spans[:-1], spans[1:]):
+            norm = np.linalg.norm(X[:, lo:hi], axis=1, keepdims=True)
+            X[:, lo:hi] /= np.maximum(norm, 1e-12) * np.sqrt(len(spans) - 1)
+        return X
 
 
 # Every type a fitted block may hold beyond skops' defaults: what member files are loaded with.

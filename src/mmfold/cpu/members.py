@@ -160,6 +160,7 @@ def tfidf_linear(cfg: Config, comp: Competition) -> MemberModel:
 EMBED_DEFAULTS: dict[str, Any] = {
     "encoders": ["minilm"], "encoder_settings": {}, "standardize": True, "pca_dim": None,
     "dense_weight": None, "tfidf": False, "tfidf_params": {}, "head": "logreg", "head_params": {"C": 0.05},
+    "block_norm": False,
 }
 
 
@@ -176,7 +177,7 @@ def frozen_embed(cfg: Config, comp: Competition) -> MemberModel:
     if not p["encoders"]:
         raise UserError("frozen_embed needs at least one encoder in model.params.encoders")
     blocks: list[Any] = [EmbedBlock(list(p["encoders"]), _sub(p, "encoder_settings"), bool(p["standardize"]),
-                                    p["pca_dim"], p["dense_weight"])]
+                                    p["pca_dim"], p["dense_weight"], bool(p["block_norm"]))]
     if p["tfidf"]:
         require(comp, "text", "tfidf features")
         blocks.append(TfidfBlock(_sub(p, "tfidf_params")))

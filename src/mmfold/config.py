@@ -104,6 +104,7 @@ class TrainConfig:
     channels_last: bool = False
     device: str = "auto"
     seed: int = 42
+    seeds: list[int] = field(default_factory=list)  # >1 seed: each fold trained per seed, averaged (mmfold.train.seeds)
     deterministic: bool = True
     progress: bool = True
     stop_after_epochs: int = 0  # stop (as if interrupted) after this many epochs of a session; 0 = never

@@ -120,6 +120,9 @@ def plan(data: str, name: str) -> dict[str, Any]:
     models, weights = {}, set()
     for m in state.meta["models"]:
         cfg, _ = trained_config(base, comp, m, n_folds)
+        if cfg.train.seeds:
+            raise UserError(f"{m} was trained with train.seeds={cfg.train.seeds}: bundles do not hold "
+                            "multi-seed members yet; blend without it to export, or predict with `make predict`")
         dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
         first = check_fold_state(cfg, dirs[0])  # kept for its encoders; the others checked and dropped
         for rd in dirs[1:]:

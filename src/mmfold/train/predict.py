@@ -28,6 +28,7 @@ from mmfold.artifacts.manifest import testset_key
 from mmfold.config import Config, config_from_dict, load_config, test_override
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
+from mmfold.train.seeds import predict_seeds
 
 Predictor = Callable[[Config, Competition, Path], np.ndarray]
 
@@ -91,7 +92,7 @@ def predict_model(cfg: Config, comp: Competition, infos: list[dict], force: bool
             continue  # a fold's own test.parquet is never rewritten
         rd = paths.run_dir(cfg.data.name, cfg.model.name, k)
         with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, k)):
-            probs = predict(cfg, comp, rd)
+            probs = predict_seeds(predict, cfg, comp, rd) if cfg.train.seeds else predict(cfg, comp, rd)
             predictions.write_fold_test(rd, comp.ids("test"), probs, comp.classes,
                                         f"{cfg.model.name} fold {k} test ({key})", path=path)
         done.append(k)

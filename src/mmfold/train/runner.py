@@ -34,6 +34,7 @@ from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
 from mmfold.train.fold import FoldOutput
+from mmfold.train.seeds import check_seeds
 
 
 
@@ -87,14 +88,14 @@ def used_train_keys(kind: str) -> frozenset[str]:
     """The ``train.*`` keys that change what a model of ``kind`` does.
 
     CPU members take every option from ``model.params`` (their heads have their own epochs,
-    learning rates, seeds), so no ``train.*`` key reaches them; torch kinds use the whole
+    learning rates, seeds), so only ``train.seeds`` (several seeds of the head) reaches them; torch kinds use the whole
     training loop, less the image (text) options when they read no images (captions).
     """
     from mmfold.models import MODELS
 
     runner_for(kind)  # an unknown kind fails here, listing the registered ones
     if kind not in MODELS:
-        return frozenset()
+        return frozenset({"train.seeds"})  # the one train.* key a member uses (its head's seed)
     builder = MODELS.get(kind)
     keys = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
     if not getattr(builder, "needs_image", False):
@@ -149,7 +150,7 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
     rd = paths.run_dir(cfg.data.name, cfg.model.name, fold)
     if not is_main_process():
         if not (rd / "done.json").exists() or force:
-            runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
+            _run(cfg, comp, fold_of_row, fold, rd)
         return {}
     with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, fold)):
         done = rd / "done.json"
@@ -160,8 +161,18 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
             _backup(rd)
         rd.mkdir(parents=True, exist_ok=True)
         _sweep_temps(rd)
-        out = runner_for(cfg.model.kind)(cfg, comp, fold_of_row, fold, rd)
+        out = _run(cfg, comp, fold_of_row, fold, rd)
         return _write_outputs(cfg, comp, fold_of_row, fold, rd, out)
+
+
+def _run(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path) -> Any:
+    """The kind's runner, once per seed when ``train.seeds`` lists several (averaged)."""
+    runner = runner_for(cfg.model.kind)
+    if cfg.train.seeds:
+        from mmfold.train.seeds import run_seeds
+
+        return run_seeds(runner, cfg, comp, fold_of_row, fold, rd)
+    return runner(cfg, comp, fold_of_row, fold, rd)
 
 
 def _sweep_temps(folder: Path) -> None:
@@ -215,6 +226,7 @@ def train_model(cfg: Config, comp: Competition | None = None, folds: Sequence[in
     fold_of_row = load_folds(comp)
     todo = check_folds(folds, fold_of_row, comp.cfg.name)
     validate_model(cfg)
+    check_seeds(cfg, comp)
     infos = [run_fold(cfg, comp, fold_of_row, int(k), force) for k in todo]
     if collect and is_main_process():
         missing = missing_folds(cfg.data.name, cfg.model.name, fold_of_row)
@@ -244,6 +256,7 @@ def train_parallel(cfgs: Sequence[Config], comp: Competition, folds: Sequence[in
     todo = check_folds(folds, fold_of_row, comp.cfg.name)
     for cfg in cfgs:
         validate_model(cfg)
+        check_seeds(cfg, comp)
     tasks = [(cfg, int(k)) for cfg in cfgs for k in todo]
     groups = core_groups(jobs)
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers

@@ -40,6 +40,12 @@ class MemberInput:
         caps = None if self.captions is None else [self.captions[i] for i in idx]
         return MemberInput(self.ids[idx], caps, {k: v[idx] for k, v in self.embeddings.items()})
 
+    def concat(self, other: MemberInput) -> MemberInput:
+        """These rows, then ``other``'s (a student's train rows, then its pseudo-labelled test rows)."""
+        caps = None if self.captions is None else [*self.captions, *(other.captions or [])]
+        emb = {k: np.concatenate([v, other.embeddings[k]]) for k, v in self.embeddings.items()}
+        return MemberInput(np.concatenate([self.ids, other.ids]), caps, emb)
+
 
 def require(comp: Competition, modality: str, who: str) -> None:
     """Fail clearly when a member needs captions or images the data config does not have."""

@@ -209,6 +209,42 @@ def lgbm(cfg: Config, comp: Competition) -> MemberModel:
     return MemberModel(blocks, build_head("lgbm", _sub(p, "head_params")), "lgbm")
 
 
+STUDENT_DEFAULTS: dict[str, Any] = {"base": None, "teachers": [], "distill": 0.5, "pseudo": False,
+                                    "pseudo_teachers": None}
+
+
+@MEMBERS.register("student")
+def student(cfg: Config, comp: Competition) -> MemberModel:
+    """Another member (``base``: a model config name) trained on soft targets made by
+    ``teachers`` (:mod:`mmfold.train.students` makes them without fold leakage): its train
+    rows' labels mixed with the teachers' probabilities (``distill``: the teachers' share),
+    and with ``pseudo`` the test rows, labelled by the fold models of ``pseudo_teachers``
+    (default: ``teachers``; any kind, torch included). The head must learn from soft targets
+    (``mlp``)."""
+    base = student_base(cfg)
+    model = MEMBERS.get(base.model.kind)(base, comp)
+    if not isinstance(model.head, TorchMLP):
+        raise UserError(f"model '{cfg.model.name}' (student): base '{base.model.name}' has head "
+                        f"'{model.head_name}', which needs 0/1 labels; a student needs head: mlp")
+    return model
+
+
+def student_base(cfg: Config) -> Config:
+    """The config of a student's ``base`` model, with the student's data section."""
+    from mmfold.config import load_config
+
+    p = resolve_params(cfg, STUDENT_DEFAULTS)
+    if not p["base"] or not p["teachers"]:
+        raise UserError(f"model '{cfg.model.name}' (student) needs model.params.base (a model name) "
+                        "and model.params.teachers (model names)")
+    base = load_config(cfg.source or cfg.data.name, p["base"], [])
+    if base.model.kind not in MEMBER_DEFAULTS:
+        raise UserError(f"model '{cfg.model.name}' (student): base '{p['base']}' is a {base.model.kind}, "
+                        f"not a CPU member ({sorted(MEMBER_DEFAULTS)})")
+    base.data = cfg.data
+    return base
+
+
 MEMBER_DEFAULTS: dict[str, dict[str, Any]] = {
     "tfidf_linear": TFIDF_DEFAULTS, "frozen_embed": EMBED_DEFAULTS, "lgbm": LGBM_DEFAULTS,
 }
@@ -223,6 +259,8 @@ def validate_params(cfg: Config) -> None:
     Raises:
         UserError: naming the model, the kind and the bad key.
     """
+    if cfg.model.kind == "student":
+        return validate_params(student_base(cfg))
     p = resolve_params(cfg, MEMBER_DEFAULTS.get(cfg.model.kind, dict(cfg.model.params)))
     build_head(p.get("head", "lgbm"), _sub(p, "head_params"))
     for key in ("tfidf_params",):
@@ -238,6 +276,8 @@ def modalities(cfg: Config) -> set[str]:
     that a data config cannot feed (e.g. image encoders on caption-only COMP5329)."""
     from mmfold.cpu.encoders import build_encoder
 
+    if cfg.model.kind == "student":
+        return modalities(student_base(cfg))
     p = cfg.model.params
     encs = p.get("encoders", ["minilm"]) if cfg.model.kind != "tfidf_linear" else []
     out = {build_encoder(e).modality for e in encs}
@@ -249,8 +289,26 @@ def modalities(cfg: Config) -> set[str]:
 # ------------------------------------------------------------------------------- folds
 
 
+class SoftTargets:
+    """What a student learns from instead of 0/1 labels: ``train`` ``(n_train, L)`` soft
+    targets of the fold's train rows, and ``test`` ``(n_test, L)`` pseudo-labels of the test
+    rows (None: no pseudo-labelling)."""
+
+    def __init__(self, train: np.ndarray, test: np.ndarray | None = None) -> None:
+        self.train = train
+        self.test = test
+
+    def rows(self, train_rows: MemberInput, comp: Competition, encoders: list[EncoderSpec]
+             ) -> tuple[MemberInput, np.ndarray]:
+        """The rows to fit on and their targets (train rows, then pseudo-labelled test rows)."""
+        if self.test is None:
+            return train_rows, self.train
+        test_rows = member_input(comp, "test", encoders)
+        return train_rows.concat(test_rows), np.vstack([self.train, self.test])
+
+
 def fit_member_fold(cfg: Config, comp: Competition, train_idx: np.ndarray, valid_idx: np.ndarray,
-                    run_dir: Path | None = None) -> MemberOutput:
+                    run_dir: Path | None = None, targets: SoftTargets | None = None) -> MemberOutput:
     """Fit the member on ``train_idx``; score ``valid_idx`` and the test set; keep the model.
 
     The test probabilities come from the same :meth:`MemberModel.predict_proba` that
@@ -263,6 +321,8 @@ def fit_member_fold(cfg: Config, comp: Competition, train_idx: np.ndarray, valid
         train_idx: Rows the member learns from.
         valid_idx: Rows it scores (out of fold).
         run_dir: Where ``member.skops`` goes (None: not stored, e.g. in a quick study).
+        targets: A student's soft targets for ``train_idx`` (and the test rows it also
+            learns from); None: the 0/1 labels.
 
     Returns:
         ``(valid_probs, test_probs or None, info)``.
@@ -271,7 +331,10 @@ def fit_member_fold(cfg: Config, comp: Competition, train_idx: np.ndarray, valid
 
     model = MEMBERS.get(cfg.model.kind)(cfg, comp)
     inp = member_input(comp, "train", model.needed_encoders())
-    model.fit(inp.take(np.asarray(train_idx)), comp.y()[train_idx])
+    rows, Y = inp.take(np.asarray(train_idx)), comp.y()[train_idx]
+    if targets is not None:
+        rows, Y = targets.rows(rows, comp, model.needed_encoders())
+    model.fit(rows, Y)
     p_va = model.predict_proba(inp.take(np.asarray(valid_idx)))
     if run_dir is not None:
         fitted.save(model, Path(run_dir) / MEMBER_FILE)

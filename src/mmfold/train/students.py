@@ -1,0 +1,137 @@
+"""Soft targets for student members (``kind: student``): distillation and pseudo-labelling
+without fold leakage. This module owns the rule; nothing else decides which teacher output a
+fold may see.
+
+The rule: the student of fold k is scored on fold k, so nothing it learns from may depend on
+fold k's labels.
+
+- **Pseudo-labels** (``pseudo: true``): the test rows, labelled by the mean of the teachers'
+  *fold-k* test probabilities (``runs/<data>/<teacher>/fold<k>/test.parquet``). A teacher's
+  fold-k model was trained on every fold but k, so it never saw fold k's labels. Any teacher
+  kind works: the files are already there.
+- **Distillation** (``distill: a``): each train row's target is ``(1 - a) * label + a *
+  teacher``, where the teacher probability of a row of fold j comes from a teacher refitted on
+  the folds other than j *and* k ("inner" out-of-fold). The usual OOF file would leak: its
+  fold-j rows come from models trained on fold k. One inner fit (excluding folds {j, k})
+  scores the rows of both j and k, so a teacher needs K(K-1)/2 refits, cached under the
+  student's run folder. Only CPU-member teachers are refitted here (seconds each); a torch
+  teacher can teach by pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfold import fileio, paths
+from mmfold.artifacts.manifest import data_fingerprints
+from mmfold.config import Config, learned_settings, load_config, stable_hash
+from mmfold.cpu.members import MEMBERS, STUDENT_DEFAULTS, SoftTargets, fit_member_fold, resolve_params
+from mmfold.data.competition import Competition
+from mmfold.errors import UserError
+
+STUDENT = "student"
+
+
+def training_targets(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int) -> SoftTargets | None:
+    """The soft targets of a student's fold ``fold`` (None for any other kind)."""
+    if cfg.model.kind != STUDENT:
+        return None
+    p = resolve_params(cfg, STUDENT_DEFAULTS)
+    train = fold_of_row != fold
+    y = comp.y()[train].astype(np.float64)
+    a = float(p["distill"])
+    if not 0.0 <= a <= 1.0:
+        raise UserError(f"model '{cfg.model.name}': model.params.distill must be in [0, 1], got {a}")
+    if a > 0:
+        y = (1.0 - a) * y + a * inner_teacher_probs(cfg, comp, list(p["teachers"]), fold_of_row, fold)[train]
+    pseudo_teachers = list(p["pseudo_teachers"] or p["teachers"])
+    test = teacher_test_probs(cfg, comp, pseudo_teachers, fold) if p["pseudo"] else None
+    return SoftTargets(y, test)
+
+
+def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold: int) -> np.ndarray:
+    """Mean of the teachers' fold-``fold`` test probabilities, in test order.
+
+    Raises:
+        UserError: a teacher without that fold's test file (train it first), or one whose
+            file is for another test set or label list.
+    """
+    if comp.test is None:
+        raise UserError(f"model '{cfg.model.name}': pseudo-labels need a test set (data.test_csv)")
+    probs = []
+    for t in teachers:
+        path = paths.run_dir(comp.cfg.name, t, fold) / "test.parquet"
+        if not path.exists():
+            raise UserError(f"student '{cfg.model.name}': teacher {t} has no {path}; train it first "
+                            f"(make train MODEL={t})")
+        df = pd.read_parquet(path).set_index("id")
+        if set(df.index) != set(comp.ids("test")) or list(df.columns) != list(comp.classes):
+            raise UserError(f"student '{cfg.model.name}': {path} is for another test set or label list; "
+                            f"retrain teacher {t}")
+        probs.append(df.loc[comp.ids("test"), list(comp.classes)].to_numpy(np.float64))
+    return np.mean(probs, axis=0)
+
+
+def inner_teacher_probs(cfg: Config, comp: Competition, teachers: list[str], fold_of_row: np.ndarray,
+                        fold: int) -> np.ndarray:
+    """``(n_train, L)``: for each row of a fold j != ``fold``, the teachers' mean probability
+    from fits that saw neither fold j nor ``fold`` (rows of ``fold`` itself are left at 0)."""
+    out = np.zeros((len(fold_of_row), len(comp.classes)))
+    for t in teachers:
+        tcfg = teacher_config(cfg, t)
+        for j in np.unique(fold_of_row):
+            if j != fold:
+                rows = fold_of_row == j
+                out[rows] += _inner_fit(cfg, tcfg, comp, fold_of_row, int(j), fold)[rows]
+    return out / len(teachers)
+
+
+def teacher_config(cfg: Config, teacher: str) -> Config:
+    """A distillation teacher's current config; it must be a CPU member (refitted here)."""
+    tcfg = load_config(cfg.source or cfg.data.name, teacher, [])
+    if tcfg.model.kind not in MEMBERS or tcfg.model.kind == STUDENT:
+        raise UserError(f"student '{cfg.model.name}': distillation refits its teachers without two folds, "
+                        f"which only CPU members do quickly; {teacher} is a {tcfg.model.kind} (use it for "
+                        "pseudo-labels, or set distill: 0)")
+    tcfg.data = cfg.data
+    return tcfg
+
+
+def inner_file(cfg: Config, tcfg: Config, comp: Competition, a: int, b: int) -> Path:
+    """Cache of the teacher fit without folds ``a`` < ``b`` (its scores of both folds' rows),
+    named by the teacher's learned settings and the train side, so a changed teacher, train
+    file or folds file is refitted, never served stale."""
+    key = stable_hash([learned_settings(tcfg.to_dict()), data_fingerprints(comp)])[:12]
+    folder = paths.run_dir(cfg.data.name, cfg.model.name, 0).parent / "inner"
+    return folder / f"{tcfg.model.name}-{key}-{a}-{b}.npz"
+
+
+def _inner_fit(cfg: Config, tcfg: Config, comp: Competition, fold_of_row: np.ndarray, j: int, k: int
+               ) -> np.ndarray:
+    """``(n, L)`` probabilities of the rows of folds j and k (zeros elsewhere) from the
+    teacher fitted on every other fold; computed once per pair, under a lock, then cached."""
+    a, b = sorted((j, k))
+    path = inner_file(cfg, tcfg, comp, a, b)
+    with fileio.file_lock(path.with_name(f".{path.stem}.lock"), wait=True):
+        if not path.exists():
+            scored = np.flatnonzero((fold_of_row == a) | (fold_of_row == b))
+            fit_rows = np.flatnonzero((fold_of_row != a) & (fold_of_row != b))
+            p, _, _ = fit_member_fold(tcfg, _without_test(comp), fit_rows, scored)
+            buf = io.BytesIO()
+            np.savez(buf, rows=scored, probs=np.asarray(p, np.float32), fit_rows=fit_rows)
+            fileio.write_bytes(path, buf.getvalue())
+        with np.load(path) as z:
+            full = np.zeros((len(fold_of_row), len(comp.classes)))
+            full[z["rows"]] = z["probs"]
+    return full
+
+
+def _without_test(comp: Competition) -> Competition:
+    """The competition without its test rows: an inner fit scores train rows only."""
+    import dataclasses
+
+    return dataclasses.replace(comp, test=None)

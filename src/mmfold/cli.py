@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("mmfold.studies.sweep", "Optuna sweep over a model's declared search space"),
     "ablate": ("mmfold.studies.ablate", "train declared variants of a model and tabulate the effect"),
     "weights": ("mmfold.models.weights", "install offline pretrained weights into weights/"),
+    "levers": ("mmfold.studies.levers", "each lever beyond the plain blend (decoders, stackers, kNN, seeds, students), honest CV table"),
     "bench": ("mmfold.bench.suite", "speed and quality benchmarks -> reports/bench/"),
     "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),
     "bench-deep": ("mmfold.bench.deep", "fine-tuned members on ../shared/data, blended with the CPU members"),

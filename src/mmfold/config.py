@@ -131,6 +131,17 @@ class BlendConfig:
 
 
 @dataclass
+class LeversConfig:
+    """The models ``mmfold levers`` adds to (or swaps into) the plain blend, per lever; the
+    decoder and stacker levers need none (mmfold.studies.levers)."""
+
+    knn: list[str] = field(default_factory=list)  # nearest-neighbour label-transfer members, added
+    seeds: dict[str, str] = field(default_factory=dict)  # model -> its multi-seed version, swapped in
+    students: list[str] = field(default_factory=list)  # distilled / pseudo-labelled students, added
+    n_trials: int | None = None  # blend.n_trials for every lever's blend (None: blend.n_trials)
+
+
+@dataclass
 class Config:
     """The resolved configuration of one command."""
 
@@ -139,6 +150,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    levers: LeversConfig = field(default_factory=LeversConfig)
     # the ``key=value`` overrides this config was resolved with: provenance, not a setting, so
     # a run's freshness can be re-checked later as "the YAML now + the same overrides"
     overrides: list[str] = field(default_factory=list)

@@ -1,0 +1,295 @@
+"""``mmfold levers``: each lever beyond the plain blend, switched on alone, scored by the same
+honest nested CV, as one table.
+
+The plain blend is ``blend.*`` (the Optuna-weighted mean with per-label thresholds) over the
+data config's models (or ``--models``). Every lever changes one thing and is scored on the same
+folds, so its per-fold delta against the plain blend is paired:
+
+- decoders: ``expected_f1`` (Platt) and ``expected_f1_isotonic`` decide the *same* honest
+  blend probabilities as the plain blend (one blender fit per fold, several decoders);
+- stackers: ``stack_lgbm`` (a LightGBM per label over every model's probability of that label)
+  and ``stack_lgbm_all`` (over every model's probability of every label);
+- members (``levers.*`` in the data config, trained here if they are not yet, resumably):
+  ``knn`` adds nearest-neighbour label-transfer members, ``seeds`` swaps a model for its
+  multi-seed version, ``students`` adds distilled / pseudo-labelled students;
+- ``all``: every member lever at once, decided by expected-F1.
+
+``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
+recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
+replaces) plus its blend's seconds minus the plain blend's. Written to
+``docs/bench/levers.{json,md}`` (``--out``), one entry per dataset, merged with the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mmfold import fileio, paths
+from mmfold.config import Config, load_config
+from mmfold.data.competition import Competition, load_competition, load_folds
+from mmfold.errors import UserError
+from mmfold.machine import available_cores
+from mmfold.registry import Registry
+
+LEVERS = Registry("lever")
+
+
+@dataclass
+class Context:
+    """What every lever needs: the data, the plain blend's models and their fold scores."""
+
+    cfg: Config
+    comp: Competition
+    folds: np.ndarray
+    models: list[str]
+    jobs: int
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plain_s: float = 0.0
+
+    @property
+    def data(self) -> str:
+        return self.cfg.data.name
+
+
+@dataclass
+class Blended:
+    """One blend's honest per-fold scores and what it cost."""
+
+    per_fold: list[float]
+    blend_s: float
+    models: list[str]
+
+
+def nested(ctx: Context, models: list[str], decoders: dict[str, Any] | None = None,
+           **blend: Any) -> dict[str, Blended]:
+    """Nested CV of ``models`` under ``blend.*`` changes, one result per decoder (default:
+    ``blend.decoder``), timed; the blender is fitted once per fold for all decoders."""
+    from mmfold.artifacts.predictions import load_oofs
+    from mmfold.ensemble.blenders import build_blender
+    from mmfold.ensemble.decoders import build_decoder
+    from mmfold.ensemble.nested import nested_cv_decoders
+
+    bcfg = replace(ctx.cfg.blend, **blend)
+    metric = ctx.cfg.data.metric
+    decoders = decoders or {"": {}}
+    makers = {name: (lambda c=replace(bcfg, **over): build_decoder(c, metric)) for name, over in decoders.items()}
+    oofs = load_oofs(ctx.data, models, ctx.comp, ctx.folds, with_test=False)
+    start = time.perf_counter()
+    res = nested_cv_decoders(oofs.P, ctx.comp.y(), oofs.folds, lambda k: build_blender(bcfg, metric), makers, metric)
+    seconds = time.perf_counter() - start
+    return {name: Blended(r.per_fold, seconds, models) for name, r in res.items()}
+
+
+def train_members(ctx: Context, models: list[str]) -> float:
+    """Train (or find trained) ``models`` on every fold; their recorded training seconds."""
+    from mmfold.train.runner import train_parallel
+
+    cfgs = [load_config(ctx.cfg.source or ctx.data, m, []) for m in models]
+    if cfgs:
+        train_parallel(cfgs, ctx.comp, None, jobs=ctx.jobs)
+    return sum(train_seconds(ctx.data, m, ctx.folds) for m in models)
+
+
+def train_seconds(data: str, model: str, folds: np.ndarray) -> float:
+    """Seconds a model's folds recorded when trained (``done.json``)."""
+    total = 0.0
+    for k in np.unique(folds):
+        info = json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text())
+        total += float(info.get("wall_s", info.get("train_time_s", 0.0)))
+    return total
+
+
+def _blend_extra(ctx: Context, b: Blended) -> float:
+    """A lever blend's seconds beyond the plain blend's (timing noise below zero counts as 0)."""
+    return max(0.0, b.blend_s - ctx.plain_s)
+
+
+def row(ctx: Context, b: Blended, extra_s: float, note: str = "") -> dict[str, Any]:
+    """One table row: honest CV, paired delta against the plain blend, cost."""
+    base = np.array(ctx.results["plain"]["per_fold"]) if "plain" in ctx.results else np.array(b.per_fold)
+    d = np.array(b.per_fold) - base
+    return {"cv": round(float(np.mean(b.per_fold)), 4), "cv_std": round(float(np.std(b.per_fold)), 4),
+            "delta": round(float(d.mean()), 4), "delta_std": round(float(d.std()), 4),
+            "folds_better": int((d > 0).sum()), "folds": len(d), "extra_s": round(float(extra_s), 1),
+            "per_fold": [round(float(s), 5) for s in b.per_fold], "models": b.models,
+            **({"note": note} if note else {})}
+
+
+# ------------------------------------------------------------------------------- levers
+
+
+@LEVERS.register("plain")
+def plain_and_decoders(ctx: Context) -> None:
+    """The plain blend and the decoder levers, from one blender fit per fold."""
+    res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"},
+                                   "expected_f1": {"decoder": "expected_f1", "calibration": "platt"},
+                                   "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"}})
+    extra = {name: _decoder_seconds(ctx, name) for name in ("expected_f1", "expected_f1_isotonic")}
+    ctx.plain_s = max(0.0, res["plain"].blend_s - sum(extra.values()))  # the thresholds-only blend
+    ctx.results["plain"] = row(ctx, res["plain"], 0.0)
+    for name, seconds in extra.items():
+        ctx.results[name] = row(ctx, res[name], seconds)
+
+
+def _decoder_seconds(ctx: Context, name: str) -> float:
+    """Extra seconds of a decoder over the thresholds, measured on the blend's honest
+    probabilities of every fold (fit on the other folds' rows, predict the fold)."""
+    from mmfold.ensemble.decoders import build_decoder
+    from mmfold.ensemble.thresholds import ThresholdOptimizer
+
+    calibration = "isotonic" if name.endswith("isotonic") else "platt"
+    P, y = _plain_prob(ctx), ctx.comp.y()
+    cfg = replace(ctx.cfg.blend, decoder="expected_f1", calibration=calibration)
+    times = []
+    for make in (lambda: ThresholdOptimizer(), lambda: build_decoder(cfg, ctx.cfg.data.metric)):
+        start = time.perf_counter()
+        for k in np.unique(ctx.folds):
+            tr = ctx.folds != k
+            make().fit(P[tr], y[tr]).predict(P[~tr])
+        times.append(time.perf_counter() - start)
+    return max(0.0, times[1] - times[0])
+
+
+def _plain_prob(ctx: Context) -> np.ndarray:
+    """An equal-weight blend of the plain models (what the decoder timing runs on)."""
+    from mmfold.artifacts.predictions import load_oofs
+
+    return load_oofs(ctx.data, ctx.models, ctx.comp, ctx.folds, with_test=False).P.mean(0)
+
+
+def _stacker(method: str) -> Callable[[Context], None]:
+    def lever(ctx: Context) -> None:
+        b = nested(ctx, ctx.models, method=method)[""]
+        ctx.results[f"stack_{method}"] = row(ctx, b, _blend_extra(ctx, b))
+
+    return lever
+
+
+LEVERS.register("stack_lgbm")(_stacker("lgbm"))
+LEVERS.register("stack_lgbm_all")(_stacker("lgbm_all"))
+
+
+@LEVERS.register("knn")
+def knn(ctx: Context) -> None:
+    """The plain models plus ``levers.knn``."""
+    _added(ctx, "knn", list(ctx.cfg.levers.knn))
+
+
+@LEVERS.register("students")
+def students(ctx: Context) -> None:
+    """The plain models plus ``levers.students``."""
+    _added(ctx, "students", list(ctx.cfg.levers.students))
+
+
+def _added(ctx: Context, name: str, extra: list[str]) -> None:
+    if not extra:
+        ctx.results[name] = {"skipped": f"no levers.{name} models in configs/data/{ctx.data}.yaml"}
+        return
+    cost = train_members(ctx, extra)
+    b = nested(ctx, ctx.models + extra)[""]
+    ctx.results[name] = row(ctx, b, cost + _blend_extra(ctx, b))
+
+
+@LEVERS.register("seeds")
+def seeds(ctx: Context) -> None:
+    """The plain models with each ``levers.seeds`` model swapped for its multi-seed version."""
+    swap = {m: s for m, s in ctx.cfg.levers.seeds.items() if m in ctx.models}
+    if not swap:
+        ctx.results["seeds"] = {"skipped": f"no levers.seeds entry for {ctx.models}"}
+        return
+    cost = train_members(ctx, list(swap.values())) - sum(train_seconds(ctx.data, m, ctx.folds) for m in swap)
+    b = nested(ctx, [swap.get(m, m) for m in ctx.models])[""]
+    ctx.results["seeds"] = row(ctx, b, cost + _blend_extra(ctx, b))
+
+
+@LEVERS.register("all")
+def all_levers(ctx: Context) -> None:
+    """Every member lever at once, decided by expected-F1 (Platt)."""
+    lv = ctx.cfg.levers
+    models = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.students)
+    cost = train_members(ctx, [m for m in models if m not in ctx.models])
+    cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
+    b = nested(ctx, models, decoder="expected_f1", calibration="platt")[""]
+    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b))
+
+
+# ------------------------------------------------------------------------------- command
+
+
+def run_levers(cfg: Config, models: list[str], names: list[str], jobs: int) -> dict[str, Any]:
+    """Every lever in ``names`` (``plain`` always first) on one dataset."""
+    comp = load_competition(cfg.data)
+    folds = load_folds(comp)
+    missing = [m for m in models if not paths.oof_file(cfg.data.name, m).exists()]
+    if missing:
+        raise UserError(f"levers: the plain blend's models {missing} are not collected; make train MODEL=...")
+    ctx = Context(cfg, comp, folds, models, jobs)
+    start = time.perf_counter()
+    for name in ["plain", *[n for n in names if n != "plain"]]:
+        LEVERS.get(name)(ctx)
+        print(f"levers {cfg.data.name}: {name} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": len(comp.train), "labels": len(comp.classes),
+            "folds": int(len(np.unique(folds))), "models": models, "blend": {"method": cfg.blend.method,
+            "n_trials": cfg.blend.n_trials}, "levers": ctx.results, "total_s": round(time.perf_counter() - start, 1)}
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    """One table per dataset."""
+    lines = ["# Levers beyond the plain blend (honest nested CV, samples-F1)", "",
+             f"machine: {doc.get('machine', '')}", "",
+             "delta: mean over folds of (lever - plain blend) on the same folds; better: folds where it is higher.", ""]
+    for data, d in doc["datasets"].items():
+        about = (f" ({d['rows']:,} rows, {d['labels']} labels, {d['folds']} folds; plain blend of "
+                 f"{', '.join(d['models'])})" if "rows" in d else "")
+        lines += [f"## {data}{about}", "",
+                  "| lever | honest CV | delta vs plain | fold std of delta | folds better | extra s |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in d["levers"].items():
+            if "cv_std" not in r:
+                lines.append(f"| {name} | {r.get('skipped', r.get('cv', ''))} | | | | |")
+                continue
+            lines.append(f"| {name} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['delta']:+.4f} | {r['delta_std']:.4f} | "
+                         f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmfold levers`` options."""
+    p.add_argument("--models", nargs="*", default=None, help="the plain blend's models (default: data.models)")
+    p.add_argument("--levers", nargs="*", default=None, help=f"levers to run (default: all of {sorted(LEVERS)})")
+    p.add_argument("--jobs", type=int, default=1, help="folds trained at once for the levers' members")
+    p.add_argument("--out", default="docs/bench/levers", help="output path stem (.json, .md); datasets merge")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the levers on ``--data`` and merge its table into ``--out``."""
+    cfg = load_config(args.data, None, list(args.overrides))
+    if cfg.levers.n_trials:
+        cfg.blend.n_trials = cfg.levers.n_trials
+    models = list(args.models or cfg.blend.models or cfg.data.models)
+    if not models:
+        raise UserError("levers: no models for the plain blend (--models, blend.models or data.models)")
+    names = list(args.levers or LEVERS)
+    for n in names:
+        LEVERS.get(n)  # an unknown lever fails before anything runs
+    result = run_levers(cfg, models, names, args.jobs)
+    stem = paths.resolve(args.out)
+    js = stem.with_suffix(".json")
+    doc = json.loads(js.read_text()) if js.exists() else {"datasets": {}}
+    doc.update({"machine": f"{platform.machine()}, {available_cores()} cores", "date": result["date"]})
+    doc["datasets"][cfg.data.name] = result
+    fileio.write_json(js, doc)
+    fileio.write_text(stem.with_suffix(".md"), to_markdown(doc))
+    print(to_markdown({**doc, "datasets": {cfg.data.name: result}}))
+    print(f"wrote {js} and {stem.with_suffix('.md')}")
+    return 0
+

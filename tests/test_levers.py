@@ -1,0 +1,85 @@
+"""``mmfold levers``: every lever is scored by the same nested CV on the same folds, its delta is
+paired against the plain blend, member levers train what they need, and the table lands in
+the JSON shape the docs promise (datasets merged, nothing else overwritten)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mmfold.artifacts.predictions import load_oofs
+from mmfold.cli import main
+from mmfold.config import load_config
+from mmfold.data.competition import load_competition, load_folds
+from mmfold.ensemble.blenders import build_blender
+from mmfold.ensemble.decoders import build_decoder
+from mmfold.ensemble.nested import nested_cv
+
+MODELS = {
+    "t_lr": {"model": {"kind": "tfidf_linear", "params": {"min_df": 1}}},
+    "t_mlp": {"model": {"kind": "tfidf_linear", "params": {"min_df": 1, "head": "mlp",
+                                                           "head_params": {"epochs": 3, "hidden": 8}}}},
+    # any added member exercises the kNN lever (a kNN head needs dense embeddings, not TF-IDF)
+    "t_knn": {"model": {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 0.3}}}},
+}
+
+
+@pytest.fixture
+def levered(tiny: Path, project: Path) -> Path:
+    """Tiny data with two trained members, a kNN and a multi-seed lever declared."""
+    for name, body in MODELS.items():
+        (project / "configs" / "models" / f"{name}.yaml").write_text(yaml.safe_dump(body))
+    seeds = {**MODELS["t_mlp"], "train": {"seeds": [0, 1]}}
+    (project / "configs" / "models" / "t_mlp_seeds.yaml").write_text(yaml.safe_dump(seeds))
+    data = project / "configs" / "data" / "tiny.yaml"
+    cfg = yaml.safe_load(data.read_text())
+    cfg["levers"] = {"knn": ["t_knn"], "seeds": {"t_mlp": "t_mlp_seeds"}, "n_trials": 3}
+    data.write_text(yaml.safe_dump(cfg))
+    assert main(["folds", "--data", "tiny"]) == 0
+    assert main(["train", "--data", "tiny", "--model", "t_lr,t_mlp"]) == 0
+    return project
+
+
+def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
+    out = levered / "docs" / "bench" / "levers"
+    out.parent.mkdir(parents=True)
+    out.with_suffix(".json").write_text(json.dumps({"datasets": {"other": {"levers": {"plain": {"cv": 0.5}}}}}))
+    args = ["levers", "--data", "tiny", "--models", "t_lr", "t_mlp", "--levers", "plain", "knn", "seeds",
+            "stack_lgbm", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["datasets"]["other"] == {"levers": {"plain": {"cv": 0.5}}}  # another dataset's table kept
+    lv = doc["datasets"]["tiny"]["levers"]
+    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "knn", "seeds", "stack_lgbm"}
+    for r in lv.values():
+        assert {"cv", "cv_std", "delta", "delta_std", "extra_s", "folds_better"} <= set(r)
+        plain = np.array(lv["plain"]["per_fold"])
+        d = np.array(r["per_fold"]) - plain
+        assert r["delta"] == pytest.approx(round(d.mean(), 4)) and r["folds_better"] == int((d > 0).sum())
+        assert r["extra_s"] >= 0
+    assert lv["knn"]["models"] == ["t_lr", "t_mlp", "t_knn"] and lv["seeds"]["models"] == ["t_lr", "t_mlp_seeds"]
+    assert lv["seeds"]["extra_s"] > 0  # two seeds trained (the single-seed model's time deducted)
+    # the plain and expected-F1 rows are exactly the nested CV `make blend` reports for those settings
+    cfg = load_config("tiny")
+    cfg.blend.n_trials = 3
+    comp = load_competition(cfg.data)
+    oofs = load_oofs("tiny", ["t_lr", "t_mlp"], comp, load_folds(comp), with_test=False)
+    for name, over in (("plain", {}), ("expected_f1", {"decoder": "expected_f1"})):
+        for k, v in over.items():
+            setattr(cfg.blend, k, v)
+        cv = nested_cv(oofs.P, comp.y(), oofs.folds, lambda k: build_blender(cfg.blend, "samples"),
+                       lambda: build_decoder(cfg.blend, "samples"))
+        np.testing.assert_allclose(lv[name]["per_fold"], cv.per_fold, atol=1e-5)
+    assert "| knn |" in out.with_suffix(".md").read_text()
+
+
+def test_unknown_levers_and_untrained_models_are_refused_before_anything_runs(levered: Path, capsys) -> None:
+    assert main(["levers", "--data", "tiny", "--models", "t_lr", "--levers", "nope"]) != 0
+    assert "unknown lever 'nope'" in capsys.readouterr().err
+    assert main(["levers", "--data", "tiny", "--models", "t_lr", "t_knn", "--levers", "plain"]) != 0
+    assert "not collected" in capsys.readouterr().err
+    assert not (levered / "docs" / "bench" / "levers.json").exists()

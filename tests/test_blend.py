@@ -461,6 +461,23 @@ def test_blend_command_writes_submission_log_and_report(project: Path, capsys: p
     assert "gap" in capsys.readouterr().out
 
 
+def test_an_expected_f1_blend_is_logged_reported_and_resubmitted(project: Path) -> None:
+    tiny_blend_project(project)
+    args = ["blend", "--data", "tiny", "--name", "ef1", "blend.n_trials=4", "blend.decoder=expected_f1",
+            "blend.calibration=isotonic"]
+    assert cli.main(args) == 0
+    report = json.loads((project / "reports/tiny/blend_ef1.json").read_text())
+    assert report["decoder"] == "expected_f1" and report["global_threshold"] is None
+    assert all(v["threshold"] is None for v in report["per_label"].values())
+    assert "| per row |" in (project / "reports/tiny/blend_ef1.md").read_text()
+    log = pd.read_csv(project / "submissions/tiny/log.csv", dtype=str, keep_default_na=False)
+    assert log["decoder"].tolist() == ["expected_f1"] and log["calibration"].tolist() == ["isotonic"]
+    assert cli.main(["blend", "--data", "tiny", "--from", "ef1", "--name", "ef1-again"]) == 0
+    first = (project / "submissions/tiny/ef1.csv").read_bytes()
+    assert (project / "submissions/tiny/ef1-again.csv").read_bytes() == first
+    assert cli.main(["report", "--data", "tiny"]) == 0
+
+
 def test_blend_command_continues_the_stored_study(project: Path) -> None:
     tiny_blend_project(project)
     args = ["blend", "--data", "tiny", "blend.n_trials=4", "--name"]

@@ -303,15 +303,22 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"({r['best_single']['model']}): {r['gain_over_best_single']:+.4f}.", "",
               "## Weights", "", "| model | weight |", "|---|---|"]
     lines += [f"| {m} | {w:.4f} |" for m, w in r["weights"].items()]
-    lines += ["", "## Per label", "", f"Post-rules: {r['post_rules']}; search started from a "
-              f"global threshold of {r['global_threshold']:.4f}. F1 is honest (nested CV).", "",
-              "| label | threshold | F1 | support |", "|---|---|---|---|"]
-    lines += [f"| {c} | {v['threshold']:.4f} | {v['f1']:.4f} | {v['support']} |"
-              for c, v in r["per_label"].items()]
+    lines += ["", "## Per label", "", f"Post-rules: {r['post_rules']}; {_decided_by(r)}. F1 is honest "
+              "(nested CV).", "", "| label | threshold | F1 | support |", "|---|---|---|---|"]
+    lines += [f"| {c} | {'per row' if v['threshold'] is None else format(v['threshold'], '.4f')} | "
+              f"{v['f1']:.4f} | {v['support']} |" for c, v in r["per_label"].items()]
     lines += ["", "## All metrics (honest predictions)", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in r["honest_metrics"].items()]
     lines += ["", f"Submission: {r['submission'] or 'none (no test set)'}", ""]
     return "\n".join(lines)
+
+
+def _decided_by(r: dict[str, Any]) -> str:
+    """How the label sets were decided, for the report's per-label section."""
+    if r.get("global_threshold") is None:
+        return (f"decoder {r.get('decoder')}: each row's expected-F1-best top-k after "
+                f"{r.get('calibration')} calibration (no per-label threshold)")
+    return f"search started from a global threshold of {r['global_threshold']:.4f}"
 
 
 def _folds(s: dict[str, Any]) -> str:

@@ -83,3 +83,17 @@ def test_unknown_levers_and_untrained_models_are_refused_before_anything_runs(le
     assert main(["levers", "--data", "tiny", "--models", "t_lr", "t_knn", "--levers", "plain"]) != 0
     assert "not collected" in capsys.readouterr().err
     assert not (levered / "docs" / "bench" / "levers.json").exists()
+
+
+def test_a_partial_rerun_keeps_the_other_levers_of_the_same_plain_blend() -> None:
+    from mmfold.studies.levers import merged
+
+    plain = {"per_fold": [0.5, 0.6], "cv": 0.55}
+    old = {"models": ["a"], "rows": 10, "folds": 2, "levers": {"plain": plain, "knn": {"cv": 0.6}}}
+    new = {"models": ["a"], "rows": 10, "folds": 2, "levers": {"plain": plain, "stack_lgbm_all": {"cv": 0.5}}}
+    assert set(merged(old, new)["levers"]) == {"plain", "knn", "stack_lgbm_all"}
+    other = {**new, "models": ["a", "b"]}  # another plain blend: the old rows are not comparable
+    assert set(merged(old, other)["levers"]) == {"plain", "stack_lgbm_all"}
+    moved = {**new, "levers": {"plain": {"per_fold": [0.5, 0.61]}}}
+    assert set(merged(old, moved)["levers"]) == {"plain"}
+    assert merged(None, new) == new

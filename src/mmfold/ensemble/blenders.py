@@ -34,6 +34,7 @@ from mmfold.ensemble.thresholds import ThresholdOptimizer
 from mmfold.ensemble.transforms import TRANSFORMS, PowerTransform
 
 BLENDERS = Registry("blend method")
+ALL_LABELS_FEATURES = 64  # features each tree of the all-label stacker samples
 
 
 @runtime_checkable
@@ -455,12 +456,16 @@ class LGBMStacker(Blender):
             return float(yj[0])
         from lightgbm import LGBMClassifier
 
+        x = self._x(P, j)
+        # every label's probabilities (models x labels features): each tree samples ~64 of
+        # them, so a 100-label stack costs what a small one does, not ~10x more
+        colsample = min(1.0, ALL_LABELS_FEATURES / x.shape[1]) if getattr(self, "all_labels", False) else 1.0
         clf = LGBMClassifier(n_estimators=self.n_estimators, learning_rate=self.learning_rate,
                              num_leaves=self.num_leaves, min_child_samples=self.min_child_samples,
                              importance_type="gain", num_threads=self.num_threads,
-                             random_state=self.seed,
+                             random_state=self.seed, colsample_bytree=colsample,
                              verbose=-1)
-        return clf.fit(self._x(P, j), yj)
+        return clf.fit(x, yj)
 
     def _gain_shares(self, M: int) -> np.ndarray:
         """Split gain on each model's own-label feature, summed over labels, as shares."""

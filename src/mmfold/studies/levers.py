@@ -241,6 +241,16 @@ def run_levers(cfg: Config, models: list[str], names: list[str], jobs: int) -> d
             "n_trials": cfg.blend.n_trials}, "levers": ctx.results, "total_s": round(time.perf_counter() - start, 1)}
 
 
+def merged(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``, keeping the rows of levers it did not run from an earlier run of the same
+    plain blend (same models, rows and folds: their deltas are against the same plain CV)."""
+    same = old is not None and all(old.get(k) == new[k] for k in ("models", "rows", "folds"))
+    same = same and old["levers"].get("plain", {}).get("per_fold") == new["levers"]["plain"]["per_fold"]
+    if not same:
+        return new
+    return {**new, "levers": {**old["levers"], **new["levers"]}}
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     """One table per dataset."""
     lines = ["# Levers beyond the plain blend (honest nested CV, samples-F1)", "",
@@ -257,7 +267,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {r.get('skipped', r.get('cv', ''))} | | | | |")
                 continue
             lines.append(f"| {name} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['delta']:+.4f} | {r['delta_std']:.4f} | "
-                         f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.0f} |")
+                         f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -286,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     js = stem.with_suffix(".json")
     doc = json.loads(js.read_text()) if js.exists() else {"datasets": {}}
     doc.update({"machine": f"{platform.machine()}, {available_cores()} cores", "date": result["date"]})
-    doc["datasets"][cfg.data.name] = result
+    doc["datasets"][cfg.data.name] = merged(doc["datasets"].get(cfg.data.name), result)
     fileio.write_json(js, doc)
     fileio.write_text(stem.with_suffix(".md"), to_markdown(doc))
     print(to_markdown({**doc, "datasets": {cfg.data.name: result}}))

@@ -45,9 +45,8 @@ from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 from mmfold.registry import Registry
-from mmfold.ensemble.scoring import at_half, honest_cv, threshold_params
+from mmfold.ensemble.scoring import at_half, build_decoder, honest_cv
 from mmfold.studies.sweep import Competitions, fold_probs, run_variant_fold, variant_config
-from mmfold.ensemble.thresholds import ThresholdOptimizer
 from mmfold.train.runner import check_used_keys
 
 COMPUTED = Registry("computed ablation")
@@ -208,7 +207,7 @@ def blend_vs_single(ab: Ablation, v: Variant) -> Result:
     start = time.perf_counter()
     P = np.stack([ab.base_prob] + [_collected(ab, m) for m in present])
     cv = nested_cv(P, ab.y(), ab.row_folds(), lambda k: build_blender(ab.base.blend, ab.metric),
-                   lambda: ThresholdOptimizer(**threshold_params(ab.base.blend, ab.metric)), metric=ab.metric)
+                   lambda: build_decoder(ab.base.blend, ab.metric), metric=ab.metric)
     what = f"{ab.base.blend.method} blend of base + {', '.join(f'`{m}`' for m in present)}"
     return Result(v.name, what, list(cv.per_fold), time.perf_counter() - start)
 

@@ -13,7 +13,8 @@ import pytest
 from mmfold.config import BlendConfig
 from mmfold.ensemble.blenders import build_blender
 from mmfold.ensemble.calibration import CALIBRATORS, PlattCalibrator
-from mmfold.ensemble.decoders import ExpectedF1Decoder, build_decoder, expected_f1_by_k
+from mmfold.ensemble.decoders import (CountAwareF1Decoder, ExpectedF1Decoder, _add_label, _suffix_counts,
+                                     build_decoder, count_aware_f1_by_k, expected_f1_by_k)
 from mmfold.ensemble.nested import nested_cv, nested_cv_decoders
 from mmfold.ensemble.state import load_state, save_state
 from mmfold.ensemble.thresholds import ThresholdOptimizer
@@ -132,7 +133,8 @@ def test_each_fold_is_decoded_by_a_decoder_fitted_without_it() -> None:
         assert seen.isdisjoint(set(P[folds == k, 0].round(12)))
 
 
-def test_a_fold_with_its_own_calibration_gains_nothing_from_it() -> None:
+@pytest.mark.parametrize("decoder", [ExpectedF1Decoder, CountAwareF1Decoder])
+def test_a_fold_with_its_own_calibration_gains_nothing_from_it(decoder: type) -> None:
     """Leak detector: in fold 0 the member's probabilities mean the opposite of what they mean
     elsewhere. A calibration fitted on fold 0 would learn that and score far higher; the
     honest CV of fold 0 must be what a calibration fitted on the other folds gives."""
@@ -140,10 +142,10 @@ def test_a_fold_with_its_own_calibration_gains_nothing_from_it() -> None:
     folds = np.arange(6_000) % 3
     P[folds == 0] = 1.0 - P[folds == 0]
     cv = nested_cv(P[None], y, folds, lambda k: build_blender(BlendConfig(method="mean"), "samples"),
-                   ExpectedF1Decoder)
+                   decoder)
     te = folds == 0
-    leaky = ExpectedF1Decoder().fit(P[te], y[te]).score(P[te], y[te])
-    honest = ExpectedF1Decoder().fit(P[~te], y[~te]).score(P[te], y[te])
+    leaky = decoder().fit(P[te], y[te]).score(P[te], y[te])
+    honest = decoder().fit(P[~te], y[~te]).score(P[te], y[te])
     assert cv.per_fold[0] == pytest.approx(honest) and leaky > honest + 0.1
 
 
@@ -159,11 +161,39 @@ def test_decoders_share_one_blend_fit_per_fold() -> None:
     assert both["t"].mean == pytest.approx(samples_f1(y, both["t"].pred), abs=0.01)
 
 
+def test_count_aware_with_the_independence_count_is_expected_f1() -> None:
+    rng = np.random.default_rng(9)
+    qs = -np.sort(-rng.random((7, 9)), axis=1)
+    q = np.ascontiguousarray(qs.T)
+    indep = _suffix_counts(q, 5, 9)[1].copy()
+    _add_label(indep, q[0], lump=True)
+    np.testing.assert_allclose(count_aware_f1_by_k(qs, 5, indep.T, 9), expected_f1_by_k(qs, 5, margin=9), atol=1e-12)
+
+
+def test_a_learned_count_fixes_rows_whose_marginals_do_not_know_it() -> None:
+    """Every row has exactly three true labels among eight, with marginals that say nothing
+    about the count: the count model learns "three", and decoding with it scores higher out of
+    sample than expected-F1 under independence, which spreads the count over 0..8."""
+    rng = np.random.default_rng(10)
+    n, L = 8_000, 8
+    y = np.zeros((n, L), np.uint8)
+    for r in range(n):
+        y[r, rng.choice(L, 3, replace=False)] = 1
+    P = np.clip(0.375 + 0.35 * (y - 0.375) + rng.normal(0, 0.2, (n, L)), 0.01, 0.99)
+    fit, te = slice(0, 4_000), slice(4_000, None)
+    gfm = CountAwareF1Decoder().fit(P[fit], y[fit])
+    ef1 = ExpectedF1Decoder().fit(P[fit], y[fit])
+    counts = gfm.count_proba(gfm.calibrator_.transform(P[te]))
+    assert counts[:, 3].min() == pytest.approx(1.0)
+    assert gfm.score(P[te], y[te]) > ef1.score(P[te], y[te]) + 0.005
+
+
 @pytest.mark.parametrize("calibration", ["platt", "isotonic", "none"])
 def test_a_saved_expected_f1_blend_decides_as_the_fitted_one(project: Path, calibration: str) -> None:
     P, y = _independent(400, 5, 8)
     stack, test = np.stack([P, P**2]), np.stack([P[:50] ** 0.5, P[:50]])
-    cfg = BlendConfig(method="optuna", n_trials=4, decoder="expected_f1", calibration=calibration)
+    cfg = BlendConfig(method="optuna", n_trials=4, decoder="gfm" if calibration == "none" else "expected_f1",
+                      calibration=calibration)
     blender = build_blender(cfg, "samples").fit(stack, y, np.arange(400) % 3)
     decoder = build_decoder(cfg, "samples").fit(blender.oof_, y)
     save_state("tiny", "ef1", {"name": "ef1", "models": ["a", "b"]}, blender, decoder)

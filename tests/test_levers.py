@@ -54,7 +54,7 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["datasets"]["other"] == {"levers": {"plain": {"cv": 0.5}}}  # another dataset's table kept
     lv = doc["datasets"]["tiny"]["levers"]
-    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "knn", "seeds", "stack_lgbm"}
+    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "gfm", "knn", "seeds", "stack_lgbm"}
     for r in lv.values():
         assert {"cv", "cv_std", "delta", "delta_std", "extra_s", "folds_better"} <= set(r)
         plain = np.array(lv["plain"]["per_fold"])

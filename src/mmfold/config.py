@@ -121,8 +121,9 @@ class BlendConfig:
     min_labels: int = 1
     max_labels: int | None = None
     top_k: int | None = None
-    # how probabilities become label sets: ``thresholds`` (per label) or ``expected_f1`` (per
-    # row, after a per-label ``calibration``: platt, isotonic or none); mmfold.ensemble.decoders
+    # how probabilities become label sets: ``thresholds`` (per label), ``expected_f1`` (per
+    # row, after a per-label ``calibration``: platt, isotonic or none) or ``gfm`` (expected F1
+    # with the label count learned); mmfold.ensemble.decoders
     decoder: str = "thresholds"
     calibration: str = "platt"
     cooccurrence: bool = False

@@ -28,6 +28,7 @@ TRUSTED_TYPES = (
     "mmfold.ensemble.blenders.SingleModel", "mmfold.ensemble.transforms.IdentityTransform",
     "mmfold.ensemble.transforms.PowerTransform", "mmfold.ensemble.transforms.RankTransform",
     "mmfold.ensemble.thresholds.ThresholdOptimizer", "mmfold.ensemble.decoders.ExpectedF1Decoder",
+    "mmfold.ensemble.decoders.CountAwareF1Decoder",
     "mmfold.ensemble.calibration.PlattCalibrator", "mmfold.ensemble.calibration.IsotonicCalibrator",
     "mmfold.ensemble.calibration.IdentityCalibrator", *fitted.LIGHTGBM_TYPES,
 )

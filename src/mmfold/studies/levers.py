@@ -5,8 +5,9 @@ The plain blend is ``blend.*`` (the Optuna-weighted mean with per-label threshol
 data config's models (or ``--models``). Every lever changes one thing and is scored on the same
 folds, so its per-fold delta against the plain blend is paired:
 
-- decoders: ``expected_f1`` (Platt) and ``expected_f1_isotonic`` decide the *same* honest
-  blend probabilities as the plain blend (one blender fit per fold, several decoders);
+- decoders: ``expected_f1`` (Platt), ``expected_f1_isotonic`` and ``gfm`` (expected F1 with
+  the label count learned) decide the *same* honest blend probabilities as the plain blend
+  (one blender fit per fold, several decoders);
 - stackers: ``stack_lgbm`` (a LightGBM per label over every model's probability of that label)
   and ``stack_lgbm_all`` (over every model's probability of every label);
 - members (``levers.*`` in the data config, trained here if they are not yet, resumably):
@@ -131,8 +132,9 @@ def plain_and_decoders(ctx: Context) -> None:
     """The plain blend and the decoder levers, from one blender fit per fold."""
     res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"},
                                    "expected_f1": {"decoder": "expected_f1", "calibration": "platt"},
-                                   "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"}})
-    extra = {name: _decoder_seconds(ctx, name) for name in ("expected_f1", "expected_f1_isotonic")}
+                                   "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"},
+                                   "gfm": {"decoder": "gfm", "calibration": "platt"}})
+    extra = {name: _decoder_seconds(ctx, name) for name in ("expected_f1", "expected_f1_isotonic", "gfm")}
     ctx.plain_s = max(0.0, res["plain"].blend_s - sum(extra.values()))  # the thresholds-only blend
     ctx.results["plain"] = row(ctx, res["plain"], 0.0)
     for name, seconds in extra.items():
@@ -147,7 +149,7 @@ def _decoder_seconds(ctx: Context, name: str) -> float:
 
     calibration = "isotonic" if name.endswith("isotonic") else "platt"
     P, y = _plain_prob(ctx), ctx.comp.y()
-    cfg = replace(ctx.cfg.blend, decoder="expected_f1", calibration=calibration)
+    cfg = replace(ctx.cfg.blend, decoder="gfm" if name == "gfm" else "expected_f1", calibration=calibration)
     times = []
     for make in (lambda: ThresholdOptimizer(), lambda: build_decoder(cfg, ctx.cfg.data.metric)):
         start = time.perf_counter()

@@ -1,8 +1,8 @@
 """``mmfold levers``: each lever beyond the plain blend, switched on alone, scored by the same
 honest nested CV, as one table.
 
-The plain blend is ``blend.*`` (the Optuna-weighted mean with per-label thresholds) over the
-data config's models (or ``--models``). Every lever changes one thing and is scored on the same
+The plain blend is ``blend.*`` (the Optuna-weighted mean) with per-label thresholds, whatever
+``blend.decoder`` the data config picks, over the data config's models (or ``--models``). Every lever changes one thing and is scored on the same
 folds, so its per-fold delta against the plain blend is paired:
 
 - decoders: ``expected_f1`` (Platt), ``expected_f1_isotonic`` and ``gfm`` (expected F1 with
@@ -285,6 +285,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the levers on ``--data`` and merge its table into ``--out``."""
     cfg = load_config(args.data, None, list(args.overrides))
+    cfg.blend.decoder = "thresholds"  # the baseline every lever is one change away from
     if cfg.levers.n_trials:
         cfg.blend.n_trials = cfg.levers.n_trials
     models = list(args.models or cfg.blend.models or cfg.data.models)

@@ -140,6 +140,7 @@ class LeversConfig:
     seeds: dict[str, str] = field(default_factory=dict)  # model -> its multi-seed version, swapped in
     students: list[str] = field(default_factory=list)  # distilled / pseudo-labelled students, added
     n_trials: int | None = None  # blend.n_trials for every lever's blend (None: blend.n_trials)
+    decoder: str = "expected_f1"  # how the "all" lever decides (expected_f1 or gfm)
 
 
 @dataclass

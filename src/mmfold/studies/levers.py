@@ -13,7 +13,7 @@ folds, so its per-fold delta against the plain blend is paired:
 - members (``levers.*`` in the data config, trained here if they are not yet, resumably):
   ``knn`` adds nearest-neighbour label-transfer members, ``seeds`` swaps a model for its
   multi-seed version, ``students`` adds distilled / pseudo-labelled students;
-- ``all``: every member lever at once, decided by expected-F1.
+- ``all``: every member lever at once, decided by ``levers.decoder`` (expected-F1 by default).
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
 recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
@@ -214,13 +214,13 @@ def seeds(ctx: Context) -> None:
 
 @LEVERS.register("all")
 def all_levers(ctx: Context) -> None:
-    """Every member lever at once, decided by expected-F1 (Platt)."""
+    """Every member lever at once, decided by ``levers.decoder`` (Platt calibration)."""
     lv = ctx.cfg.levers
     models = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.students)
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
     cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
-    b = nested(ctx, models, decoder="expected_f1", calibration="platt")[""]
-    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b))
+    b = nested(ctx, models, decoder=lv.decoder, calibration="platt")[""]
+    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {lv.decoder}")
 
 
 # ------------------------------------------------------------------------------- command

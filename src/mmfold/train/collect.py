@@ -141,9 +141,10 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
         print(f"{model}: no test predictions for the current test set ({comp.cfg.test_csv}); "
               f"make them from the saved fold models: make predict DATA={data} MODEL={model}")
     metric = cfg.data.metric
+    how = "tuned thresholds" if cfg.blend.decoder == "thresholds" else f"blend.decoder={cfg.blend.decoder}"
     print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "
-          f"{meta['cv_tuned'][metric]:.4f} with tuned thresholds (honest: each fold decided by "
-          "thresholds fitted on the other folds)")
+          f"{meta['cv_tuned'][metric]:.4f} with {how} (honest: each fold decided by a decoder "
+          "fitted on the other folds)")
     return meta
 
 

@@ -112,7 +112,7 @@ def test_scores_are_the_honest_cv_in_the_metric_with_blend_rules(demo: Path, fol
     """Every row is scored like the blend scores a model: ``scoring.honest_cv`` with
     ``data.metric`` and the ``blend.*`` post-rules (one fold: seeded halves), and the 0.5 row
     by ``scoring.at_half``."""
-    over = ["data.metric=micro", "blend.min_labels=2"]
+    over = ["data.metric=micro", "blend.decoder=thresholds", "blend.min_labels=2"]
     df = ablate("demo", "tfidf", folds=folds, overrides=over, only=["thresholds_0.5"]).set_index("variant")
     cfg = load_config("demo", "tfidf", over)
     probs, y, fold = base_oof("tfidf@base", folds)  # data.metric changes training: its own base
@@ -128,7 +128,7 @@ def test_scores_are_the_honest_cv_in_the_metric_with_blend_rules(demo: Path, fol
 def test_blend_row_is_scored_in_the_metric(demo: Path) -> None:
     """``blend_vs_single`` is the blend's nested CV in ``data.metric``, not samples-F1; one
     fold has nothing to fit a blend on and says so."""
-    over = ["data.metric=micro", "blend.method=mean"]
+    over = ["data.metric=micro", "blend.decoder=thresholds", "blend.method=mean"]
     df = ablate("demo", "tfidf", folds=[0, 1], overrides=over, only=["blend_vs_single"]).set_index("variant")
     cfg = load_config("demo", "tfidf", over)
     probs, y, fold = base_oof("tfidf@base", [0, 1])

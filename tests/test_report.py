@@ -126,13 +126,13 @@ def test_report_models_follow_the_metric_and_blend_settings(trained: Path) -> No
     from mmfold.report.report import build_context
     from mmfold.ensemble.scoring import honest_cv
 
-    cfg = load_config("demo", overrides=["data.metric=micro", "blend.max_labels=2"])
+    cfg = load_config("demo", overrides=["data.metric=micro", "blend.decoder=thresholds", "blend.max_labels=2"])
     ctx = build_context(cfg)
     y = ctx.comp.y()
     for m in ctx.models:
         want = honest_cv(m.prob, y, ctx.folds, cfg.blend, "micro")
         assert m.fold_scores == pytest.approx(want.per_fold, abs=1e-12)
-    assert main(["report", "data.metric=micro"]) == 0
+    assert main(["report", "data.metric=micro", "blend.decoder=thresholds"]) == 0
     assert "CV micro-F1" in (paths.reports_dir("demo") / "report.md").read_text()
 
 

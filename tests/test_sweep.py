@@ -269,7 +269,7 @@ def fold_oof(run: str, folds: list[int], comp, fold_of_row: np.ndarray) -> tuple
 def test_trial_value_is_the_honest_tuned_cv_in_the_metric(demo: Path, folds: list[int]) -> None:
     """A trial scores what the blend will see: thresholds fitted out of fold, ``data.metric``,
     ``blend.*`` post-rules (one fold: seeded halves), not F1 at 0.5."""
-    over = ["data.metric=micro", "blend.min_labels=2"]
+    over = ["data.metric=micro", "blend.decoder=thresholds", "blend.min_labels=2"]
     study = sweep(opts(folds=folds, overrides=over))
     cfg = load_config("demo", "fake", over)
     comp = load_competition(cfg.data)

@@ -279,6 +279,13 @@ def validate(cfg: Config) -> None:
     if cfg.train.select_threshold not in CHECKPOINT_SCORES:
         raise ConfigError(f"train.select_threshold: {cfg.train.select_threshold!r} unknown; "
                           f"known: {list(CHECKPOINT_SCORES)}")
+    if cfg.blend.decoder in SAMPLES_ONLY_DECODERS and cfg.data.metric != "samples":
+        raise ConfigError(f"blend.decoder={cfg.blend.decoder} maximises samples-F1, but data.metric is "
+                          f"{cfg.data.metric}: add blend.decoder=thresholds")
+
+
+# decoders that maximise the expected samples-F1 of each row (mmfold.ensemble.decoders)
+SAMPLES_ONLY_DECODERS = ("expected_f1", "gfm")
 
 
 def test_override(test: str | None) -> list[str]:

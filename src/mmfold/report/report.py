@@ -471,16 +471,25 @@ def section_thresholds(ctx: ReportContext) -> str:
                            "tuned (honest)": p.cv, "gain": p.cv - p.cv_05} for p in preds])
     how = ("as its submission applied them (fitted on the blend's in-sample OOF, saved with its report)"
            if target is ctx.blend else "fitted on all OOF rows (what a submission would use)")
+    if target is ctx.blend and _per_row_decoder(target):
+        how = (f"which its submission did not use: it decided each row with blend.decoder="
+               f"{target.meta.get('decoder')}; shown are the per-label thresholds fitted on its OOF, for comparison")
     return (head + f"Thresholds of **{target.name}**, {how}. The F1 bars and the table use "
             "thresholds fitted without the scored fold.\n\n"
             + ctx.image("thresholds.png", "thresholds") + "\n\n" + md_table(table) + "\n")
 
 
+def _per_row_decoder(target: Scored) -> bool:
+    """A blend decided per row (expected-F1, GFM): its report has no per-label thresholds."""
+    per_label = target.meta.get("per_label") or {}
+    return any(v.get("threshold") is None for v in per_label.values())
+
+
 def _submission_thresholds(ctx: ReportContext, target: Scored) -> np.ndarray:
-    """A blend's thresholds as its report saved them (what its submission used); a model's
-    fitted on all of its OOF rows with the ``blend.*`` settings."""
+    """A blend's thresholds as its report saved them (what its submission used); a model's,
+    or a per-row-decoded blend's, fitted on all of its OOF rows with the ``blend.*`` rules."""
     per_label = target.meta.get("per_label") if target is ctx.blend else None
-    if per_label and all(c in per_label for c in ctx.comp.classes):
+    if per_label and all(c in per_label for c in ctx.comp.classes) and not _per_row_decoder(target):
         return np.array([per_label[c]["threshold"] for c in ctx.comp.classes])
     params = threshold_params(ctx.cfg.blend, ctx.cfg.data.metric)
     return ThresholdOptimizer(**params).fit(target.prob, ctx.comp.y()).thresholds_

@@ -122,9 +122,18 @@ def check_used_keys(cfg: Config, keys: Iterable[str], where: str) -> None:
     used = used_train_keys(cfg.model.kind)
     unused = sorted({k for k in keys if k.split(".")[0] == "train" and _train_key(k) not in used})
     if unused:
-        does = ", ".join(sorted(used)) if used else "none: its options are model.params.*"
+        does = ", ".join(sorted(used)) if used else "none"
+        if cfg.model.kind not in _torch_kinds():
+            does += " (its other options are model.params.*)"
         raise UserError(f"{where}: {unused} do nothing for model '{cfg.model.name}' (kind "
                         f"{cfg.model.kind}); the train.* keys it uses: {does}")
+
+
+def _torch_kinds() -> Iterable[str]:
+    """The kinds the torch engine trains (the others take their options from model.params)."""
+    from mmfold.models import MODELS
+
+    return MODELS
 
 
 def _train_key(key: str) -> str:

@@ -6,7 +6,8 @@ The rule: the student of fold k is scored on fold k, so nothing it learns from m
 fold k's labels.
 
 - **Pseudo-labels** (``pseudo: true``): the test rows, labelled by the mean of the teachers'
-  *fold-k* test probabilities (``runs/<data>/<teacher>/fold<k>/test.parquet``). A teacher's
+  *fold-k* test probabilities (``runs/<data>/<teacher>/fold<k>/test.parquet``, or what
+  ``mmfold predict`` wrote there for the current test set). A teacher's
   fold-k model was trained on every fold but k, so it never saw fold k's labels. Any teacher
   kind works: the files are already there.
 - **Distillation** (``distill: a``): each train row's target is ``(1 - a) * label + a *
@@ -21,13 +22,14 @@ fold k's labels.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from mmfold import fileio, paths
-from mmfold.artifacts.manifest import data_fingerprints
+from mmfold.artifacts import predictions
+from mmfold.artifacts.manifest import data_fingerprints, testset_key
 from mmfold.config import Config, learned_settings, load_config, stable_hash
 from mmfold.cpu.members import MEMBERS, STUDENT_DEFAULTS, SoftTargets, fit_member_fold, resolve_params
 from mmfold.data.competition import Competition
@@ -64,16 +66,23 @@ def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold
         raise UserError(f"model '{cfg.model.name}': pseudo-labels need a test set (data.test_csv)")
     probs = []
     for t in teachers:
-        path = paths.run_dir(comp.cfg.name, t, fold) / "test.parquet"
-        if not path.exists():
-            raise UserError(f"student '{cfg.model.name}': teacher {t} has no {path}; train it first "
-                            f"(make train MODEL={t})")
-        df = pd.read_parquet(path).set_index("id")
-        if set(df.index) != set(comp.ids("test")) or list(df.columns) != list(comp.classes):
-            raise UserError(f"student '{cfg.model.name}': {path} is for another test set or label list; "
-                            f"retrain teacher {t}")
-        probs.append(df.loc[comp.ids("test"), list(comp.classes)].to_numpy(np.float64))
+        path = _teacher_test_file(cfg, comp, t, fold)
+        probs.append(predictions.read_probs(
+            path, comp.ids("test"), comp.classes, f"teacher {t} fold {fold} ({path})", comp.cfg.name,
+            fix=f"retrain teacher {t} (make train MODEL={t} FORCE=1)", against="the test set",
+            absent=f"student '{cfg.model.name}': teacher {t} has no {path}; train it first (make train MODEL={t})"))
     return np.mean(probs, axis=0)
+
+
+def _teacher_test_file(cfg: Config, comp: Competition, teacher: str, fold: int) -> Path:
+    """The teacher fold's test file for the current test set (``test.parquet`` if it was
+    trained with it, else what ``mmfold predict`` wrote)."""
+    rd = paths.run_dir(comp.cfg.name, teacher, fold)
+    if not (rd / "done.json").exists():
+        raise UserError(f"student '{cfg.model.name}': teacher {teacher} fold {fold} is not trained; "
+                        f"train it first (make train MODEL={teacher})")
+    trained_key = json.loads((rd / "done.json").read_text()).get("hashes", {}).get("test")
+    return predictions.fold_test_file(rd, testset_key(comp), trained_key)
 
 
 def inner_teacher_probs(cfg: Config, comp: Competition, teachers: list[str], fold_of_row: np.ndarray,

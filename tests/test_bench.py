@@ -31,6 +31,18 @@ def test_thresholds_section_reports_speedup_against_its_target(project: Path) ->
     assert f"| {'yes' if res['ok'] else 'NO'} |" in row
 
 
+def test_decoders_section_reports_its_ratios_against_the_threshold_search(project: Path) -> None:
+    args = argparse.Namespace(sections=["decoders"], quick=True, out="reports/bench/quick")
+    assert bench.run(args) == 0
+    res = json.loads((project / "reports" / "bench" / "quick.json").read_text())["decoders"]
+    for side in ("thresholds", "expected_f1"):
+        assert res[side]["seconds"] >= 0 and res[side]["peak_mib"] > 0 and 0 < res[side]["heldout_f1"] <= 1
+    # the ratios are of the figures reported next to them (rounded to 0.01 themselves)
+    assert res["time_ratio"] == pytest.approx(res["expected_f1"]["seconds"] / res["thresholds"]["seconds"], abs=0.006)
+    assert res["memory_ratio"] == pytest.approx(res["expected_f1"]["peak_mib"] / res["thresholds"]["peak_mib"], abs=0.006)
+    assert "| decoders |" in (project / "reports" / "bench" / "quick.md").read_text()
+
+
 def test_summary_lists_sections_without_a_headline() -> None:
     """A section that reports no headline (or no target) still gets its summary row."""
     md = bench.to_markdown({"x": {"seconds": 1.0, "section_wall_s": 1.2}})

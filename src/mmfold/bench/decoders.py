@@ -40,7 +40,7 @@ def benchmark(quick: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {"rows": n, "labels": L}
     for name, make in (("thresholds", ThresholdOptimizer), ("expected_f1", ExpectedF1Decoder)):
         pred, s, mib = _timed(lambda: make().fit(P[fit], y[fit]).predict(P[te]))
-        res[name] = {"seconds": round(s, 2), "peak_mib": round(mib, 1),
+        res[name] = {"seconds": round(s, 4), "peak_mib": round(mib, 2),
                      "heldout_f1": round(samples_f1(y[te], pred), 4)}
     t_ratio = res["expected_f1"]["seconds"] / max(res["thresholds"]["seconds"], 1e-9)
     m_ratio = res["expected_f1"]["peak_mib"] / max(res["thresholds"]["peak_mib"], 1e-9)

@@ -292,6 +292,24 @@ def test_every_registered_method_blends_honestly(method: str) -> None:
     assert fit.blender.weights_.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("method, decoder", [("optuna", "expected_f1"), ("optuna", "gfm"), ("lgbm", "thresholds"),
+                                             ("lgbm_all", "thresholds"), ("lgbm_all", "gfm")])
+def test_every_lever_of_the_blend_ignores_the_scored_folds_labels(method: str, decoder: str) -> None:
+    """Leak detector for the decoder and stacker levers: flip fold 2's labels and fold 2's
+    honest probabilities and decisions do not move."""
+    from mmfold.ensemble.decoders import build_decoder
+
+    P, y, folds = make_stack(n=300, L=3)
+    folds = folds % 3
+    cfg = BlendConfig(method=method, decoder=decoder, n_trials=4)
+    runs = []
+    for labels in (y, np.where(folds[:, None] == 2, 1 - y, y)):
+        runs.append(nested_cv(P, labels, folds, lambda k: build_blender(cfg, "samples"),
+                              lambda: build_decoder(cfg, "samples")))
+    np.testing.assert_allclose(runs[0].prob[folds == 2], runs[1].prob[folds == 2])
+    np.testing.assert_array_equal(runs[0].pred[folds == 2], runs[1].pred[folds == 2])
+
+
 def test_bad_blend_settings_are_refused() -> None:
     with pytest.raises(UserError, match="unknown blend method 'magic'"):
         build_blender(BlendConfig(method="magic"), "samples")

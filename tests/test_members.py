@@ -350,3 +350,25 @@ def test_block_norm_gives_every_encoder_the_same_weight() -> None:
     old = EmbedBlock(["minilm", "effnet_lite0"], standardize=True).fit(inp)
     del old.block_norm  # a member saved before the option existed still transforms as before
     np.testing.assert_allclose(old.transform(inp), old.scaler_.transform(np.hstack(list(emb.values()))))
+
+
+def test_a_knn_member_never_finds_the_scored_rows_in_its_bank(tiny: Path, tmp_path: Path) -> None:
+    """Leak detector for kNN label transfer: with k=1 a row that were in the bank would be its
+    own nearest neighbour and copy its labels. The bank is the fold's training rows only, and
+    a scored row duplicated (same caption and image) into training is found there, not itself."""
+    import pandas as pd
+
+    kind, params = MEMBER_CASES["fused_knn"]
+    params = {**params, "head_params": {"k": 1}}
+    cfg, (_, comp) = _cfg(kind, params), _comp()
+    tr, va = _halves(len(comp.train))
+    members.fit_member_fold(cfg, comp, tr, va, tmp_path)
+    bank = members.load_member(tmp_path).head_
+    assert len(bank.X_) == len(tr)
+    train = pd.read_csv(tiny / "train.csv")
+    twin = train.iloc[[va[0]]].assign(ImageID="twin.jpg", Labels="1 2 3 4")  # its twin: other labels
+    shutil.copy(tiny / "images" / train.iloc[va[0]]["ImageID"], tiny / "images" / "twin.jpg")
+    pd.concat([train, twin]).to_csv(tiny / "train.csv", index=False)
+    _, comp2 = _comp()
+    p_va, _, _ = members.fit_member_fold(cfg, comp2, np.append(tr, len(train)), va[:1])
+    np.testing.assert_allclose(p_va[0], np.ones(len(comp2.classes)), atol=1e-6)  # the twin's labels, not its own

@@ -61,8 +61,8 @@ def test_a_killed_seeded_fold_resumes_at_its_unfinished_seed(tiny: Path, monkeyp
     real = seeds_mod.run_seeds.__globals__["_save"]
     calls: list[int] = []
 
-    def dies_after_first(sub: Path, seed: int, out) -> None:
-        real(sub, seed, out)
+    def dies_after_first(sub: Path, seed: int, key: str, out) -> None:
+        real(sub, seed, key, out)
         calls.append(seed)
         if seed == 2 and len(calls) == 2:
             raise SystemExit(137)  # killed after seed 2 of fold 0 finished, before done.json
@@ -103,8 +103,43 @@ def test_a_seeded_member_predicts_a_new_test_set_as_in_training(tiny: Path, monk
 
 def test_seeds_of_a_deterministic_head_or_a_repeated_seed_are_refused(tiny: Path) -> None:
     comp = load_competition(load_config("tiny").data)
-    with pytest.raises(UserError, match="deterministic head"):
+    with pytest.raises(UserError, match="head without a seed"):
         train_model(_cfg({"min_df": 1}, "lr", [0, 1]), comp)
     with pytest.raises(UserError, match="lists a seed twice"):
         train_model(_cfg(MLP, "mlp", [0, 0]), comp)
     assert not paths.run_dir("tiny", "lr", 0).exists()
+
+
+def test_a_finished_seed_trained_otherwise_is_trained_again(tiny: Path, capsys) -> None:
+    """Resume reuses a seed only if settings, train side and test set still match."""
+    comp = load_competition(load_config("tiny").data)
+    folds = load_folds(comp)
+    calls: list[int] = []
+
+    def runner(cfg, c, f, k, rd):
+        calls.append(cfg.train.seed)
+        from mmfold.train.fold import FoldOutput
+
+        n_va, L = int((f == k).sum()), len(c.classes)
+        return FoldOutput(np.full((n_va, L), 0.5, np.float32), np.full((len(c.test), L), 0.5, np.float32),
+                          {"train_time_s": 1.0})
+
+    rd = paths.run_dir("tiny", "multi", 0)
+    seeds_mod.run_seeds(runner, _cfg(MLP, "multi", [1, 2]), comp, folds, 0, rd)
+    seeds_mod.run_seeds(runner, _cfg(MLP, "multi", [1, 2]), comp, folds, 0, rd)
+    assert calls == [1, 2]  # the second run reused both
+    other = _cfg({**MLP, "head_params": {"epochs": 3, "hidden": 8}}, "multi", [1, 2])
+    seeds_mod.run_seeds(runner, other, comp, folds, 0, rd)
+    assert calls == [1, 2, 1, 2] and "training this seed again" in capsys.readouterr().out
+
+
+def test_a_student_with_seeds_is_refused_before_any_fold_moves(tiny: Path, project: Path) -> None:
+    import yaml
+
+    (project / "configs" / "models" / "b.yaml").write_text(yaml.safe_dump({"model": {"kind": "tfidf_linear", "params": MLP}}))
+    cfg = load_config("tiny")
+    cfg.model.name, cfg.model.kind = "s", "student"
+    cfg.model.params = {"base": "b", "teachers": ["b"]}
+    cfg.train.seeds = [0, 1]
+    with pytest.raises(UserError, match="is a student"):
+        train_model(cfg, load_competition(cfg.data), force=True)

@@ -124,3 +124,15 @@ def test_students_that_cannot_be_taught_are_refused(taught: Path, capsys: pytest
     with pytest.raises(UserError, match="train it first"):
         students.training_targets(cfg, comp, folds, 0)
     assert not paths.run_dir("tiny", "s1", 0).exists() or not (paths.run_dir("tiny", "s1", 0) / "done.json").exists()
+
+
+def test_torch_pseudo_teachers_and_two_fold_distillation_are_refused(taught: Path) -> None:
+    _write(taught, "t_torch", {"model": {"kind": "text", "params": {}}})
+    _student(taught, "s4", teachers=["t_lr"], pseudo_teachers=["t_torch"], distill=0.0, pseudo=True)
+    cfg, comp, folds = _setup(taught, "s4")
+    with pytest.raises(UserError, match="chosen by its fold's labels"):
+        students.training_targets(cfg, comp, folds, 0)
+    _student(taught, "s5", distill=0.5)
+    cfg, comp, folds = _setup(taught, "s5")
+    with pytest.raises(UserError, match="needs 3 folds or more"):
+        students.training_targets(cfg, comp, np.where(folds == 2, 1, folds), 0)

@@ -219,8 +219,7 @@ def student(cfg: Config, comp: Competition) -> MemberModel:
     ``teachers`` (:mod:`mmfold.train.students` makes them without fold leakage): its train
     rows' labels mixed with the teachers' probabilities (``distill``: the teachers' share),
     and with ``pseudo`` the test rows, labelled by the fold models of ``pseudo_teachers``
-    (default: ``teachers``; any kind, torch included). The head must learn from soft targets
-    (``mlp``)."""
+    (default: ``teachers``; CPU members). The head must learn from soft targets (``mlp``)."""
     base = student_base(cfg)
     model = MEMBERS.get(base.model.kind)(base, comp)
     if not isinstance(model.head, TorchMLP):

@@ -129,7 +129,12 @@ def row(ctx: Context, b: Blended, extra_s: float, note: str = "") -> dict[str, A
 
 @LEVERS.register("plain")
 def plain_and_decoders(ctx: Context) -> None:
-    """The plain blend and the decoder levers, from one blender fit per fold."""
+    """The plain blend and the decoder levers (samples-F1 only), from one blender fit per fold."""
+    if ctx.cfg.data.metric != "samples":
+        b = nested(ctx, ctx.models)[""]
+        ctx.plain_s = b.blend_s
+        ctx.results["plain"] = row(ctx, b, 0.0, "the decoder levers maximise samples-F1: not run")
+        return
     res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"},
                                    "expected_f1": {"decoder": "expected_f1", "calibration": "platt"},
                                    "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"},

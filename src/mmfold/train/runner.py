@@ -29,7 +29,7 @@ from mmfold import fileio, paths
 from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.machine import core_ids
+from mmfold.machine import core_ids, is_main_process
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
@@ -145,11 +145,6 @@ def fold_lock(data: str, model: str, fold: int) -> Path:
     """Lock file beside (not inside) the run dir, so a forced backup can move the dir."""
     rd = paths.run_dir(data, model, fold)
     return rd.parent / f".{rd.name}.lock"
-
-
-def is_main_process() -> bool:
-    """Rank 0 under ``accelerate launch``/``torchrun`` (they set ``RANK``), else True."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, force: bool = False) -> dict:

@@ -6,8 +6,10 @@ Each seed trains in ``runs/<data>/<model>/fold<k>/seed<s>/`` with its own checkp
 ``seed.json`` + ``seed.npz`` written last: a killed run resumes at the first unfinished seed
 (and inside it, as any fold resumes). ``train.seed`` is the single-seed setting; with
 ``train.seeds`` set it is replaced by each seed in turn. A CPU member takes the seed through its
-head's ``seed`` (MLP) or ``random_state`` (logistic regression, LightGBM); a head with neither
-(kNN) is deterministic, so asking for seeds is refused rather than training copies.
+head's ``seed`` (the MLP head); the other heads take none (logistic regression and kNN are
+deterministic), so asking for seeds there is refused rather than training copies. A finished
+seed is reused only when it was trained with the same settings, train side and test set
+(``seed.json`` records them), as a resumed fold is.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from mmfold import fileio
-from mmfold.config import Config, save_config
+from mmfold.config import Config, learned_settings, save_config, stable_hash
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
+from mmfold.machine import is_main_process
 from mmfold.train.fold import FoldOutput
 
 SEED_DONE, SEED_ARRAYS = "seed.json", "seed.npz"
@@ -59,7 +62,7 @@ def _head_seed_key(cfg: Config, comp: Competition) -> str:
     for key in ("seed", "random_state"):
         if key in names:
             return key
-    raise UserError(f"train.seeds: model '{cfg.model.name}' has a deterministic head "
+    raise UserError(f"train.seeds: model '{cfg.model.name}' has a head without a seed "
                     f"({member.head_name}): every seed would train the same model; drop train.seeds")
 
 
@@ -70,6 +73,9 @@ def check_seeds(cfg: Config, comp: Competition) -> None:
         return
     if len(set(seeds)) != len(seeds):
         raise UserError(f"train.seeds lists a seed twice: {seeds}")
+    if cfg.model.kind == "student":
+        raise UserError(f"train.seeds: model '{cfg.model.name}' is a student, whose head is its base "
+                        "model's; seed the base instead (not supported for students yet)")
     with_seed(cfg, comp, seeds[0])  # a deterministic CPU head is refused here
 
 
@@ -79,13 +85,16 @@ def run_seeds(runner, cfg: Config, comp: Competition, fold_of_row: np.ndarray, f
     outs = []
     for seed in cfg.train.seeds:
         sub = seed_dir(run_dir, seed)
-        out = _load(sub)
+        key = _seed_key(cfg, comp, seed)
+        out = _load(sub, key)
         if out is None:
             sub.mkdir(parents=True, exist_ok=True)
             out = runner(with_seed(cfg, comp, seed), comp, fold_of_row, fold, sub)
-            _save(sub, seed, out)
+            if is_main_process():
+                _save(sub, seed, key, out)
         outs.append(out)
-    save_config(cfg, run_dir / "config.yaml")  # the fold's config: the seeds, not one seed
+    if is_main_process():
+        save_config(cfg, run_dir / "config.yaml")  # the fold's config: the seeds, not one seed
     return _mean(outs, list(cfg.train.seeds))
 
 
@@ -98,22 +107,34 @@ def _mean(outs: list[FoldOutput], seeds: list[int]) -> FoldOutput:
     return FoldOutput(oof=oof, test=test, info=info)
 
 
-def _save(sub: Path, seed: int, out: FoldOutput) -> None:
+def _seed_key(cfg: Config, comp: Competition, seed: int) -> str:
+    """What a finished seed must match to be reused: its learned settings, the train side
+    (train file, folds, labels) and the test set."""
+    from mmfold.artifacts.manifest import data_fingerprints, testset_key
+
+    settings = learned_settings(with_seed(cfg, comp, seed).to_dict())
+    return stable_hash([settings, data_fingerprints(comp), testset_key(comp)])
+
+
+def _save(sub: Path, seed: int, key: str, out: FoldOutput) -> None:
     """The seed's arrays, then ``seed.json`` (written last: it marks the seed complete)."""
     arrays = {"oof": out.oof} if out.test is None else {"oof": out.oof, "test": out.test}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     fileio.write_bytes(sub / SEED_ARRAYS, buf.getvalue())
-    fileio.write_json(sub / SEED_DONE, {"seed": seed, "time": time.time(), **out.info})
+    fileio.write_json(sub / SEED_DONE, {"seed": seed, "key": key, "time": time.time(), **out.info})
 
 
-def _load(sub: Path) -> FoldOutput | None:
-    """A finished seed's output, or None."""
+def _load(sub: Path, key: str) -> FoldOutput | None:
+    """A finished seed's output if it was trained as it would be now, else None (retrained)."""
     if not (sub / SEED_DONE).exists():
         return None
+    info = json.loads((sub / SEED_DONE).read_text())
+    if info.get("key") != key:
+        print(f"{sub}: trained with other settings, data or test set; training this seed again")
+        return None
     with np.load(sub / SEED_ARRAYS) as z:
-        return FoldOutput(oof=z["oof"], test=z["test"] if "test" in z else None,
-                          info=json.loads((sub / SEED_DONE).read_text()))
+        return FoldOutput(oof=z["oof"], test=z["test"] if "test" in z else None, info=info)
 
 
 def predict_seeds(predict, cfg: Config, comp: Competition, run_dir: Path) -> np.ndarray:

@@ -7,16 +7,17 @@ fold k's labels.
 
 - **Pseudo-labels** (``pseudo: true``): the test rows, labelled by the mean of the teachers'
   *fold-k* test probabilities (``runs/<data>/<teacher>/fold<k>/test.parquet``, or what
-  ``mmfold predict`` wrote there for the current test set). A teacher's
-  fold-k model was trained on every fold but k, so it never saw fold k's labels. Any teacher
-  kind works: the files are already there.
+  ``mmfold predict`` wrote there for the current test set). A CPU member's fold-k model was
+  fitted on every fold but k and never looked at fold k's labels. A torch teacher is refused:
+  its fold-k checkpoint was *chosen* by fold k's labels (best epoch, early stopping), so its
+  test probabilities carry a little of them.
 - **Distillation** (``distill: a``): each train row's target is ``(1 - a) * label + a *
   teacher``, where the teacher probability of a row of fold j comes from a teacher refitted on
   the folds other than j *and* k ("inner" out-of-fold). The usual OOF file would leak: its
   fold-j rows come from models trained on fold k. One inner fit (excluding folds {j, k})
   scores the rows of both j and k, so a teacher needs K(K-1)/2 refits, cached under the
-  student's run folder. Only CPU-member teachers are refitted here (seconds each); a torch
-  teacher can teach by pseudo-labels.
+  student's run folder (so it needs 3 folds or more). Only CPU-member teachers are refitted
+  here (seconds each).
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ STUDENT = "student"
 
 
 def training_targets(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int) -> SoftTargets | None:
-    """The soft targets of a student's fold ``fold`` (None for any other kind)."""
+    """The soft targets of a student's fold ``fold`` (None for any other kind).
+
+    Raises:
+        UserError: a torch or student teacher, distillation with fewer than 3 folds, a
+            teacher fold that is not trained.
+    """
     if cfg.model.kind != STUDENT:
         return None
     p = resolve_params(cfg, STUDENT_DEFAULTS)
@@ -48,6 +54,9 @@ def training_targets(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fo
     a = float(p["distill"])
     if not 0.0 <= a <= 1.0:
         raise UserError(f"model '{cfg.model.name}': model.params.distill must be in [0, 1], got {a}")
+    if a > 0 and len(np.unique(fold_of_row)) < 3:
+        raise UserError(f"model '{cfg.model.name}': distillation refits teachers without two folds, "
+                        f"which needs 3 folds or more (this data has {len(np.unique(fold_of_row))})")
     if a > 0:
         y = (1.0 - a) * y + a * inner_teacher_probs(cfg, comp, list(p["teachers"]), fold_of_row, fold)[train]
     pseudo_teachers = list(p["pseudo_teachers"] or p["teachers"])
@@ -66,6 +75,7 @@ def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold
         raise UserError(f"model '{cfg.model.name}': pseudo-labels need a test set (data.test_csv)")
     probs = []
     for t in teachers:
+        teacher_config(cfg, t, "pseudo-labels")  # a CPU member (see the module docstring)
         path = _teacher_test_file(cfg, comp, t, fold)
         probs.append(predictions.read_probs(
             path, comp.ids("test"), comp.classes, f"teacher {t} fold {fold} ({path})", comp.cfg.name,
@@ -99,13 +109,14 @@ def inner_teacher_probs(cfg: Config, comp: Competition, teachers: list[str], fol
     return out / len(teachers)
 
 
-def teacher_config(cfg: Config, teacher: str) -> Config:
-    """A distillation teacher's current config; it must be a CPU member (refitted here)."""
+def teacher_config(cfg: Config, teacher: str, use: str = "distillation") -> Config:
+    """A teacher's current config; it must be a CPU member (see the module docstring: a torch
+    fold model was chosen by its fold's labels, and only members refit in seconds)."""
     tcfg = load_config(cfg.source or cfg.data.name, teacher, [])
     if tcfg.model.kind not in MEMBERS or tcfg.model.kind == STUDENT:
-        raise UserError(f"student '{cfg.model.name}': distillation refits its teachers without two folds, "
-                        f"which only CPU members do quickly; {teacher} is a {tcfg.model.kind} (use it for "
-                        "pseudo-labels, or set distill: 0)")
+        raise UserError(f"student '{cfg.model.name}': {teacher} is a {tcfg.model.kind}; {use} take only CPU "
+                        "members as teachers (a torch fold model is chosen by its fold's labels, and "
+                        "distillation refits teachers without two folds)")
     tcfg.data = cfg.data
     return tcfg
 

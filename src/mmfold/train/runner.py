@@ -395,4 +395,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for cfg in cfgs:
         train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
+    leave_together()
     return 0
+
+
+def leave_together() -> None:
+    """Under a multi-process launch, every rank waits for rank 0's collect, then the process
+    group is torn down explicitly. A rank that exits while another still holds the group
+    open can abort in the backend's teardown ("terminate called without an active
+    exception"), failing the launch after every fold was written."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # CPU members only: torch never started a group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -32,7 +32,7 @@ from mmfold.machine import available_cores
 from mmfold.metrics import METRICS
 from mmfold.registry import Registry
 from mmfold.ensemble.calibration import CALIBRATORS
-from mmfold.ensemble.thresholds import ThresholdOptimizer, _check_xy, _top_k
+from mmfold.ensemble.thresholds import ThresholdOptimizer, _check_xy, _top_k, check_post_rules
 
 DECODERS = Registry("blend decoder")
 
@@ -111,8 +111,7 @@ class ExpectedF1Decoder:
         if self.metric != "samples":
             raise UserError(f"blend.decoder=expected_f1 maximises samples-F1, but the metric is "
                             f"{self.metric}; use blend.decoder=thresholds")
-        if self.max_labels is not None and self.max_labels < max(self.min_labels, 1):
-            raise UserError(f"max_labels={self.max_labels} is below min_labels={self.min_labels}")
+        check_post_rules(self.min_labels, self.max_labels, self.top_k)
         self.calibrator_ = CALIBRATORS.get(self.calibration)().fit(P, y)
         k_max = self.k_max or int(y.sum(1).max()) + 1
         self.k_max_ = int(min(P.shape[1], k_max, self.max_labels or k_max))

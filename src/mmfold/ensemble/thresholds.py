@@ -359,6 +359,14 @@ def _cap(P: np.ndarray, pred: np.ndarray, max_labels: int) -> np.ndarray:
     return pred
 
 
+def check_post_rules(min_labels: int, max_labels: int | None, top_k: int | None) -> None:
+    """Refuse contradictory ``blend.*`` post-rules (every decoder applies them)."""
+    if max_labels is not None and max_labels < max(min_labels, 1):
+        raise UserError(f"max_labels={max_labels} is below min_labels={min_labels}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+
+
 def _check_xy(P: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """2-D float probabilities (and a matching 0/1 matrix), finite."""
     P = np.asarray(P, dtype=np.float64)
@@ -428,10 +436,7 @@ class ThresholdOptimizer:
 
     def _check_params(self) -> None:
         """Reject contradictory post-rules before spending time on a search."""
-        if self.max_labels is not None and self.max_labels < max(self.min_labels, 1):
-            raise UserError(f"max_labels={self.max_labels} is below min_labels={self.min_labels}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top_k must be >= 1, got {self.top_k}")
+        check_post_rules(self.min_labels, self.max_labels, self.top_k)
 
     def _global_start(self, P: np.ndarray, y: np.ndarray, cols: list[_Column], objective: Any
                       ) -> tuple[_Search, float]:

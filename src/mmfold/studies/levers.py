@@ -127,6 +127,14 @@ def row(ctx: Context, b: Blended, extra_s: float, note: str = "") -> dict[str, A
 # ------------------------------------------------------------------------------- levers
 
 
+# the decoder levers: their ``blend.*`` changes, scored on the plain blend's own fits
+DECODER_LEVERS: dict[str, dict[str, str]] = {
+    "expected_f1": {"decoder": "expected_f1", "calibration": "platt"},
+    "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"},
+    "gfm": {"decoder": "gfm", "calibration": "platt"},
+}
+
+
 @LEVERS.register("plain")
 def plain_and_decoders(ctx: Context) -> None:
     """The plain blend and the decoder levers (samples-F1 only), from one blender fit per fold."""
@@ -135,41 +143,33 @@ def plain_and_decoders(ctx: Context) -> None:
         ctx.plain_s = b.blend_s
         ctx.results["plain"] = row(ctx, b, 0.0, "the decoder levers maximise samples-F1: not run")
         return
-    res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"},
-                                   "expected_f1": {"decoder": "expected_f1", "calibration": "platt"},
-                                   "expected_f1_isotonic": {"decoder": "expected_f1", "calibration": "isotonic"},
-                                   "gfm": {"decoder": "gfm", "calibration": "platt"}})
-    extra = {name: _decoder_seconds(ctx, name) for name in ("expected_f1", "expected_f1_isotonic", "gfm")}
+    res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"}, **DECODER_LEVERS})
+    extra = _decoder_seconds(ctx)
     ctx.plain_s = max(0.0, res["plain"].blend_s - sum(extra.values()))  # the thresholds-only blend
     ctx.results["plain"] = row(ctx, res["plain"], 0.0)
     for name, seconds in extra.items():
         ctx.results[name] = row(ctx, res[name], seconds)
 
 
-def _decoder_seconds(ctx: Context, name: str) -> float:
-    """Extra seconds of a decoder over the thresholds, measured on the blend's honest
-    probabilities of every fold (fit on the other folds' rows, predict the fold)."""
+def _decoder_seconds(ctx: Context) -> dict[str, float]:
+    """Extra seconds of each decoder lever over the thresholds, fitted on the other folds'
+    rows and predicting each fold, on an equal-weight blend of the plain models."""
+    from mmfold.artifacts.predictions import load_oofs
     from mmfold.ensemble.decoders import build_decoder
-    from mmfold.ensemble.thresholds import ThresholdOptimizer
 
-    calibration = "isotonic" if name.endswith("isotonic") else "platt"
-    P, y = _plain_prob(ctx), ctx.comp.y()
-    cfg = replace(ctx.cfg.blend, decoder="gfm" if name == "gfm" else "expected_f1", calibration=calibration)
-    times = []
-    for make in (lambda: ThresholdOptimizer(), lambda: build_decoder(cfg, ctx.cfg.data.metric)):
+    P = load_oofs(ctx.data, ctx.models, ctx.comp, ctx.folds, with_test=False).P.mean(0)
+    y = ctx.comp.y()
+
+    def seconds(over: dict[str, str]) -> float:
+        cfg = replace(ctx.cfg.blend, **over)
         start = time.perf_counter()
         for k in np.unique(ctx.folds):
             tr = ctx.folds != k
-            make().fit(P[tr], y[tr]).predict(P[~tr])
-        times.append(time.perf_counter() - start)
-    return max(0.0, times[1] - times[0])
+            build_decoder(cfg, ctx.cfg.data.metric).fit(P[tr], y[tr]).predict(P[~tr])
+        return time.perf_counter() - start
 
-
-def _plain_prob(ctx: Context) -> np.ndarray:
-    """An equal-weight blend of the plain models (what the decoder timing runs on)."""
-    from mmfold.artifacts.predictions import load_oofs
-
-    return load_oofs(ctx.data, ctx.models, ctx.comp, ctx.folds, with_test=False).P.mean(0)
+    base = seconds({"decoder": "thresholds"})
+    return {name: max(0.0, seconds(over) - base) for name, over in DECODER_LEVERS.items()}
 
 
 def _stacker(method: str) -> Callable[[Context], None]:

@@ -34,7 +34,7 @@ from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
 from mmfold.train.fold import FoldOutput
-from mmfold.train.seeds import check_seeds
+from mmfold.train.seeds import check_seeds, run_seeds
 
 
 
@@ -175,8 +175,6 @@ def _run(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd:
     """The kind's runner, once per seed when ``train.seeds`` lists several (averaged)."""
     runner = runner_for(cfg.model.kind)
     if cfg.train.seeds:
-        from mmfold.train.seeds import run_seeds
-
         return run_seeds(runner, cfg, comp, fold_of_row, fold, rd)
     return runner(cfg, comp, fold_of_row, fold, rd)
 

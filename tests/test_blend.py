@@ -293,7 +293,8 @@ def test_every_registered_method_blends_honestly(method: str) -> None:
 
 
 @pytest.mark.parametrize("method, decoder", [("optuna", "expected_f1"), ("optuna", "gfm"), ("lgbm", "thresholds"),
-                                             ("lgbm_all", "thresholds"), ("lgbm_all", "gfm")])
+                                             ("lgbm_all", "thresholds"), ("lgbm_all", "gfm"),
+                                             ("logistic", "thresholds"), ("logistic", "gfm")])
 def test_every_lever_of_the_blend_ignores_the_scored_folds_labels(method: str, decoder: str) -> None:
     """Leak detector for the decoder and stacker levers: flip fold 2's labels and fold 2's
     honest probabilities and decisions do not move."""
@@ -308,6 +309,30 @@ def test_every_lever_of_the_blend_ignores_the_scored_folds_labels(method: str, d
                               lambda: build_decoder(cfg, "samples")))
     np.testing.assert_allclose(runs[0].prob[folds == 2], runs[1].prob[folds == 2])
     np.testing.assert_array_equal(runs[0].pred[folds == 2], runs[1].pred[folds == 2])
+
+
+def test_the_logistic_stacker_weighs_each_model_where_it_knows_the_label() -> None:
+    """Two specialists: model 0 knows labels 0-2, model 1 only label 3 (the season a row-id
+    vote knows), each noise elsewhere. One global weight per model must trade one against the
+    other; a weight per label takes both, honestly (nested CV) and by a clear margin."""
+    rng = np.random.default_rng(1)
+    n, L = 900, 4
+    y = (rng.random((n, L)) < 0.4).astype(np.uint8)
+    y[~y.any(1), 0] = 1
+    sharp = lambda: 1 / (1 + np.exp(-(6 * (y - 0.5) + rng.normal(0, 1.0, y.shape))))  # noqa: E731
+    P = np.stack([sharp(), sharp()])
+    P[0, :, 3] = rng.random(n)
+    P[1, :, :3] = rng.random((n, 3))
+    folds = np.arange(n) % 3
+    scores = {}
+    for method in ("optuna", "logistic"):
+        cfg = BlendConfig(method=method, n_trials=20)
+        scores[method] = nested_cv(P, y, folds, lambda k, c=cfg: build_blender(c, "samples"),
+                                   lambda: ThresholdOptimizer(**THR)).mean
+    assert scores["logistic"] > scores["optuna"] + 0.03
+    stacker = build_blender(BlendConfig(method="logistic"), "samples").fit(P, y, folds)
+    assert stacker.models_[3].coef_[0, 1] > 5 * abs(stacker.models_[3].coef_[0, 0])  # label 3: model 1
+    assert stacker.models_[0].coef_[0, 0] > 5 * abs(stacker.models_[0].coef_[0, 1])  # label 0: model 0
 
 
 def test_bad_blend_settings_are_refused() -> None:

@@ -22,7 +22,8 @@ def _stack(rng: np.random.Generator, n: int, y: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method, transform", [("optuna", "none"), ("optuna", "power"), ("greedy", "rank"),
-                                               ("mean", "none"), ("lgbm", "none"), ("lgbm_all", "none")])
+                                               ("mean", "none"), ("lgbm", "none"), ("lgbm_all", "none"),
+                                               ("logistic", "none")])
 def test_a_saved_blend_decides_as_the_fitted_one(project: Path, method: str, transform: str) -> None:
     rng = np.random.default_rng(0)
     y = (rng.random((150, 5)) < 0.3).astype(np.uint8)

@@ -25,6 +25,7 @@ MODELS = {
                                                            "head_params": {"epochs": 3, "hidden": 8}}}},
     # any added member exercises the kNN lever (a kNN head needs dense embeddings, not TF-IDF)
     "t_knn": {"model": {"kind": "tfidf_linear", "params": {"min_df": 1, "head_params": {"C": 0.3}}}},
+    "t_id": {"model": {"kind": "id_knn", "params": {"head_params": {"k": 3}}}},
 }
 
 
@@ -37,7 +38,8 @@ def levered(tiny: Path, project: Path) -> Path:
     (project / "configs" / "models" / "t_mlp_seeds.yaml").write_text(yaml.safe_dump(seeds))
     data = project / "configs" / "data" / "tiny.yaml"
     cfg = yaml.safe_load(data.read_text())
-    cfg["levers"] = {"knn": ["t_knn"], "seeds": {"t_mlp": "t_mlp_seeds"}, "n_trials": 3}
+    cfg["levers"] = {"knn": ["t_knn"], "seeds": {"t_mlp": "t_mlp_seeds"}, "ids": ["t_id"], "method": "logistic",
+                     "n_trials": 3}
     data.write_text(yaml.safe_dump(cfg))
     assert main(["folds", "--data", "tiny"]) == 0
     assert main(["train", "--data", "tiny", "--model", "t_lr,t_mlp"]) == 0
@@ -49,12 +51,12 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
     out.parent.mkdir(parents=True)
     out.with_suffix(".json").write_text(json.dumps({"datasets": {"other": {"levers": {"plain": {"cv": 0.5}}}}}))
     args = ["levers", "--data", "tiny", "--models", "t_lr", "t_mlp", "--levers", "plain", "knn", "seeds",
-            "stack_lgbm", "--out", str(out)]
+            "stack_lgbm", "ids", "--out", str(out)]
     assert main(args) == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["datasets"]["other"] == {"levers": {"plain": {"cv": 0.5}}}  # another dataset's table kept
     lv = doc["datasets"]["tiny"]["levers"]
-    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "gfm", "knn", "seeds", "stack_lgbm"}
+    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "gfm", "knn", "seeds", "stack_lgbm", "ids"}
     for r in lv.values():
         assert {"cv", "cv_std", "delta", "delta_std", "extra_s", "folds_better"} <= set(r)
         plain = np.array(lv["plain"]["per_fold"])
@@ -63,6 +65,7 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
         assert r["extra_s"] >= 0
     assert lv["knn"]["models"] == ["t_lr", "t_mlp", "t_knn"] and lv["seeds"]["models"] == ["t_lr", "t_mlp_seeds"]
     assert lv["seeds"]["extra_s"] > 0  # two seeds trained (the single-seed model's time deducted)
+    assert lv["ids"]["models"] == ["t_lr", "t_mlp", "t_id"] and lv["ids"]["note"] == "blend.method logistic"
     # the plain and expected-F1 rows are exactly the nested CV `make blend` reports for those settings
     cfg = load_config("tiny")
     cfg.blend.n_trials = 3
@@ -74,6 +77,12 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
         cv = nested_cv(oofs.P, comp.y(), oofs.folds, lambda k: build_blender(cfg.blend, "samples"),
                        lambda: build_decoder(cfg.blend, "samples"))
         np.testing.assert_allclose(lv[name]["per_fold"], cv.per_fold, atol=1e-5)
+    ids = load_oofs("tiny", ["t_lr", "t_mlp", "t_id"], comp, load_folds(comp), with_test=False)
+    cfg = load_config("tiny")  # the data config's own decoder, as the lever
+    cfg.blend.method = "logistic"
+    cv = nested_cv(ids.P, comp.y(), ids.folds, lambda k: build_blender(cfg.blend, "samples"),
+                   lambda: build_decoder(cfg.blend, "samples"))
+    np.testing.assert_allclose(lv["ids"]["per_fold"], cv.per_fold, atol=1e-5)
     assert "| knn |" in out.with_suffix(".md").read_text()
 
 
@@ -91,7 +100,7 @@ def test_a_partial_rerun_keeps_the_other_levers_of_the_same_plain_blend() -> Non
     plain = {"per_fold": [0.5, 0.6], "cv": 0.55}
     old = {"models": ["a"], "rows": 10, "folds": 2, "levers": {"plain": plain, "knn": {"cv": 0.6}}}
     new = {"models": ["a"], "rows": 10, "folds": 2, "levers": {"plain": plain, "stack_lgbm_all": {"cv": 0.5}}}
-    assert set(merged(old, new)["levers"]) == {"plain", "knn", "stack_lgbm_all"}
+    assert list(merged(old, new)["levers"]) == ["plain", "stack_lgbm_all", "knn"]  # table order, whoever ran last
     other = {**new, "models": ["a", "b"]}  # another plain blend: the old rows are not comparable
     assert set(merged(old, other)["levers"]) == {"plain", "stack_lgbm_all"}
     moved = {**new, "levers": {"plain": {"per_fold": [0.5, 0.61]}}}

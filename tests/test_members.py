@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,6 +76,7 @@ MEMBER_CASES = {
     "fused_tfidf_pca": ("frozen_embed", {"encoders": ["minilm", "effnet_lite0"], "encoder_settings": SMALL_IMAGES,
                                          "pca_dim": 500, "dense_weight": 1.0, "tfidf": True,
                                          "tfidf_params": {"min_df": 1}, "head_params": {"C": 2.0}}),
+    "id_knn": ("id_knn", {"head_params": {"k": 3}}),
     "lgbm": ("lgbm", {"svd_dim": 4, "tfidf_params": {"min_df": 1},
                       "head_params": {"n_estimators": 5, "min_child_samples": 2}}),
 }
@@ -372,3 +374,56 @@ def test_a_knn_member_never_finds_the_scored_rows_in_its_bank(tiny: Path, tmp_pa
     _, comp2 = _comp()
     p_va, _, _ = members.fit_member_fold(cfg, comp2, np.append(tr, len(train)), va[:1])
     np.testing.assert_allclose(p_va[0], np.ones(len(comp2.classes)), atol=1e-6)  # the twin's labels, not its own
+
+
+# ---- row-id neighbours (id_knn) ------------------------------------------------------------
+
+
+def test_the_id_block_reads_the_number_in_each_id_in_units_of_the_typical_gap() -> None:
+    from mmfold.cpu.features import IdBlock
+
+    inp = SimpleNamespace(ids=np.array(["10.jpg", "14.jpg", "22.jpg", "18.jpg", "14.jpg"]))
+    block = IdBlock().fit(inp)
+    assert block.gap_ == 4.0  # distinct ids 10 14 18 22: every gap 4 (the repeated 14 is not a gap of 0)
+    np.testing.assert_array_equal(block.transform(inp)[:, 0], [2.5, 3.5, 5.5, 4.5, 3.5])
+    grouped = IdBlock(r"item-(\d+)")  # a group picks the number out of ids with several
+    np.testing.assert_array_equal(grouped.numbers(np.array(["v2/item-7.png"])), [7.0])
+    with pytest.raises(UserError, match=r"id 'cat.jpg' has no number matching"):
+        block.transform(SimpleNamespace(ids=np.array(["1.jpg", "cat.jpg"])))
+
+
+def test_a_euclidean_knn_votes_the_labels_of_the_nearest_rows() -> None:
+    """Brute force agrees: each query's weights go to its k nearest rows by distance, and
+    large numbers (ids in the tens of thousands) keep their last digit (float64)."""
+    from mmfold.cpu.heads import KNNHead
+
+    rng = np.random.default_rng(0)
+    X = 40_000 + rng.choice(5000, size=(200, 1), replace=False).astype(float)
+    Y = (rng.random((200, 4)) < 0.5).astype(np.float32)
+    q = 40_000 + rng.random((30, 1)) * 5000
+    head = KNNHead(k=3, temperature=1e9, metric="euclidean").fit(X, Y)  # huge temperature: equal weights
+    near = np.argsort(np.abs(q - X.T), axis=1)[:, :3]
+    np.testing.assert_allclose(head.predict_proba(q), Y[near].mean(1), atol=1e-6)
+    with pytest.raises(UserError, match="metric 'manhattan' is not one of"):
+        KNNHead(metric="manhattan").fit(X, Y)
+
+
+def test_an_id_knn_member_transfers_time_bound_labels_and_never_sees_the_scored_rows(
+        tiny: Path, tmp_path: Path) -> None:
+    """Training rows are labelled by id range (a catalogue's season), scored rows carry a label
+    no training row has: the id vote gives each scored row its range's label from the training
+    rows alone and never the scored rows' own label (a row in its own bank would copy it, k=1)."""
+    import pandas as pd
+
+    train = pd.read_csv(tiny / "train.csv")
+    n = len(train)
+    train["Labels"] = ["3" if i % 2 else ("1" if i < n // 2 else "2") for i in range(n)]
+    train.to_csv(tiny / "train.csv", index=False)
+    cfg, (_, comp) = _cfg("id_knn", {"head_params": {"k": 1}}), _comp()
+    tr, va = np.arange(0, n, 2), np.arange(1, n, 2)  # ids are the row numbers: every other one scored
+    p_va, _, info = members.fit_member_fold(cfg, comp, tr, va, tmp_path)
+    assert len(members.load_member(tmp_path).head_.X_) == len(tr) and info["id_gap"] == 2.0
+    col = {c: j for j, c in enumerate(comp.classes)}
+    assert p_va[:, col["3"]].max() == 0  # never its own label
+    inside = np.abs(va - n // 2) > 1  # next to the boundary either range's label is right
+    np.testing.assert_allclose(p_va[inside, col["1"]], (va < n // 2)[inside])

@@ -101,7 +101,7 @@ def test_canonical_batches_cover_every_row_once_with_fixed_size() -> None:
 
 # ---------------------------------------------------------------- the commands, on the demo
 
-DEMO_MODELS = ["demo_image", "demo_text", "demo_fusion", "tfidf_lr"]  # three torch kinds and a CPU member
+DEMO_MODELS = ["demo_image", "demo_text", "demo_fusion", "tfidf_lr", "id_knn"]  # three torch kinds, two CPU members
 
 
 def _train_side(project: Path) -> dict[str, tuple[int, str]]:

@@ -139,8 +139,10 @@ class LeversConfig:
     knn: list[str] = field(default_factory=list)  # nearest-neighbour label-transfer members, added
     seeds: dict[str, str] = field(default_factory=dict)  # model -> its multi-seed version, swapped in
     students: list[str] = field(default_factory=list)  # distilled / pseudo-labelled students, added
+    ids: list[str] = field(default_factory=list)  # members reading only the row id (id_knn), added
     n_trials: int | None = None  # blend.n_trials for every lever's blend (None: blend.n_trials)
     decoder: str = "expected_f1"  # how the "all" lever decides (expected_f1 or gfm)
+    method: str | None = None  # blend.method of the "ids" and "all" levers (None: blend.method)
 
 
 @dataclass

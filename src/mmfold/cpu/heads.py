@@ -216,7 +216,7 @@ def _MLPNet(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - reads like the cl
 
 
 class KNNHead(BaseEstimator, ClassifierMixin):
-    """Similarity-weighted label vote of the ``k`` nearest training rows (cosine).
+    """Similarity-weighted label vote of the ``k`` nearest training rows.
 
     A different inductive bias from the linear and MLP heads (local, no decision boundary),
     so its errors differ and the blend gains. Exact search by matrix products in chunks:
@@ -224,45 +224,68 @@ class KNNHead(BaseEstimator, ClassifierMixin):
 
     Args:
         k: Neighbours per row.
-        temperature: Softmax temperature over the neighbours' cosine similarities.
+        temperature: Softmax temperature over the neighbours' similarities (cosine, or minus
+            the distance in the features' units).
         chunk: Query rows per matrix product (bounds memory).
+        metric: ``cosine`` (embeddings: rows L2-normalised) or ``euclidean`` (features whose
+            scale means something, e.g. a row id in units of the typical gap between ids;
+            float64, so ids in the tens of thousands keep their last digit).
     """
 
-    def __init__(self, k: int = 30, temperature: float = 0.05, chunk: int = 2048) -> None:
+    def __init__(self, k: int = 30, temperature: float = 0.05, chunk: int = 2048, metric: str = "cosine") -> None:
         self.k = k
         self.temperature = temperature
         self.chunk = chunk
+        self.metric = metric
 
     def fit(self, X: np.ndarray, Y: np.ndarray) -> KNNHead:
-        """Store the L2-normalised training rows and their labels."""
-        from sklearn.preprocessing import normalize
-
-        self.X_ = normalize(np.asarray(X, dtype=np.float32))
+        """Store the training rows (L2-normalised for cosine) and their labels."""
+        self.X_ = self._rows(X)
         self.Y_ = np.asarray(Y, dtype=np.float32)
         return self
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """``(n, L)`` weighted label frequencies among the neighbours."""
+    def _rows(self, X: np.ndarray) -> np.ndarray:
+        """Rows as the metric compares them."""
         from sklearn.preprocessing import normalize
 
-        Xn = normalize(np.asarray(X, dtype=np.float32))
+        if self._metric() == "euclidean":
+            return np.asarray(X, dtype=np.float64)
+        return normalize(np.asarray(X, dtype=np.float32))
+
+    def _metric(self) -> str:
+        """The metric, checked (``getattr``: files saved before it existed are cosine)."""
+        metric = getattr(self, "metric", "cosine")
+        if metric not in ("cosine", "euclidean"):
+            raise UserError(f"knn head: metric '{metric}' is not one of cosine, euclidean")
+        return metric
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``(n, L)`` weighted label frequencies among the neighbours."""
+        Xn = self._rows(X)
         k = min(self.k, len(self.X_))
         parts = [self._vote(Xn[i : i + self.chunk], k) for i in range(0, len(Xn), self.chunk)]
         return np.concatenate(parts) if parts else np.zeros((0, self.Y_.shape[1]), np.float32)
 
+    def _similarity(self, q: np.ndarray) -> np.ndarray:
+        """Cosine similarity, or minus the euclidean distance, of each query to every row."""
+        if self._metric() == "cosine":
+            return q @ self.X_.T
+        sq = (q ** 2).sum(1)[:, None] - 2 * q @ self.X_.T + (self.X_ ** 2).sum(1)[None, :]
+        return -np.sqrt(np.maximum(sq, 0.0))
+
     def _vote(self, q: np.ndarray, k: int) -> np.ndarray:
         """Softmax-weighted labels of each query row's top-k neighbours."""
-        sim = q @ self.X_.T
+        sim = self._similarity(q)
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         s = np.take_along_axis(sim, top, axis=1) / self.temperature
         w = np.exp(s - s.max(1, keepdims=True))
         w /= w.sum(1, keepdims=True)
-        return np.einsum("nk,nkl->nl", w, self.Y_[top])
+        return np.einsum("nk,nkl->nl", w, self.Y_[top]).astype(np.float32)
 
 
 @HEADS.register("knn")
 def knn_head(**params: Any) -> KNNHead:
-    """Cosine k-nearest-neighbour label vote (:class:`KNNHead`)."""
+    """k-nearest-neighbour label vote, cosine or euclidean (:class:`KNNHead`)."""
     return KNNHead(**params)
 
 

@@ -25,8 +25,8 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
 from mmfold.config import Config
-from mmfold.cpu.features import (EmbedBlock, EncoderSpec, MemberInput, SvdBlock, TfidfBlock, member_input, require,
-                                 tfidf_vectorizer)
+from mmfold.cpu.features import (EmbedBlock, EncoderSpec, IdBlock, MemberInput, SvdBlock, TfidfBlock, member_input,
+                                 require, tfidf_vectorizer)
 from mmfold.cpu.heads import HEADS, KNNHead, PerLabel, TorchMLP, build_head  # noqa: F401 - the heads' home
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
@@ -209,6 +209,24 @@ def lgbm(cfg: Config, comp: Competition) -> MemberModel:
     return MemberModel(blocks, build_head("lgbm", _sub(p, "head_params")), "lgbm")
 
 
+ID_KNN_DEFAULTS: dict[str, Any] = {
+    "pattern": r"\d+", "head": "knn", "head_params": {"k": 10, "temperature": 5.0, "metric": "euclidean"},
+}
+
+
+@MEMBERS.register("id_knn")
+def id_knn(cfg: Config, comp: Competition) -> MemberModel:
+    """Label vote of the rows whose id numbers are nearest (:class:`~mmfold.cpu.features.IdBlock`).
+
+    Reads no caption and no pixel: where ids were issued over time, neighbours share
+    time-bound labels (a catalogue's season). Weak on the rest, so it pays through a blender
+    that weighs it per label (``blend.method=logistic``), not through one global weight.
+    """
+    p = resolve_params(cfg, ID_KNN_DEFAULTS)
+    head_params = {**ID_KNN_DEFAULTS["head_params"], **_sub(p, "head_params")}
+    return MemberModel([IdBlock(str(p["pattern"]))], build_head(p["head"], head_params), p["head"])
+
+
 STUDENT_DEFAULTS: dict[str, Any] = {"base": None, "teachers": [], "distill": 0.5, "pseudo": False,
                                     "pseudo_teachers": None}
 
@@ -246,6 +264,7 @@ def student_base(cfg: Config) -> Config:
 
 MEMBER_DEFAULTS: dict[str, dict[str, Any]] = {
     "tfidf_linear": TFIDF_DEFAULTS, "frozen_embed": EMBED_DEFAULTS, "lgbm": LGBM_DEFAULTS,
+    "id_knn": ID_KNN_DEFAULTS,
 }
 
 
@@ -278,7 +297,7 @@ def modalities(cfg: Config) -> set[str]:
     if cfg.model.kind == "student":
         return modalities(student_base(cfg))
     p = cfg.model.params
-    encs = p.get("encoders", ["minilm"]) if cfg.model.kind != "tfidf_linear" else []
+    encs = p.get("encoders", MEMBER_DEFAULTS.get(cfg.model.kind, {}).get("encoders", []))
     out = {build_encoder(e).modality for e in encs}
     uses_tfidf = cfg.model.kind == "tfidf_linear" or p.get("tfidf") or (cfg.model.kind == "lgbm" and p.get("svd_dim", 64))
     return out | ({"text"} if uses_tfidf else set())

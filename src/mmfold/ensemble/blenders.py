@@ -490,6 +490,59 @@ class LGBMAllLabelsStacker(LGBMStacker):
         return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed, all_labels=True)
 
 
+@BLENDERS.register("logistic")
+class LogisticStacker(LGBMStacker):
+    """A logistic regression per label over every model's logit of that label.
+
+    The per-label second level of Planet's and iMet's winners, in its simplest form: label j
+    gets its own weight per model (and an intercept), so a member that is only good at some
+    labels (a row-id neighbour vote knows the season, not the colour) counts where it helps,
+    which one global weight per model cannot do. Linear in the logits, so it stays calibrated
+    and cannot memorise as trees can. Trained out-of-fold like :class:`LGBMStacker`
+    (``oof_`` from stackers that never saw the row); ``predict`` uses the all-rows fits.
+
+    Args:
+        C: Inverse L2 strength (sklearn's): with a handful of features per label and thousands
+            of rows, 1.0 barely regularises.
+        seed: Kept for the shared interface (lbfgs is deterministic).
+
+    Attributes:
+        weights_: Each model's share of the summed absolute coefficients over labels.
+        oof_, models_: As for :class:`LGBMStacker`.
+    """
+
+    def __init__(self, C: float = 1.0, seed: int = 42) -> None:  # noqa: N803 - sklearn's name
+        self.C = C
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> LogisticStacker:
+        """From ``blend.*``."""
+        return cls(seed=cfg.seed)
+
+    def _x(self, P: np.ndarray, j: int) -> np.ndarray:
+        """Every model's logit of label j (probabilities clipped to [1e-4, 1 - 1e-4])."""
+        p = np.clip(P[:, :, j].T, 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p))
+
+    def _fit_label(self, P: np.ndarray, yj: np.ndarray, j: int) -> Any:
+        """One label's logistic regression; a constant when the label never or always occurs."""
+        if yj.min() == yj.max():
+            return float(yj[0])
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=self.C, max_iter=1000).fit(self._x(P, j), yj)
+
+    def _gain_shares(self, M: int) -> np.ndarray:
+        """Absolute coefficients of each model, summed over labels, as shares."""
+        mass = np.zeros(M)
+        for m in self.models_:
+            if not isinstance(m, float):
+                mass += np.abs(m.coef_[0])
+        return mass / mass.sum() if mass.sum() > 0 else np.full(M, 1.0 / M)
+
+
 def _proba(model: Any, x: np.ndarray) -> np.ndarray:
     """Positive-class probability of a fitted classifier or a constant."""
     if isinstance(model, float):

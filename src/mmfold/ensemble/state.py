@@ -24,7 +24,7 @@ from mmfold.errors import UserError
 TRUSTED_TYPES = (
     "mmfold.ensemble.blenders.MeanBlender", "mmfold.ensemble.blenders.GreedyBlender",
     "mmfold.ensemble.blenders.OptunaBlender", "mmfold.ensemble.blenders.LGBMStacker",
-    "mmfold.ensemble.blenders.LGBMAllLabelsStacker",
+    "mmfold.ensemble.blenders.LGBMAllLabelsStacker", "mmfold.ensemble.blenders.LogisticStacker",
     "mmfold.ensemble.blenders.SingleModel", "mmfold.ensemble.transforms.IdentityTransform",
     "mmfold.ensemble.transforms.PowerTransform", "mmfold.ensemble.transforms.RankTransform",
     "mmfold.ensemble.thresholds.ThresholdOptimizer", "mmfold.ensemble.decoders.ExpectedF1Decoder",

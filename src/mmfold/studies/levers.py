@@ -8,12 +8,15 @@ folds, so its per-fold delta against the plain blend is paired:
 - decoders: ``expected_f1`` (Platt), ``expected_f1_isotonic`` and ``gfm`` (expected F1 with
   the label count learned) decide the *same* honest blend probabilities as the plain blend
   (one blender fit per fold, several decoders);
-- stackers: ``stack_lgbm`` (a LightGBM per label over every model's probability of that label)
-  and ``stack_lgbm_all`` (over every model's probability of every label);
+- stackers: ``stack_lgbm`` (a LightGBM per label over every model's probability of that label),
+  ``stack_lgbm_all`` (over every model's probability of every label) and ``stack_logistic``
+  (a logistic regression per label over every model's logit of that label);
 - members (``levers.*`` in the data config, trained here if they are not yet, resumably):
   ``knn`` adds nearest-neighbour label-transfer members, ``seeds`` swaps a model for its
-  multi-seed version, ``students`` adds distilled / pseudo-labelled students;
-- ``all``: every member lever at once, decided by ``levers.decoder`` (expected-F1 by default).
+  multi-seed version, ``students`` adds distilled / pseudo-labelled students, ``ids`` adds
+  members that read only the row id (``id_knn``), blended by ``levers.method``;
+- ``all``: every member lever at once, blended by ``levers.method`` (default: ``blend.method``)
+  and decided by ``levers.decoder`` (expected-F1 by default).
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
 recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
@@ -182,6 +185,7 @@ def _stacker(method: str) -> Callable[[Context], None]:
 
 LEVERS.register("stack_lgbm")(_stacker("lgbm"))
 LEVERS.register("stack_lgbm_all")(_stacker("lgbm_all"))
+LEVERS.register("stack_logistic")(_stacker("logistic"))
 
 
 @LEVERS.register("knn")
@@ -190,19 +194,28 @@ def knn(ctx: Context) -> None:
     _added(ctx, "knn", list(ctx.cfg.levers.knn))
 
 
+@LEVERS.register("ids")
+def ids(ctx: Context) -> None:
+    """The plain models plus ``levers.ids`` (members reading only the row id), blended by
+    ``levers.method``: a member that knows a few labels needs per-label weights."""
+    _added(ctx, "ids", list(ctx.cfg.levers.ids), method=ctx.cfg.levers.method or ctx.cfg.blend.method)
+
+
 @LEVERS.register("students")
 def students(ctx: Context) -> None:
     """The plain models plus ``levers.students``."""
     _added(ctx, "students", list(ctx.cfg.levers.students))
 
 
-def _added(ctx: Context, name: str, extra: list[str]) -> None:
+def _added(ctx: Context, name: str, extra: list[str], **blend: Any) -> None:
+    """The plain models plus ``extra`` (trained if need be), under ``blend.*`` changes."""
     if not extra:
         ctx.results[name] = {"skipped": f"no levers.{name} models in configs/data/{ctx.data}.yaml"}
         return
     cost = train_members(ctx, extra)
-    b = nested(ctx, ctx.models + extra)[""]
-    ctx.results[name] = row(ctx, b, cost + _blend_extra(ctx, b))
+    b = nested(ctx, ctx.models + extra, **blend)[""]
+    note = f"blend.method {blend['method']}" if blend.get("method", ctx.cfg.blend.method) != ctx.cfg.blend.method else ""
+    ctx.results[name] = row(ctx, b, cost + _blend_extra(ctx, b), note)
 
 
 @LEVERS.register("seeds")
@@ -219,13 +232,15 @@ def seeds(ctx: Context) -> None:
 
 @LEVERS.register("all")
 def all_levers(ctx: Context) -> None:
-    """Every member lever at once, decided by ``levers.decoder`` (Platt calibration)."""
+    """Every member lever at once, blended by ``levers.method`` (default ``blend.method``) and
+    decided by ``levers.decoder`` (Platt calibration)."""
     lv = ctx.cfg.levers
-    models = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.students)
+    models = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.ids) + list(lv.students)
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
     cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
-    b = nested(ctx, models, decoder=lv.decoder, calibration="platt")[""]
-    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {lv.decoder}")
+    method = lv.method or ctx.cfg.blend.method
+    b = nested(ctx, models, decoder=lv.decoder, calibration="platt", method=method)[""]
+    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {lv.decoder}, blend.method {method}")
 
 
 # ------------------------------------------------------------------------------- command
@@ -253,9 +268,15 @@ def merged(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     plain blend (same models, rows and folds: their deltas are against the same plain CV)."""
     same = old is not None and all(old.get(k) == new[k] for k in ("models", "rows", "folds"))
     same = same and old["levers"].get("plain", {}).get("per_fold") == new["levers"]["plain"]["per_fold"]
-    if not same:
-        return new
-    return {**new, "levers": {**old["levers"], **new["levers"]}}
+    rows = {**old["levers"], **new["levers"]} if same else new["levers"]
+    return {**new, "levers": dict(sorted(rows.items(), key=lambda kv: _rank(kv[0])))}
+
+
+def _rank(name: str) -> int:
+    """A row's place in the table: plain, decoders, stackers, member levers, ``all`` last."""
+    order = ["plain", *DECODER_LEVERS, "stack_lgbm", "stack_lgbm_all", "stack_logistic", "knn", "ids", "seeds",
+             "students", "all"]
+    return order.index(name) if name in order else len(order)
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
@@ -267,14 +288,14 @@ def to_markdown(doc: dict[str, Any]) -> str:
         about = (f" ({d['rows']:,} rows, {d['labels']} labels, {d['folds']} folds; plain blend of "
                  f"{', '.join(d['models'])})" if "rows" in d else "")
         lines += [f"## {data}{about}", "",
-                  "| lever | honest CV | delta vs plain | fold std of delta | folds better | extra s |",
-                  "|---|---|---|---|---|---|"]
+                  "| lever | honest CV | delta vs plain | fold std of delta | folds better | extra s | note |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in d["levers"].items():
             if "cv_std" not in r:
-                lines.append(f"| {name} | {r.get('skipped', r.get('cv', ''))} | | | | |")
+                lines.append(f"| {name} | {r.get('skipped', r.get('cv', ''))} | | | | | |")
                 continue
             lines.append(f"| {name} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['delta']:+.4f} | {r['delta_std']:.4f} | "
-                         f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.1f} |")
+                         f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.1f} | {r.get('note', '')} |")
         lines.append("")
     return "\n".join(lines)
 

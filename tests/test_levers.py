@@ -38,6 +38,7 @@ def levered(tiny: Path, project: Path) -> Path:
     (project / "configs" / "models" / "t_mlp_seeds.yaml").write_text(yaml.safe_dump(seeds))
     data = project / "configs" / "data" / "tiny.yaml"
     cfg = yaml.safe_load(data.read_text())
+    cfg["blend"] = {"method": "logistic"}  # what the data config submits with: not the levers' baseline
     cfg["levers"] = {"knn": ["t_knn"], "seeds": {"t_mlp": "t_mlp_seeds"}, "ids": ["t_id"], "method": "logistic",
                      "n_trials": 3}
     data.write_text(yaml.safe_dump(cfg))
@@ -68,7 +69,7 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
     assert lv["ids"]["models"] == ["t_lr", "t_mlp", "t_id"] and lv["ids"]["note"] == "blend.method logistic"
     # the plain and expected-F1 rows are exactly the nested CV `make blend` reports for those settings
     cfg = load_config("tiny")
-    cfg.blend.n_trials = 3
+    cfg.blend.n_trials, cfg.blend.method = 3, "optuna"  # the plain blend is Optuna + thresholds
     comp = load_competition(cfg.data)
     oofs = load_oofs("tiny", ["t_lr", "t_mlp"], comp, load_folds(comp), with_test=False)
     for name, over in (("plain", {}), ("expected_f1", {"decoder": "expected_f1"})):

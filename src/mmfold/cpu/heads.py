@@ -215,6 +215,9 @@ def _MLPNet(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - reads like the cl
     return _mlp_net_class()(*args, **kwargs)
 
 
+KNN_BLOCK = 1 << 24  # query x bank similarities computed at once (128 MiB in float64)
+
+
 class KNNHead(BaseEstimator, ClassifierMixin):
     """Similarity-weighted label vote of the ``k`` nearest training rows.
 
@@ -226,7 +229,8 @@ class KNNHead(BaseEstimator, ClassifierMixin):
         k: Neighbours per row.
         temperature: Softmax temperature over the neighbours' similarities (cosine, or minus
             the distance in the features' units).
-        chunk: Query rows per matrix product (bounds memory).
+        chunk: Query rows per matrix product at most (fewer against a bank so large that
+            the block would pass :data:`KNN_BLOCK` similarities).
         metric: ``cosine`` (embeddings: rows L2-normalised) or ``euclidean`` (features whose
             scale means something, e.g. a row id in units of the typical gap between ids;
             float64, so ids in the tens of thousands keep their last digit).
@@ -263,7 +267,8 @@ class KNNHead(BaseEstimator, ClassifierMixin):
         """``(n, L)`` weighted label frequencies among the neighbours."""
         Xn = self._rows(X)
         k = min(self.k, len(self.X_))
-        parts = [self._vote(Xn[i : i + self.chunk], k) for i in range(0, len(Xn), self.chunk)]
+        step = max(1, min(self.chunk, KNN_BLOCK // max(len(self.X_), 1)))  # a block of queries x bank stays small
+        parts = [self._vote(Xn[i : i + step], k) for i in range(0, len(Xn), step)]
         return np.concatenate(parts) if parts else np.zeros((0, self.Y_.shape[1]), np.float32)
 
     def _similarity(self, q: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """``mmfold levers``: each lever beyond the plain blend, switched on alone, scored by the same
 honest nested CV, as one table.
 
-The plain blend is ``blend.*`` (the Optuna-weighted mean) with per-label thresholds, whatever
-``blend.decoder`` the data config picks, over the data config's models (or ``--models``). Every lever changes one thing and is scored on the same
-folds, so its per-fold delta against the plain blend is paired:
+The plain blend is ``blend.*`` with the Optuna-weighted mean and per-label thresholds, whatever
+``blend.method`` and ``blend.decoder`` the data config submits with, over the data config's
+models (or ``--models``). Every lever changes one thing and is scored on the same folds, so its
+per-fold delta against the plain blend is paired:
 
 - decoders: ``expected_f1`` (Platt), ``expected_f1_isotonic`` and ``gfm`` (expected F1 with
   the label count learned) decide the *same* honest blend probabilities as the plain blend
@@ -311,7 +312,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the levers on ``--data`` and merge its table into ``--out``."""
     cfg = load_config(args.data, None, list(args.overrides))
-    cfg.blend.decoder = "thresholds"  # the baseline every lever is one change away from
+    # the baseline every lever is one change away from: Optuna weights + per-label thresholds,
+    # whatever the data config submits with (fashion's is a stacker with gfm: a lever's result)
+    cfg.blend.decoder, cfg.blend.method = "thresholds", "optuna"
     if cfg.levers.n_trials:
         cfg.blend.n_trials = cfg.levers.n_trials
     models = list(args.models or cfg.blend.models or cfg.data.models)

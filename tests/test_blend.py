@@ -342,6 +342,12 @@ def test_bad_blend_settings_are_refused() -> None:
         build_blender(BlendConfig(method="mean", transform="power"), "samples")
     with pytest.raises(UserError, match="unknown blend transform"):
         build_blender(BlendConfig(transform="log"), "samples")
+    for ignored in ({"transform": "rank"}, {"cooccurrence": True}):  # a stacker over logits would ignore them
+        with pytest.raises(UserError, match="blend.method=logistic reads each model's logit"):
+            build_blender(BlendConfig(method="logistic", **ignored), "samples")
+    P, y, _ = make_stack(n=60, L=3)
+    with pytest.raises(UserError, match="blend.method=logistic trains out-of-fold"):
+        build_blender(BlendConfig(method="logistic"), "samples").fit(P, y, np.zeros(60, int))
 
 
 # ---- loading OOF files ---------------------------------------------------------------------

@@ -52,12 +52,13 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
     out.parent.mkdir(parents=True)
     out.with_suffix(".json").write_text(json.dumps({"datasets": {"other": {"levers": {"plain": {"cv": 0.5}}}}}))
     args = ["levers", "--data", "tiny", "--models", "t_lr", "t_mlp", "--levers", "plain", "knn", "seeds",
-            "stack_lgbm", "ids", "--out", str(out)]
+            "stack_lgbm", "ids", "all", "--out", str(out)]
     assert main(args) == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["datasets"]["other"] == {"levers": {"plain": {"cv": 0.5}}}  # another dataset's table kept
     lv = doc["datasets"]["tiny"]["levers"]
-    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "gfm", "knn", "seeds", "stack_lgbm", "ids"}
+    assert set(lv) == {"plain", "expected_f1", "expected_f1_isotonic", "gfm", "knn", "seeds", "stack_lgbm", "ids",
+                       "all"}
     for r in lv.values():
         assert {"cv", "cv_std", "delta", "delta_std", "extra_s", "folds_better"} <= set(r)
         plain = np.array(lv["plain"]["per_fold"])
@@ -66,7 +67,10 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
         assert r["extra_s"] >= 0
     assert lv["knn"]["models"] == ["t_lr", "t_mlp", "t_knn"] and lv["seeds"]["models"] == ["t_lr", "t_mlp_seeds"]
     assert lv["seeds"]["extra_s"] > 0  # two seeds trained (the single-seed model's time deducted)
-    assert lv["ids"]["models"] == ["t_lr", "t_mlp", "t_id"] and lv["ids"]["note"] == "blend.method logistic"
+    assert lv["ids"]["models"] == ["t_lr", "t_mlp", "t_id"] and lv["ids"]["note"].startswith("blend.method logistic;")
+    assert "delta_vs_method" in lv["ids"]  # two changes at once: the member's own share is given too
+    assert lv["all"]["models"] == ["t_lr", "t_mlp_seeds", "t_knn", "t_id"]
+    assert lv["all"]["note"] == "decoder expected_f1, blend.method logistic"
     # the plain and expected-F1 rows are exactly the nested CV `make blend` reports for those settings
     cfg = load_config("tiny")
     cfg.blend.n_trials, cfg.blend.method = 3, "optuna"  # the plain blend is Optuna + thresholds
@@ -79,12 +83,23 @@ def test_levers_table_is_paired_honest_and_merged(levered: Path) -> None:
                        lambda: build_decoder(cfg.blend, "samples"))
         np.testing.assert_allclose(lv[name]["per_fold"], cv.per_fold, atol=1e-5)
     ids = load_oofs("tiny", ["t_lr", "t_mlp", "t_id"], comp, load_folds(comp), with_test=False)
-    cfg = load_config("tiny")  # the data config's own decoder, as the lever
+    cfg = load_config("tiny")  # levers decide by thresholds (tiny's decoder) and blend by levers.method
     cfg.blend.method = "logistic"
     cv = nested_cv(ids.P, comp.y(), ids.folds, lambda k: build_blender(cfg.blend, "samples"),
                    lambda: build_decoder(cfg.blend, "samples"))
     np.testing.assert_allclose(lv["ids"]["per_fold"], cv.per_fold, atol=1e-5)
     assert "| knn |" in out.with_suffix(".md").read_text()
+
+
+def test_a_lever_never_adds_a_model_the_plain_blend_has(levered: Path) -> None:
+    """t_knn already in the plain blend: the knn lever has nothing to add (it would only
+    duplicate a column), and says so instead of measuring the duplicate."""
+    assert main(["train", "--data", "tiny", "--model", "t_knn"]) == 0
+    out = levered / "lv"
+    assert main(["levers", "--data", "tiny", "--models", "t_lr", "t_knn", "--levers", "plain", "knn",
+                 "--out", str(out)]) == 0
+    lv = json.loads(out.with_suffix(".json").read_text())["datasets"]["tiny"]["levers"]
+    assert "beyond the plain blend's" in lv["knn"]["skipped"]
 
 
 def test_unknown_levers_and_untrained_models_are_refused_before_anything_runs(levered: Path, capsys) -> None:

@@ -379,33 +379,63 @@ def test_a_knn_member_never_finds_the_scored_rows_in_its_bank(tiny: Path, tmp_pa
 # ---- row-id neighbours (id_knn) ------------------------------------------------------------
 
 
-def test_the_id_block_reads_the_number_in_each_id_in_units_of_the_typical_gap() -> None:
+def test_the_id_block_reads_the_number_in_each_id_centred_in_units_of_the_typical_gap() -> None:
     from mmfold.cpu.features import IdBlock
 
     inp = SimpleNamespace(ids=np.array(["10.jpg", "14.jpg", "22.jpg", "18.jpg", "14.jpg"]))
     block = IdBlock().fit(inp)
     assert block.gap_ == 4.0  # distinct ids 10 14 18 22: every gap 4 (the repeated 14 is not a gap of 0)
-    np.testing.assert_array_equal(block.transform(inp)[:, 0], [2.5, 3.5, 5.5, 4.5, 3.5])
+    np.testing.assert_array_equal(block.transform(inp)[:, 0], [-1.0, 0.0, 2.0, 1.0, 0.0])  # centred on 14
     grouped = IdBlock(r"item-(\d+)")  # a group picks the number out of ids with several
     np.testing.assert_array_equal(grouped.numbers(np.array(["v2/item-7.png"])), [7.0])
     with pytest.raises(UserError, match=r"id 'cat.jpg' has no number matching"):
         block.transform(SimpleNamespace(ids=np.array(["1.jpg", "cat.jpg"])))
+    with pytest.raises(UserError, match=r"id 'x.jpg' has no number matching"):  # an optional group, unmatched
+        IdBlock(r"(\d+)?").numbers(np.array(["x.jpg"]))
+    same_year = SimpleNamespace(ids=np.array([f"img2019_{i:04d}.jpg" for i in range(10)]))
+    with pytest.raises(UserError, match="only 1 distinct numbers in 10 ids"):  # every distance would tie
+        IdBlock().fit(same_year)
+    np.testing.assert_array_equal(IdBlock(r"_(\d+)").fit(same_year).transform(same_year)[:, 0], np.arange(10) - 4.5)
+
+
+def test_ids_outside_the_training_range_are_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """A test set numbered after the training set (comp5329: 30000+) gets only the labels of
+    the range's edge: said once, not per block."""
+    from mmfold.cpu.features import IdBlock, _warn_outside
+
+    _warn_outside.cache_clear()
+    block = IdBlock().fit(SimpleNamespace(ids=np.array([f"{i}.jpg" for i in range(100)])))
+    with caplog.at_level("WARNING"):
+        block.transform(SimpleNamespace(ids=np.array([f"{i}.jpg" for i in range(50, 150)])))  # half inside: fine
+        assert not caplog.records
+        for _ in range(3):
+            block.transform(SimpleNamespace(ids=np.array([f"{i}.jpg" for i in range(200, 300)])))
+    assert len(caplog.records) == 1 and "outside the training ids' range [0, 99]" in caplog.text
 
 
 def test_a_euclidean_knn_votes_the_labels_of_the_nearest_rows() -> None:
-    """Brute force agrees: each query's weights go to its k nearest rows by distance, and
-    large numbers (ids in the tens of thousands) keep their last digit (float64)."""
+    """Brute force agrees, for a row id (one feature) and for several features: each query's
+    weights go to its k nearest rows by distance, and ids as large as timestamps keep their
+    last digit."""
     from mmfold.cpu.heads import KNNHead
 
     rng = np.random.default_rng(0)
-    X = 40_000 + rng.choice(5000, size=(200, 1), replace=False).astype(float)
-    Y = (rng.random((200, 4)) < 0.5).astype(np.float32)
-    q = 40_000 + rng.random((30, 1)) * 5000
-    head = KNNHead(k=3, temperature=1e9, metric="euclidean").fit(X, Y)  # huge temperature: equal weights
-    near = np.argsort(np.abs(q - X.T), axis=1)[:, :3]
-    np.testing.assert_allclose(head.predict_proba(q), Y[near].mean(1), atol=1e-6)
+    for X, q in ((1e12 + rng.choice(5000, size=(200, 1), replace=False), 1e12 + rng.random((30, 1)) * 5000),
+                 (rng.normal(size=(200, 3)) * 10, rng.normal(size=(30, 3)) * 10)):
+        Y = (rng.random((200, 4)) < 0.5).astype(np.float32)
+        head = KNNHead(k=3, temperature=1e9, metric="euclidean").fit(X, Y)  # huge temperature: equal weights
+        dist = np.linalg.norm(q[:, None, :] - X[None, :, :], axis=2)
+        near = np.argsort(dist, axis=1)[:, :3]
+        np.testing.assert_allclose(head.predict_proba(q), Y[near].mean(1), atol=1e-6)
     with pytest.raises(UserError, match="metric 'manhattan' is not one of"):
         KNNHead(metric="manhattan").fit(X, Y)
+
+
+def test_an_id_member_takes_another_head(tiny: Path) -> None:
+    """The knn defaults (k, temperature, metric) go to the knn head only."""
+    cfg = _cfg("id_knn", {"head": "logreg", "head_params": {"C": 0.5}})
+    model = members.MEMBERS.get("id_knn")(cfg, None)
+    assert model.head_name == "logreg" and model.head.estimator.C == 0.5
 
 
 def test_an_id_knn_member_transfers_time_bound_labels_and_never_sees_the_scored_rows(

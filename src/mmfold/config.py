@@ -142,7 +142,7 @@ class LeversConfig:
     ids: list[str] = field(default_factory=list)  # members reading only the row id (id_knn), added
     n_trials: int | None = None  # blend.n_trials for every lever's blend (None: blend.n_trials)
     decoder: str = "expected_f1"  # how the "all" lever decides (expected_f1 or gfm)
-    method: str | None = None  # blend.method of the "ids" and "all" levers (None: blend.method)
+    method: str | None = None  # blend.method of the "ids" and "all" levers (None: optuna, the plain blend's)
 
 
 @dataclass

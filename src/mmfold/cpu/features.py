@@ -10,6 +10,9 @@ member transforms a new test set exactly as it transformed the rows it scored.
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,8 @@ from sklearn.preprocessing import StandardScaler
 
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EncoderSpec = tuple[str, dict[str, Any]]  # (encoder name, its settings)
 
@@ -261,12 +266,13 @@ class EmbedBlock(BaseEstimator, TransformerMixin):
 
 
 class IdBlock(BaseEstimator, TransformerMixin):
-    """The number inside each row id, in units of the typical gap between training ids.
+    """The number inside each row id, centred and in units of the typical gap between training ids.
 
     Where ids were issued over time (product catalogues, scraped posts), rows with nearby ids
     share what changed with time (season, collection, photographer), a signal no caption or
     pixel carries. As one feature for a euclidean neighbour vote it costs nothing to try, and
-    ``mmfold levers`` says honestly whether it pays (see the ``id_knn`` member).
+    ``mmfold levers`` says honestly whether it pays (see the ``id_knn`` member). Centring on
+    the training median keeps large ids (timestamps) exact in float64 distances.
 
     Args:
         pattern: Regular expression; its first match in an id (group 1 if it has a group) is
@@ -282,32 +288,52 @@ class IdBlock(BaseEstimator, TransformerMixin):
 
     def numbers(self, ids: np.ndarray) -> np.ndarray:
         """Each id's number as float64; an id without one is an error naming it."""
-        import re
-
         rx = re.compile(self.pattern)
         out = np.empty(len(ids), dtype=np.float64)
         for i, raw in enumerate(ids):
             m = rx.search(str(raw))
             try:
-                if m is None:
-                    raise ValueError(raw)
-                out[i] = float(m.group(1) if rx.groups else m.group(0))
-            except ValueError:
+                out[i] = float(m.group(1) if rx.groups else m.group(0))  # type: ignore[union-attr]
+            except (AttributeError, TypeError, ValueError):  # no match, an empty group, not a number
                 raise UserError(f"id '{raw}' has no number matching model.params.pattern "
                                 f"{self.pattern!r}") from None
         return out
 
     def fit(self, inp: MemberInput, y: Any = None) -> IdBlock:
-        """Learn the median gap between neighbouring distinct training ids (the unit)."""
-        x = np.unique(self.numbers(inp.ids))
-        gaps = np.diff(x)
-        self.gap_ = float(np.median(gaps)) if len(gaps) else 1.0
-        self.info_ = {"id_gap": self.gap_}
+        """Learn the centre, the unit (median gap between neighbouring distinct ids) and the range.
+
+        Raises:
+            UserError: fewer distinct numbers than half the rows: the pattern does not number
+                the rows (e.g. every id starts with the same year), so every distance would tie.
+        """
+        x = self.numbers(inp.ids)
+        distinct = np.unique(x)
+        if len(distinct) < max(2, len(x) // 2):
+            raise UserError(f"only {len(distinct)} distinct numbers in {len(x)} ids with model.params.pattern "
+                            f"{self.pattern!r} (e.g. '{inp.ids[0]}'): it does not number the rows; "
+                            "give a pattern whose group is each row's own number")
+        self.gap_ = float(np.median(np.diff(distinct)))
+        self.center_ = float(np.median(x))
+        self.range_ = (float(distinct[0]), float(distinct[-1]))
+        self.info_ = {"id_gap": self.gap_, "id_range": list(self.range_)}
         return self
 
     def transform(self, inp: MemberInput) -> np.ndarray:
-        """``(n, 1)`` float64: id number / gap."""
-        return (self.numbers(inp.ids) / self.gap_)[:, None]
+        """``(n, 1)`` float64: (id number - centre) / gap; warns when most rows lie outside
+        the training range, where the vote is only the labels of the range's edge."""
+        x = self.numbers(inp.ids)
+        lo, hi = self.range_
+        if len(x) and np.mean((x < lo) | (x > hi)) > 0.5:
+            _warn_outside(self.pattern, lo, hi)
+        return ((x - self.center_) / self.gap_)[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_outside(pattern: str, lo: float, hi: float) -> None:
+    """Say once per training range that the scored ids lie outside it."""
+    log.warning("id_knn: most scored ids lie outside the training ids' range [%g, %g] (pattern %r): their "
+                "neighbours are the rows at the range's edge, so the vote carries nothing; id neighbours "
+                "only help where test ids interleave with training ids", lo, hi, pattern)
 
 
 # Every type a fitted block may hold beyond skops' defaults: what member files are loaded with.

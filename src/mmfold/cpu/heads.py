@@ -215,7 +215,9 @@ def _MLPNet(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - reads like the cl
     return _mlp_net_class()(*args, **kwargs)
 
 
-KNN_BLOCK = 1 << 24  # query x bank similarities computed at once (128 MiB in float64)
+# query x bank similarities computed at once: 128 MiB per float64 array (a few such arrays live
+# at once: the similarities, their negation, argpartition's indices)
+KNN_BLOCK = 1 << 24
 
 
 class KNNHead(BaseEstimator, ClassifierMixin):
@@ -275,6 +277,8 @@ class KNNHead(BaseEstimator, ClassifierMixin):
         """Cosine similarity, or minus the euclidean distance, of each query to every row."""
         if self._metric() == "cosine":
             return q @ self.X_.T
+        if q.shape[1] == 1:  # one feature (a row id): exact, no cancellation in |q|^2 - 2qx + |x|^2
+            return -np.abs(q - self.X_.T)
         sq = (q ** 2).sum(1)[:, None] - 2 * q @ self.X_.T + (self.X_ ** 2).sum(1)[None, :]
         return -np.sqrt(np.maximum(sq, 0.0))
 

@@ -223,7 +223,8 @@ def id_knn(cfg: Config, comp: Competition) -> MemberModel:
     that weighs it per label (``blend.method=logistic``), not through one global weight.
     """
     p = resolve_params(cfg, ID_KNN_DEFAULTS)
-    head_params = {**ID_KNN_DEFAULTS["head_params"], **_sub(p, "head_params")}
+    knn_defaults = ID_KNN_DEFAULTS["head_params"] if p["head"] == "knn" else {}  # a euclidean vote unless told
+    head_params = {**knn_defaults, **_sub(p, "head_params")}
     return MemberModel([IdBlock(str(p["pattern"]))], build_head(p["head"], head_params), p["head"])
 
 

@@ -400,6 +400,8 @@ class LGBMStacker(Blender):
         models_: One fitted classifier (or a constant) per label.
     """
 
+    name = "lgbm"  # its blend.method, for messages
+
     def __init__(self, n_estimators: int = 60, learning_rate: float = 0.1, num_leaves: int = 7,
                  min_child_samples: int = 10, cooccurrence: bool = False, seed: int = 42,
                  num_threads: int = 1, all_labels: bool = False) -> None:
@@ -422,7 +424,7 @@ class LGBMStacker(Blender):
         """Out-of-fold stackers for ``oof_``, then one per label on every row."""
         P, y = check_stack(P), np.asarray(y)
         if folds is None or len(np.unique(folds)) < 2:
-            raise UserError("blend.method=lgbm trains out-of-fold, so it needs >= 2 folds in the "
+            raise UserError(f"blend.method={self.name} trains out-of-fold, so it needs >= 2 folds in the "
                             "rows it is fitted on (>= 3 folds in all, for the nested CV)")
         folds = np.asarray(folds)
         self.oof_ = np.zeros(P.shape[1:])
@@ -483,6 +485,8 @@ class LGBMAllLabelsStacker(LGBMStacker):
     the labels' means, as ``cooccurrence`` does). Features grow to models x labels per label:
     measured against the per-label stacker by ``mmfold levers``."""
 
+    name = "lgbm_all"
+
     @classmethod
     def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
                     progress: Progress | None = None) -> LGBMAllLabelsStacker:
@@ -511,6 +515,8 @@ class LogisticStacker(LGBMStacker):
         oof_, models_: As for :class:`LGBMStacker`.
     """
 
+    name = "logistic"
+
     def __init__(self, C: float = 1.0, seed: int = 42) -> None:  # noqa: N803 - sklearn's name
         self.C = C
         self.seed = seed
@@ -518,11 +524,20 @@ class LogisticStacker(LGBMStacker):
     @classmethod
     def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
                     progress: Progress | None = None) -> LogisticStacker:
-        """From ``blend.*``."""
+        """From ``blend.*``; settings it would silently ignore are refused.
+
+        Raises:
+            UserError: ``blend.transform`` other than none (the stacker reads logits) or
+                ``blend.cooccurrence`` (a per-label model over its own label's logits).
+        """
+        if cfg.transform != "none" or cfg.cooccurrence:
+            raise UserError("blend.method=logistic reads each model's logit of a label: it takes no "
+                            "blend.transform and no blend.cooccurrence")
         return cls(seed=cfg.seed)
 
     def _x(self, P: np.ndarray, j: int) -> np.ndarray:
-        """Every model's logit of label j (probabilities clipped to [1e-4, 1 - 1e-4])."""
+        """Every model's logit of label j (probabilities clipped to [1e-4, 1 - 1e-4]): a linear
+        model over logits is a weighted log-odds pool, which also recalibrates the blend."""
         p = np.clip(P[:, :, j].T, 1e-4, 1 - 1e-4)
         return np.log(p / (1 - p))
 

@@ -15,9 +15,11 @@ per-fold delta against the plain blend is paired:
 - members (``levers.*`` in the data config, trained here if they are not yet, resumably):
   ``knn`` adds nearest-neighbour label-transfer members, ``seeds`` swaps a model for its
   multi-seed version, ``students`` adds distilled / pseudo-labelled students, ``ids`` adds
-  members that read only the row id (``id_knn``), blended by ``levers.method``;
-- ``all``: every member lever at once, blended by ``levers.method`` (default: ``blend.method``)
-  and decided by ``levers.decoder`` (expected-F1 by default).
+  members that read only the row id (``id_knn``), blended by ``levers.method`` (its note also
+  gives its delta over the plain models under that method alone); a lever's model that is
+  already in the plain blend is not added again;
+- ``all``: every member lever at once, blended by ``levers.method`` (default: Optuna, the plain
+  blend's) and decided by ``levers.decoder`` (expected-F1 by default).
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
 recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
@@ -198,8 +200,16 @@ def knn(ctx: Context) -> None:
 @LEVERS.register("ids")
 def ids(ctx: Context) -> None:
     """The plain models plus ``levers.ids`` (members reading only the row id), blended by
-    ``levers.method``: a member that knows a few labels needs per-label weights."""
-    _added(ctx, "ids", list(ctx.cfg.levers.ids), method=ctx.cfg.levers.method or ctx.cfg.blend.method)
+    ``levers.method``: a member that knows a few labels needs per-label weights. Two changes
+    at once, so the note also gives the paired delta over the plain models under that method."""
+    method = ctx.cfg.levers.method or ctx.cfg.blend.method
+    _added(ctx, "ids", list(ctx.cfg.levers.ids), method=method)
+    r = ctx.results["ids"]
+    if method != ctx.cfg.blend.method and "per_fold" in r:
+        alone = ctx.results.get(f"stack_{method}", {}).get("per_fold") or nested(ctx, ctx.models, method=method)[""].per_fold
+        d = np.array(r["per_fold"]) - np.array(alone)
+        r["delta_vs_method"] = round(float(d.mean()), 4)
+        r["note"] += f"; vs the plain models under it: {d.mean():+.4f} ({int((d > 0).sum())}/{len(d)} folds better)"
 
 
 @LEVERS.register("students")
@@ -209,9 +219,12 @@ def students(ctx: Context) -> None:
 
 
 def _added(ctx: Context, name: str, extra: list[str], **blend: Any) -> None:
-    """The plain models plus ``extra`` (trained if need be), under ``blend.*`` changes."""
+    """The plain models plus ``extra`` (trained if need be), under ``blend.*`` changes; a model
+    already in the plain blend is not added twice (the row would measure nothing)."""
+    extra = [m for m in extra if m not in ctx.models]
     if not extra:
-        ctx.results[name] = {"skipped": f"no levers.{name} models in configs/data/{ctx.data}.yaml"}
+        ctx.results[name] = {"skipped": f"no levers.{name} models in configs/data/{ctx.data}.yaml "
+                                        "beyond the plain blend's"}
         return
     cost = train_members(ctx, extra)
     b = nested(ctx, ctx.models + extra, **blend)[""]
@@ -233,10 +246,11 @@ def seeds(ctx: Context) -> None:
 
 @LEVERS.register("all")
 def all_levers(ctx: Context) -> None:
-    """Every member lever at once, blended by ``levers.method`` (default ``blend.method``) and
-    decided by ``levers.decoder`` (Platt calibration)."""
+    """Every member lever at once, blended by ``levers.method`` (default: the plain blend's
+    Optuna) and decided by ``levers.decoder`` (Platt calibration)."""
     lv = ctx.cfg.levers
-    models = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.ids) + list(lv.students)
+    wanted = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.ids) + list(lv.students)
+    models = list(dict.fromkeys(wanted))  # each model once
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
     cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
     method = lv.method or ctx.cfg.blend.method
@@ -313,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the levers on ``--data`` and merge its table into ``--out``."""
     cfg = load_config(args.data, None, list(args.overrides))
     # the baseline every lever is one change away from: Optuna weights + per-label thresholds,
-    # whatever the data config submits with (fashion's is a stacker with gfm: a lever's result)
+    # whatever the data config (or the command line) submits with: fashion's is a stacker with
+    # gfm, itself the result of levers; other methods are levers.method
     cfg.blend.decoder, cfg.blend.method = "thresholds", "optuna"
     if cfg.levers.n_trials:
         cfg.blend.n_trials = cfg.levers.n_trials

@@ -136,3 +136,27 @@ def test_torch_pseudo_teachers_and_two_fold_distillation_are_refused(taught: Pat
     cfg, comp, folds = _setup(taught, "s5")
     with pytest.raises(UserError, match="needs 3 folds or more"):
         students.training_targets(cfg, comp, np.where(folds == 2, 1, folds), 0)
+
+
+def test_a_student_goes_stale_when_a_teacher_is_retrained_or_its_base_edited(
+        taught: Path, capsys: pytest.CaptureFixture) -> None:
+    """The student learned from t_lr's fold files and t_base's settings: retraining the
+    teacher or editing the base makes it stale for blend and collect, named, until it is
+    retrained; retraining the student alone is the fix."""
+    _student(taught, distill=0.5, pseudo=True)
+    assert main(["train", "--data", "tiny", "--model", "stud"]) == 0
+    blend = ["blend", "--data", "tiny", "--models", "stud", "t_lr", "blend.n_trials=2"]
+    assert main([*blend, "--name", "fresh"]) == 0
+    assert main(["train", "--data", "tiny", "--model", "t_lr", "--force"]) == 0  # a retrained teacher
+    capsys.readouterr()
+    assert main([*blend, "--name", "after_teacher"]) == 2
+    assert "model 'stud' is stale: t_lr (its base or teachers)" in capsys.readouterr().err
+    assert main(["collect", "--data", "tiny", "--model", "stud"]) != 0
+    assert "model 'stud' is stale: t_lr" in capsys.readouterr().err  # collect refuses it too
+    assert main(["train", "--data", "tiny", "--model", "stud", "--force"]) == 0
+    assert main([*blend, "--name", "retrained"]) == 0
+    _write(taught, "t_base", {"model": {**BASE["model"], "params": {**BASE["model"]["params"],
+                                                                     "head_params": {"epochs": 3, "hidden": 16}}}})
+    capsys.readouterr()
+    assert main([*blend, "--name", "after_base"]) == 2
+    assert "model 'stud' is stale: t_base (its base or teachers)" in capsys.readouterr().err

@@ -103,6 +103,41 @@ def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
     return {**data_fingerprints(comp), "config": model_config_hash(cfg), "test": testset_key(comp)}
 
 
+def upstream_keys(data: str, config: list[str], trained: list[str]) -> dict[str, str]:
+    """Keys of the other models a model was made from (a student's base and teachers); ``data``
+    is the ``--data`` the model was trained with (a name or a YAML path, ``Config.source``).
+
+    ``config:<m>`` hashes what ``m``'s YAML resolves to now (a student refits its teachers and
+    builds its base from them); ``trained:<m>`` hashes ``m``'s folds' ``done.json`` (rewritten
+    whenever ``m`` is retrained: a student learns from its pseudo-teachers' fold files)."""
+    keys = {f"config:{m}": stable_hash(learning_view(load_config(data, m).to_dict()))[:16] for m in config}
+    for m in trained:
+        folds = sorted(paths.run_dir(data, m, 0).parent.glob("fold*/done.json"))
+        keys[f"trained:{m}"] = stable_hash([file_hash(f) for f in folds])[:16]
+    return keys
+
+
+def upstream_drift(data: str, recorded: dict[str, str]) -> list[str]:
+    """The upstream models (see :func:`upstream_keys`) that changed since ``recorded``."""
+    def names(kind: str) -> list[str]:
+        return [k.split(":", 1)[1] for k in recorded if k.startswith(f"{kind}:")]
+
+    now = upstream_keys(data, names("config"), names("trained"))
+    return sorted({k.split(":", 1)[1] for k, v in recorded.items() if now.get(k) != v})
+
+
+def check_upstream(data: str, model: str, recorded: dict[str, str]) -> None:
+    """Refuse a model made from another version of its upstream models.
+
+    Raises:
+        UserError: naming the upstream models that changed and the command that fixes it.
+    """
+    changed = upstream_drift(data, recorded)
+    if changed:
+        raise UserError(f"model '{model}' is stale: {', '.join(changed)} (its base or teachers) changed or "
+                        f"were retrained since it was trained; retrain it (make train MODEL={model} FORCE=1)")
+
+
 def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
     """Refuse a collected model whose inputs changed since it was trained (or predicted).
 
@@ -123,6 +158,7 @@ def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
     changed = stale(meta.get("hashes", {}), data_fingerprints(comp))
     if changed:
         raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it (make train MODEL={model} FORCE=1)")
+    check_upstream(meta.get("config", {}).get("source") or comp.cfg.name, model, meta.get("upstream", {}))
     drift = config_drift(comp.cfg.name, model, meta.get("config", {}))
     if drift:
         raise UserError(f"model '{model}' is stale: its config changed since it was trained "

@@ -19,8 +19,8 @@ from mmfold.artifacts import predictions
 from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config, model_names
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.artifacts.manifest import (config_drift, data_fingerprints, describe, fingerprints, learning_view,
-                                      stale, testset_key)
+from mmfold.artifacts.manifest import (check_upstream, config_drift, data_fingerprints, describe, fingerprints,
+                                      learning_view, stale, testset_key)
 from mmfold.metrics import all_metrics, metric_label
 from mmfold.ensemble.scoring import at_half, honest_cv
 from mmfold.ensemble.submission import utc_now
@@ -52,6 +52,7 @@ def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict]
         infos.append(info)
         configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
     _check_same_settings(cfg.model.name, infos, configs)
+    _check_same_upstream(cfg, infos)
     drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
     if drift:
         raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
@@ -69,6 +70,16 @@ def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> 
             raise UserError(f"{model}: fold {k} was trained with other settings than fold 0:\n"
                             f"{describe_diff(changed, 'fold 0', f'fold {k}')}\n"
                             f"retrain it with fold 0's settings (FORCE=1 FOLD={k})")
+
+
+def _check_same_upstream(cfg: Config, infos: list[dict]) -> None:
+    """Every fold of a student made from the same teachers, and those still current."""
+    first = infos[0].get("upstream", {})
+    for k, info in enumerate(infos):
+        if info.get("upstream", {}) != first:
+            raise UserError(f"{cfg.model.name}: fold {k} was made from other versions of its base or teachers "
+                            f"than fold 0; retrain it (FORCE=1)")
+    check_upstream(cfg.source or cfg.data.name, cfg.model.name, first)
 
 
 def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> np.ndarray:
@@ -164,6 +175,7 @@ def _meta(cfg: Config, trained: Config, comp: Competition, oof: np.ndarray, fold
         "images_per_s": _mean([i.get("images_per_s") for i in infos]),
         "config": trained.to_dict(),
         "hashes": fingerprints(trained, comp),
+        **({"upstream": infos[0]["upstream"]} if infos[0].get("upstream") else {}),
     }
 
 

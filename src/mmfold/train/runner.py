@@ -45,14 +45,15 @@ Runner = Callable[[Config, Competition, np.ndarray, int, Path], FoldOutput]
 def _member_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, run_dir: Path):
     """Fit a CPU member on the fold (its fitted model kept in ``run_dir``) as a runner."""
     from mmfold.cpu.members import fit_member_fold
-    from mmfold.train.students import training_targets
+    from mmfold.train.students import training_targets, upstream
 
     start = time.perf_counter()
     train_idx, valid_idx = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
+    made_from = upstream(cfg)  # a student's teachers as they are now, before it learns from them
     targets = training_targets(cfg, comp, fold_of_row, fold)  # a student's soft targets, else None
     oof, test, info = fit_member_fold(cfg, comp, train_idx, valid_idx, run_dir, targets)
     save_config(cfg, run_dir / "config.yaml")
-    info = {"train_time_s": time.perf_counter() - start, **info}
+    info = {"train_time_s": time.perf_counter() - start, **info, **({"upstream": made_from} if made_from else {})}
     return FoldOutput(oof=np.asarray(oof, np.float32), test=None if test is None else np.asarray(test, np.float32), info=info)
 
 

@@ -3,7 +3,8 @@ without fold leakage. This module owns the rule; nothing else decides which teac
 fold may see.
 
 The rule: the student of fold k is scored on fold k, so nothing it learns from may depend on
-fold k's labels.
+fold k's labels. And a student is only as current as its teachers: each fold records what it
+was made from (:func:`upstream`), so a retrained teacher or an edited base makes it stale.
 
 - **Pseudo-labels** (``pseudo: true``): the test rows, labelled by the mean of the teachers'
   *fold-k* test probabilities (``runs/<data>/<teacher>/fold<k>/test.parquet``, or what
@@ -30,7 +31,7 @@ import numpy as np
 
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions
-from mmfold.artifacts.manifest import data_fingerprints, testset_key
+from mmfold.artifacts.manifest import data_fingerprints, testset_key, upstream_keys
 from mmfold.config import Config, learned_settings, load_config, stable_hash
 from mmfold.cpu.members import MEMBERS, STUDENT_DEFAULTS, SoftTargets, fit_member_fold, resolve_params
 from mmfold.data.competition import Competition
@@ -62,6 +63,19 @@ def training_targets(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fo
     pseudo_teachers = list(p["pseudo_teachers"] or p["teachers"])
     test = teacher_test_probs(cfg, comp, pseudo_teachers, fold) if p["pseudo"] else None
     return SoftTargets(y, test)
+
+
+def upstream(cfg: Config) -> dict[str, str]:
+    """What a student's folds are made from, as :func:`mmfold.artifacts.manifest.upstream_keys`
+    (recorded in each fold's ``done.json``; a change makes the student stale): the base's and
+    the teachers' configs (distillation refits the teachers from them) and, with pseudo-labels,
+    the pseudo-teachers' trained folds. Empty for any other kind."""
+    if cfg.model.kind != STUDENT:
+        return {}
+    p = resolve_params(cfg, STUDENT_DEFAULTS)
+    config = list(dict.fromkeys([str(p["base"]), *p["teachers"]]))
+    trained = list(p["pseudo_teachers"] or p["teachers"]) if p["pseudo"] else []
+    return upstream_keys(cfg.source or cfg.data.name, config, trained)
 
 
 def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold: int) -> np.ndarray:

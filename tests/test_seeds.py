@@ -143,3 +143,28 @@ def test_a_student_with_seeds_is_refused_before_any_fold_moves(tiny: Path, proje
     cfg.train.seeds = [0, 1]
     with pytest.raises(UserError, match="is a student"):
         train_model(cfg, load_competition(cfg.data), force=True)
+
+
+def test_a_blend_with_a_seeded_member_exports_and_its_bundle_predicts_the_same_submission(
+        tiny: Path, project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every seed's fitted state travels in the bundle, which averages the seeds as training
+    did: on the blend's own test set its submission is byte-identical to the blend's."""
+    import shutil
+
+    import yaml
+
+    from mmfold.cli import main
+    from tests.test_predict import _run_bundle
+
+    body = {"model": {"kind": "tfidf_linear", "params": MLP}, "train": {"seeds": [0, 1]}}
+    (project / "configs" / "models" / "t_seeded.yaml").write_text(yaml.safe_dump(body))
+    (project / "configs" / "models" / "t_lr.yaml").write_text(
+        yaml.safe_dump({"model": {"kind": "tfidf_linear", "params": {"min_df": 1}}}))
+    assert main(["train", "--data", "tiny", "--model", "t_seeded,t_lr"]) == 0
+    assert main(["blend", "--data", "tiny", "--name", "b", "--models", "t_seeded", "t_lr", "blend.n_trials=3"]) == 0
+    assert main(["export", "--data", "tiny", "--name", "b", "--out", str(project / "bundle")]) == 0
+    fresh = tmp_path_factory.mktemp("elsewhere")
+    bundle = Path(shutil.move(str(project / "bundle"), fresh / "bundle"))
+    assert (bundle / "runs" / "tiny" / "t_seeded" / "fold0" / "seed1" / "member.skops").exists()
+    _run_bundle(bundle, tiny / "test.csv", fresh / "sub.csv")
+    assert (fresh / "sub.csv").read_bytes() == (paths.submissions_dir("tiny") / "b.csv").read_bytes()

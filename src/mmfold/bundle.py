@@ -46,17 +46,16 @@ def data_overrides(test: Path, images: str | None, sample: str | None) -> list[s
 
 
 def member_probs(model: str, data_cfg: object, comp: object, data: str) -> np.ndarray:
-    """One member's test probabilities: each fold predicts from its saved state, averaged as
-    the collected file holds them."""
+    """One member's test probabilities: each fold predicts from its saved state (each seed's,
+    averaged, for a multi-seed member), averaged as the collected file holds them."""
     from mmfold import paths
     from mmfold.config import config_from_dict
-    from mmfold.train.predict import as_collected, predictor_for
+    from mmfold.train.predict import as_collected, predict_fold_dir
 
     dirs = sorted(paths.run_dir(data, model, 0).parent.glob("fold[0-9]*"), key=lambda d: int(d.name[4:]))
     cfg = config_from_dict(yaml.safe_load((dirs[0] / "config.yaml").read_text()))
     cfg.data = data_cfg
-    predict = predictor_for(cfg.model.kind)
-    return as_collected([predict(cfg, comp, rd) for rd in dirs])
+    return as_collected([predict_fold_dir(cfg, comp, rd) for rd in dirs])
 
 
 def predict_bundle(test: Path, out: Path, images: str | None = None, sample: str | None = None) -> Path:

@@ -120,17 +120,25 @@ def plan(data: str, name: str) -> dict[str, Any]:
     models, weights = {}, set()
     for m in state.meta["models"]:
         cfg, _ = trained_config(base, comp, m, n_folds)
-        if cfg.train.seeds:
-            raise UserError(f"{m} was trained with train.seeds={cfg.train.seeds}: bundles do not hold "
-                            "multi-seed members yet; blend without it to export, or predict with `make predict`")
         dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
-        first = check_fold_state(cfg, dirs[0])  # kept for its encoders; the others checked and dropped
-        for rd in dirs[1:]:
-            check_fold_state(cfg, rd)
-        models[m] = {"kind": cfg.model.kind, "dirs": dirs}
-        weights |= set(weight_files(cfg, first))
+        states = [(c, d) for rd in dirs for c, d in state_dirs(cfg, comp, rd)]
+        first = check_fold_state(*states[0])  # kept for its encoders; the others checked and dropped
+        for c, d in states[1:]:
+            check_fold_state(c, d)
+        models[m] = {"kind": cfg.model.kind, "dirs": dirs, "state_dirs": [d for _, d in states]}
+        weights |= set(weight_files(states[0][0], first))
     return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
             "n_folds": n_folds}
+
+
+def state_dirs(cfg: Config, comp: Any, run_dir: Path) -> list[tuple[Config, Path]]:
+    """Where a fold's fitted state lives, with the config that reads it: the fold itself, or
+    each seed's folder and that seed's config for a multi-seed member (``train.seeds``)."""
+    if not cfg.train.seeds:
+        return [(cfg, run_dir)]
+    from mmfold.train.seeds import seed_dir, with_seed
+
+    return [(with_seed(cfg, comp, s), seed_dir(run_dir, s)) for s in cfg.train.seeds]
 
 
 def check_fold_state(cfg: Config, run_dir: Path) -> Any:
@@ -161,11 +169,12 @@ def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:
     _copy(Path(mmfold.__file__).parent, tmp / "mmfold")
     fileio.write_text(tmp / "configs" / "data" / f"{data}.yaml", yaml.safe_dump({"data": vars(cfg.data)}, sort_keys=False))
     _copy(paths.labels_file(data), tmp / "folds" / paths.labels_file(data).name)
-    for m, info in p["models"].items():
-        for rd in info["dirs"]:
+    runs = paths.root() / "runs"
+    for info in p["models"].values():
+        for rd in [*info["dirs"], *info["state_dirs"]]:  # a fold's config.yaml, each seed's fitted state
             for f in FOLD_STATE:
                 if (rd / f).exists():
-                    _copy(rd / f, tmp / "runs" / data / m / rd.name / f)
+                    _copy(rd / f, tmp / "runs" / (rd / f).relative_to(runs))
     for w in p["weights"]:
         _copy(w, tmp / "weights" / w.relative_to(paths.weights_dir().resolve()))
     for f in state_files(data, name):

@@ -49,6 +49,14 @@ def predictor_for(kind: str) -> Predictor:
     return predict_fold
 
 
+def predict_fold_dir(cfg: Config, comp: Competition, run_dir: Path) -> np.ndarray:
+    """One fold's test probabilities from its saved state: its model, or the mean of its seeds'
+    models (``train.seeds``), exactly as training averaged them. ``mmfold predict`` and an
+    exported bundle both predict through here."""
+    predict = predictor_for(cfg.model.kind)
+    return predict_seeds(predict, cfg, comp, run_dir) if cfg.train.seeds else predict(cfg, comp, run_dir)
+
+
 def as_collected(fold_probs: list[np.ndarray]) -> np.ndarray:
     """The folds' test probabilities averaged exactly as the collected file holds them, read
     back: each fold's as written (float32), their mean in float64, stored as float32. An
@@ -85,14 +93,14 @@ def predict_model(cfg: Config, comp: Competition, infos: list[dict], force: bool
 
     key, started, done = testset_key(comp), time.perf_counter(), []
     files = fold_test_files(cfg, comp, infos)
-    predict = predictor_for(cfg.model.kind)
+    predictor_for(cfg.model.kind)  # an unknown kind fails before any fold is locked
     for k, path in enumerate(files):
         trained_with_it = path.name == predictions.FOLD_FILES["test"]
         if path.exists() and (trained_with_it or not force):
             continue  # a fold's own test.parquet is never rewritten
         rd = paths.run_dir(cfg.data.name, cfg.model.name, k)
         with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, k)):
-            probs = predict_seeds(predict, cfg, comp, rd) if cfg.train.seeds else predict(cfg, comp, rd)
+            probs = predict_fold_dir(cfg, comp, rd)
             predictions.write_fold_test(rd, comp.ids("test"), probs, comp.classes,
                                         f"{cfg.model.name} fold {k} test ({key})", path=path)
         done.append(k)

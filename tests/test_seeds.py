@@ -146,14 +146,18 @@ def test_a_student_with_seeds_is_refused_before_any_fold_moves(tiny: Path, proje
 
 
 def test_a_blend_with_a_seeded_member_exports_and_its_bundle_predicts_the_same_submission(
-        tiny: Path, project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        tiny: Path, project: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every seed's fitted state travels in the bundle, which averages the seeds as training
-    did: on the blend's own test set its submission is byte-identical to the blend's."""
+    did: the member's probabilities are exactly the collected ones (one seed alone would not
+    be), and on the blend's own test set the submission is byte-identical to the blend's."""
+    import json
     import shutil
 
     import yaml
 
+    from mmfold import bundle as bundle_mod
     from mmfold.cli import main
+    from mmfold.data.competition import load_test_set
     from tests.test_predict import _run_bundle
 
     body = {"model": {"kind": "tfidf_linear", "params": MLP}, "train": {"seeds": [0, 1]}}
@@ -168,3 +172,11 @@ def test_a_blend_with_a_seeded_member_exports_and_its_bundle_predicts_the_same_s
     assert (bundle / "runs" / "tiny" / "t_seeded" / "fold0" / "seed1" / "member.skops").exists()
     _run_bundle(bundle, tiny / "test.csv", fresh / "sub.csv")
     assert (fresh / "sub.csv").read_bytes() == (paths.submissions_dir("tiny") / "b.csv").read_bytes()
+    collected = pd.read_parquet(paths.oof_dir("tiny") / "t_seeded.test.parquet").set_index("id")
+    monkeypatch.setenv("MMFOLD_HOME", str(bundle))
+    monkeypatch.setenv("MMFOLD_CACHE", str(fresh / "cache"))
+    cfg = load_config("tiny", None, bundle_mod.data_overrides(tiny / "test.csv", None, None))
+    classes = json.loads(paths.labels_file("tiny").read_text())["classes"]
+    comp = load_test_set(cfg.data, classes)
+    probs = bundle_mod.member_probs("t_seeded", cfg.data, comp, "tiny")
+    np.testing.assert_array_equal(probs, collected.loc[comp.ids("test"), [str(c) for c in classes]].to_numpy(np.float64))

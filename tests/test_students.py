@@ -160,3 +160,28 @@ def test_a_student_goes_stale_when_a_teacher_is_retrained_or_its_base_edited(
     capsys.readouterr()
     assert main([*blend, "--name", "after_base"]) == 2
     assert "model 'stud' is stale: t_base (its base or teachers)" in capsys.readouterr().err
+
+
+def test_a_student_trained_fold_by_fold_is_checked_fold_by_fold(taught: Path, capsys: pytest.CaptureFixture) -> None:
+    """Fold k learns from its pseudo-teacher's fold k only: training teacher and student one
+    fold at a time collects; retraining one teacher fold makes the student stale; the
+    teacher's backups or its deleted YAML are not changes to what the student learned from."""
+    import shutil
+
+    _student(taught, distill=0.0, pseudo=True)
+    for k in range(3):
+        assert main(["train", "--data", "tiny", "--model", "t_lr", "--fold", str(k), "--force"]) == 0
+        assert main(["train", "--data", "tiny", "--model", "stud", "--fold", str(k)]) == 0
+    blend = ["blend", "--data", "tiny", "--models", "stud", "blend.n_trials=2"]
+    assert main([*blend, "--name", "a"]) == 0  # collected after its last fold, blendable
+    for backup in (taught / "runs" / "tiny" / "t_lr").glob("fold*.bak-*"):
+        shutil.rmtree(backup)
+    (taught / "configs" / "models" / "t_lr.yaml").unlink()
+    assert main([*blend, "--name", "b"]) == 0
+    _write(taught, "t_lr", TEACHER)
+    assert main(["train", "--data", "tiny", "--model", "t_lr", "--fold", "1", "--force"]) == 0
+    capsys.readouterr()
+    assert main([*blend, "--name", "c"]) == 2
+    assert "model 'stud' is stale: t_lr (its base or teachers)" in capsys.readouterr().err
+    assert main(["train", "--data", "tiny", "--model", "stud", "--fold", "1", "--force"]) == 0
+    assert main([*blend, "--name", "d"]) == 0

@@ -103,27 +103,34 @@ def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
     return {**data_fingerprints(comp), "config": model_config_hash(cfg), "test": testset_key(comp)}
 
 
-def upstream_keys(data: str, config: list[str], trained: list[str]) -> dict[str, str]:
-    """Keys of the other models a model was made from (a student's base and teachers); ``data``
-    is the ``--data`` the model was trained with (a name or a YAML path, ``Config.source``).
+def upstream_keys(data: str, config: list[str], trained: list[str], fold: int) -> dict[str, str]:
+    """Keys of the other models fold ``fold`` of a model was made from (a student's base and
+    teachers); ``data`` is the ``--data`` it was trained with (a name or a YAML path).
 
     ``config:<m>`` hashes what ``m``'s YAML resolves to now (a student refits its teachers and
-    builds its base from them); ``trained:<m>`` hashes ``m``'s folds' ``done.json`` (rewritten
-    whenever ``m`` is retrained: a student learns from its pseudo-teachers' fold files)."""
-    keys = {f"config:{m}": stable_hash(learning_view(load_config(data, m).to_dict()))[:16] for m in config}
+    builds its base from them); ``trained:<m>@<k>`` hashes ``m``'s fold-k ``done.json``
+    (rewritten whenever that fold is retrained: a student's fold k learns from its
+    pseudo-teachers' fold-k files). A model whose YAML or fold is gone gets no key: what was
+    made from it is taken as it was made, as :func:`config_drift` takes a deleted YAML."""
+    keys = {f"config:{m}": stable_hash(learning_view(load_config(data, m).to_dict()))[:16]
+            for m in config if model_yaml(m).exists()}
     for m in trained:
-        folds = sorted(paths.run_dir(data, m, 0).parent.glob("fold*/done.json"))
-        keys[f"trained:{m}"] = stable_hash([file_hash(f) for f in folds])[:16]
+        done = paths.run_dir(data, m, fold) / "done.json"
+        if done.exists():
+            keys[f"trained:{m}@{fold}"] = file_hash(done)
     return keys
 
 
 def upstream_drift(data: str, recorded: dict[str, str]) -> list[str]:
-    """The upstream models (see :func:`upstream_keys`) that changed since ``recorded``."""
-    def names(kind: str) -> list[str]:
-        return [k.split(":", 1)[1] for k in recorded if k.startswith(f"{kind}:")]
-
-    now = upstream_keys(data, names("config"), names("trained"))
-    return sorted({k.split(":", 1)[1] for k, v in recorded.items() if now.get(k) != v})
+    """The upstream models (see :func:`upstream_keys`) that changed since ``recorded`` (the
+    keys of one fold or of several, merged)."""
+    now: dict[str, str] = {}
+    for key in recorded:
+        kind, _, name = key.partition(":")
+        model, _, fold = name.partition("@")
+        now |= upstream_keys(data, [model] if kind == "config" else [], [model] if kind == "trained" else [],
+                             int(fold or 0))
+    return sorted({k.split(":", 1)[1].split("@")[0] for k, v in recorded.items() if k in now and now[k] != v})
 
 
 def check_upstream(data: str, model: str, recorded: dict[str, str]) -> None:

@@ -52,7 +52,7 @@ def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict]
         infos.append(info)
         configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
     _check_same_settings(cfg.model.name, infos, configs)
-    _check_same_upstream(cfg, infos)
+    upstream_of(cfg, infos)
     drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
     if drift:
         raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
@@ -72,14 +72,21 @@ def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> 
                             f"retrain it with fold 0's settings (FORCE=1 FOLD={k})")
 
 
-def _check_same_upstream(cfg: Config, infos: list[dict]) -> None:
-    """Every fold of a student made from the same teachers, and those still current."""
-    first = infos[0].get("upstream", {})
+def upstream_of(cfg: Config, infos: list[dict]) -> dict[str, str]:
+    """What a student's folds were made from, merged (its pseudo-teachers' fold k for fold k),
+    refusing folds made from different versions of its base or teachers and a changed one.
+
+    Raises:
+        UserError: naming the fold or the upstream models, and the fix.
+    """
+    merged: dict[str, str] = {}
     for k, info in enumerate(infos):
-        if info.get("upstream", {}) != first:
-            raise UserError(f"{cfg.model.name}: fold {k} was made from other versions of its base or teachers "
-                            f"than fold 0; retrain it (FORCE=1)")
-    check_upstream(cfg.source or cfg.data.name, cfg.model.name, first)
+        for key, value in info.get("upstream", {}).items():
+            if merged.setdefault(key, value) != value:
+                raise UserError(f"{cfg.model.name}: fold {k} was made from another version of "
+                                f"{key.split(':', 1)[1]} than fold 0; retrain it (FORCE=1 FOLD={k})")
+    check_upstream(cfg.source or cfg.data.name, cfg.model.name, merged)
+    return merged
 
 
 def merge_oof(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> np.ndarray:
@@ -175,7 +182,7 @@ def _meta(cfg: Config, trained: Config, comp: Competition, oof: np.ndarray, fold
         "images_per_s": _mean([i.get("images_per_s") for i in infos]),
         "config": trained.to_dict(),
         "hashes": fingerprints(trained, comp),
-        **({"upstream": infos[0]["upstream"]} if infos[0].get("upstream") else {}),
+        **({"upstream": upstream_of(cfg, infos)} if any(i.get("upstream") for i in infos) else {}),
     }
 
 

@@ -49,7 +49,7 @@ def _member_runner(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold
 
     start = time.perf_counter()
     train_idx, valid_idx = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
-    made_from = upstream(cfg)  # a student's teachers as they are now, before it learns from them
+    made_from = upstream(cfg, fold)  # a student's teachers as they are now, before it learns from them
     targets = training_targets(cfg, comp, fold_of_row, fold)  # a student's soft targets, else None
     oof, test, info = fit_member_fold(cfg, comp, train_idx, valid_idx, run_dir, targets)
     save_config(cfg, run_dir / "config.yaml")

@@ -65,17 +65,18 @@ def training_targets(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fo
     return SoftTargets(y, test)
 
 
-def upstream(cfg: Config) -> dict[str, str]:
-    """What a student's folds are made from, as :func:`mmfold.artifacts.manifest.upstream_keys`
-    (recorded in each fold's ``done.json``; a change makes the student stale): the base's and
-    the teachers' configs (distillation refits the teachers from them) and, with pseudo-labels,
-    the pseudo-teachers' trained folds. Empty for any other kind."""
+def upstream(cfg: Config, fold: int) -> dict[str, str]:
+    """What a student's fold ``fold`` is made from, as
+    :func:`mmfold.artifacts.manifest.upstream_keys` (recorded in its ``done.json``; a change
+    makes the student stale): the base's and the teachers' configs (distillation refits the
+    teachers from them) and, with pseudo-labels, the pseudo-teachers' fold ``fold``. Empty for
+    any other kind."""
     if cfg.model.kind != STUDENT:
         return {}
     p = resolve_params(cfg, STUDENT_DEFAULTS)
     config = list(dict.fromkeys([str(p["base"]), *p["teachers"]]))
     trained = list(p["pseudo_teachers"] or p["teachers"]) if p["pseudo"] else []
-    return upstream_keys(cfg.source or cfg.data.name, config, trained)
+    return upstream_keys(cfg.source or cfg.data.name, config, trained, fold)
 
 
 def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold: int) -> np.ndarray:

@@ -206,7 +206,9 @@ def ids(ctx: Context) -> None:
     _added(ctx, "ids", list(ctx.cfg.levers.ids), method=method)
     r = ctx.results["ids"]
     if method != ctx.cfg.blend.method and "per_fold" in r:
-        alone = ctx.results.get(f"stack_{method}", {}).get("per_fold") or nested(ctx, ctx.models, method=method)[""].per_fold
+        alone = ctx.results.get(f"stack_{method}", {}).get("per_fold")  # stack_<method> ran already
+        if alone is None:
+            alone = nested(ctx, ctx.models, method=method)[""].per_fold
         d = np.array(r["per_fold"]) - np.array(alone)
         r["delta_vs_method"] = round(float(d.mean()), 4)
         r["note"] += f"; vs the plain models under it: {d.mean():+.4f} ({int((d > 0).sum())}/{len(d)} folds better)"

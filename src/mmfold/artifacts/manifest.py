@@ -103,6 +103,14 @@ def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
     return {**data_fingerprints(comp), "config": model_config_hash(cfg), "test": testset_key(comp)}
 
 
+def fold_seconds(data: str, model: str, fold: int) -> float:
+    """Seconds a trained fold recorded in its ``done.json``: ``wall_s`` (torch folds: caches,
+    training, validation and prediction) where the engine wrote it, else ``train_time_s``
+    (CPU members time their whole fold). What benchmarks and levers charge a member."""
+    info = json.loads((paths.run_dir(data, model, fold) / "done.json").read_text())
+    return float(info.get("wall_s", info.get("train_time_s", 0.0)))
+
+
 def upstream_keys(data: str, config: list[str], trained: list[str], fold: int) -> dict[str, str]:
     """Keys of the other models fold ``fold`` of a model was made from (a student's base and
     teachers); ``data`` is the ``--data`` it was trained with (a name or a YAML path).

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, paths
+from mmfold.artifacts.manifest import fold_seconds
 from mmfold.bench.real import Timer, blend_members, load_dataset, member_configs
 from mmfold.config import Config
 from mmfold.data.competition import Competition
@@ -74,13 +75,10 @@ def train_all(cfgs: list[Config], comp: Competition, jobs: int, fresh: bool, tim
 
 
 def fold_cost(data: str, model: str, folds: list[int]) -> dict[str, float]:
-    """Seconds and training samples/s of a member's folds, from their ``done.json``.
-
-    ``wall_s`` (torch folds: building caches, training, validation and prediction) where the
-    engine wrote it, else ``train_time_s`` (CPU members time their whole fold).
-    """
+    """Seconds (:func:`~mmfold.artifacts.manifest.fold_seconds`) and training samples/s of a
+    member's folds, from their ``done.json``."""
     infos = [json.loads((paths.run_dir(data, model, k) / "done.json").read_text()) for k in folds]
-    seconds = [float(i.get("wall_s", i.get("train_time_s", 0.0))) for i in infos]
+    seconds = [fold_seconds(data, model, k) for k in folds]
     rates = [i["images_per_s"] for i in infos if i.get("images_per_s")]
     return {"train_s": round(sum(seconds), 1), "s_per_fold": round(float(np.mean(seconds)), 1),
             "samples_per_s": round(float(np.mean(rates)), 1) if rates else None,

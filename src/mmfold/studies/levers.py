@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, paths
+from mmfold.artifacts.manifest import fold_seconds
 from mmfold.config import Config, load_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
@@ -107,11 +108,7 @@ def train_members(ctx: Context, models: list[str]) -> float:
 
 def train_seconds(data: str, model: str, folds: np.ndarray) -> float:
     """Seconds a model's folds recorded when trained (``done.json``)."""
-    total = 0.0
-    for k in np.unique(folds):
-        info = json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text())
-        total += float(info.get("wall_s", info.get("train_time_s", 0.0)))
-    return total
+    return sum(fold_seconds(data, model, int(k)) for k in np.unique(folds))
 
 
 def _blend_extra(ctx: Context, b: Blended) -> float:

@@ -374,53 +374,23 @@ def _anchor_points(M: int) -> list[dict[str, float]]:
     return [equal] + singles
 
 
-@BLENDERS.register("lgbm")
-class LGBMStacker(Blender):
-    """A LightGBM classifier per label over every model's probability of that label.
-
-    With ``cooccurrence`` the features also hold the mean probability of every label, so the
-    stacker can learn that "night" rarely comes with "striped". Trained out-of-fold on
-    ``folds``: ``oof_`` holds, for each row, the prediction of stackers that never saw it (what
-    the thresholds are fitted on); ``predict`` uses stackers refitted on all rows.
-
-    Args:
-        n_estimators, learning_rate, num_leaves, min_child_samples: LightGBM settings, small so
-            that one label's stacker trains in milliseconds.
-        cooccurrence: Add the mean probability of every label as features.
-        all_labels: Add every model's probability of every label as features (the all-label
-            stacker of Planet's and iMet's winners; ``blend.method=lgbm_all``).
-        seed: LightGBM seed.
-        num_threads: LightGBM threads. 1 by default: a stacker fits on a few thousand rows
-            and a handful of features, where OpenMP start-up costs more than it saves, and on
-            a busy 2-core machine 2 threads measured ~10-100x slower than 1.
+class PerLabelStacker(Blender):
+    """Shared machinery of the stackers: one classifier per label over features of the models'
+    probabilities, trained out-of-fold on ``folds`` (``oof_`` holds, for each row, the
+    prediction of stackers that never saw it: what the decoder is fitted on); ``predict`` uses
+    stackers refitted on all rows. A subclass says what label j's features are (``_x``), how
+    one label's classifier is fitted (``_fit_label``) and how each model's share is read off
+    the fitted classifiers (``_gain_shares``).
 
     Attributes:
-        weights_: Each model's share of the total split gain (a readable importance).
+        weights_: Each model's share (a readable importance, summing to 1).
         oof_: ``(n, L)`` out-of-fold stacked probabilities.
         models_: One fitted classifier (or a constant) per label.
     """
 
-    name = "lgbm"  # its blend.method, for messages
+    name = ""  # its blend.method, for messages
 
-    def __init__(self, n_estimators: int = 60, learning_rate: float = 0.1, num_leaves: int = 7,
-                 min_child_samples: int = 10, cooccurrence: bool = False, seed: int = 42,
-                 num_threads: int = 1, all_labels: bool = False) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.cooccurrence = cooccurrence
-        self.seed = seed
-        self.num_threads = num_threads
-        self.all_labels = all_labels
-
-    @classmethod
-    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
-                    progress: Progress | None = None) -> LGBMStacker:
-        """From ``blend.*``; trees are invariant to monotone transforms, so none is applied."""
-        return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed)
-
-    def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> LGBMStacker:
+    def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> Self:
         """Out-of-fold stackers for ``oof_``, then one per label on every row."""
         P, y = check_stack(P), np.asarray(y)
         if folds is None or len(np.unique(folds)) < 2:
@@ -443,6 +413,63 @@ class LGBMStacker(Blender):
         return np.stack([_proba(m, self._x(P, j)) for j, m in enumerate(self.models_)], axis=1)
 
     def _x(self, P: np.ndarray, j: int) -> np.ndarray:
+        """Features for label j."""
+        raise NotImplementedError
+
+    def _fit_label(self, P: np.ndarray, yj: np.ndarray, j: int) -> Any:
+        """One label's classifier (or a constant)."""
+        raise NotImplementedError
+
+    def _gain_shares(self, M: int) -> np.ndarray:
+        """Each model's share of the fitted classifiers' importance."""
+        raise NotImplementedError
+
+
+@BLENDERS.register("lgbm")
+class LGBMStacker(PerLabelStacker):
+    """A LightGBM classifier per label over every model's probability of that label.
+
+    With ``cooccurrence`` the features also hold the mean probability of every label, so the
+    stacker can learn that "night" rarely comes with "striped". Trained out-of-fold as every
+    :class:`PerLabelStacker`.
+
+    Args:
+        n_estimators, learning_rate, num_leaves, min_child_samples: LightGBM settings, small so
+            that one label's stacker trains in milliseconds.
+        cooccurrence: Add the mean probability of every label as features.
+        all_labels: Add every model's probability of every label as features (the all-label
+            stacker of Planet's and iMet's winners; ``blend.method=lgbm_all``).
+        seed: LightGBM seed.
+        num_threads: LightGBM threads. 1 by default: a stacker fits on a few thousand rows
+            and a handful of features, where OpenMP start-up costs more than it saves, and on
+            a busy 2-core machine 2 threads measured ~10-100x slower than 1.
+
+    Attributes:
+        weights_: Each model's share of the total split gain (a readable importance).
+        oof_, models_: As for every :class:`PerLabelStacker`.
+    """
+
+    name = "lgbm"
+
+    def __init__(self, n_estimators: int = 60, learning_rate: float = 0.1, num_leaves: int = 7,
+                 min_child_samples: int = 10, cooccurrence: bool = False, seed: int = 42,
+                 num_threads: int = 1, all_labels: bool = False) -> None:
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.cooccurrence = cooccurrence
+        self.seed = seed
+        self.num_threads = num_threads
+        self.all_labels = all_labels
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, metric: str, storage: str | None, study_name: str,
+                    progress: Progress | None = None) -> LGBMStacker:
+        """From ``blend.*``; trees are invariant to monotone transforms, so none is applied."""
+        return cls(cooccurrence=cfg.cooccurrence, seed=cfg.seed)
+
+    def _x(self, P: np.ndarray, j: int) -> np.ndarray:
         """Features for label j: every model's probability of j first (the gain shares read
         them), then the mean of every label and/or every model's every label."""
         parts = [P[:, :, j].T]
@@ -461,7 +488,7 @@ class LGBMStacker(Blender):
         x = self._x(P, j)
         # every label's probabilities (models x labels features): each tree samples ~64 of
         # them, so a 100-label stack costs what a small one does, not ~10x more
-        colsample = min(1.0, ALL_LABELS_FEATURES / x.shape[1]) if getattr(self, "all_labels", False) else 1.0
+        colsample = min(1.0, ALL_LABELS_FEATURES / x.shape[1]) if self.all_labels else 1.0
         clf = LGBMClassifier(n_estimators=self.n_estimators, learning_rate=self.learning_rate,
                              num_leaves=self.num_leaves, min_child_samples=self.min_child_samples,
                              importance_type="gain", num_threads=self.num_threads,
@@ -495,15 +522,14 @@ class LGBMAllLabelsStacker(LGBMStacker):
 
 
 @BLENDERS.register("logistic")
-class LogisticStacker(LGBMStacker):
+class LogisticStacker(PerLabelStacker):
     """A logistic regression per label over every model's logit of that label.
 
     The per-label second level of Planet's and iMet's winners, in its simplest form: label j
     gets its own weight per model (and an intercept), so a member that is only good at some
     labels (a row-id neighbour vote knows the season, not the colour) counts where it helps,
     which one global weight per model cannot do. Linear in the logits, so it stays calibrated
-    and cannot memorise as trees can. Trained out-of-fold like :class:`LGBMStacker`
-    (``oof_`` from stackers that never saw the row); ``predict`` uses the all-rows fits.
+    and cannot memorise as trees can. Trained out-of-fold as every :class:`PerLabelStacker`.
 
     Args:
         C: Inverse L2 strength (sklearn's): with a handful of features per label and thousands
@@ -512,7 +538,7 @@ class LogisticStacker(LGBMStacker):
 
     Attributes:
         weights_: Each model's share of the summed absolute coefficients over labels.
-        oof_, models_: As for :class:`LGBMStacker`.
+        oof_, models_: As for every :class:`PerLabelStacker`.
     """
 
     name = "logistic"

@@ -103,12 +103,11 @@ def fingerprints(cfg: Config, comp: Competition) -> dict[str, str]:
     return {**data_fingerprints(comp), "config": model_config_hash(cfg), "test": testset_key(comp)}
 
 
-def fold_seconds(data: str, model: str, fold: int) -> float:
-    """Seconds a trained fold recorded in its ``done.json``: ``wall_s`` (torch folds: caches,
-    training, validation and prediction) where the engine wrote it, else ``train_time_s``
-    (CPU members time their whole fold). What benchmarks and levers charge a member."""
-    info = json.loads((paths.run_dir(data, model, fold) / "done.json").read_text())
-    return float(info.get("wall_s", info.get("train_time_s", 0.0)))
+def fold_seconds(done: dict[str, Any]) -> float:
+    """Seconds a trained fold recorded in its ``done.json`` (``done``): ``wall_s`` (torch folds:
+    caches, training, validation and prediction) where the engine wrote it, else
+    ``train_time_s`` (CPU members time their whole fold). What benchmarks and levers charge."""
+    return float(done.get("wall_s", done.get("train_time_s", 0.0)))
 
 
 def upstream_keys(data: str, config: list[str], trained: list[str], fold: int) -> dict[str, str]:

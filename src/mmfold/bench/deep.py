@@ -78,7 +78,7 @@ def fold_cost(data: str, model: str, folds: list[int]) -> dict[str, float]:
     """Seconds (:func:`~mmfold.artifacts.manifest.fold_seconds`) and training samples/s of a
     member's folds, from their ``done.json``."""
     infos = [json.loads((paths.run_dir(data, model, k) / "done.json").read_text()) for k in folds]
-    seconds = [fold_seconds(data, model, k) for k in folds]
+    seconds = [fold_seconds(i) for i in infos]
     rates = [i["images_per_s"] for i in infos if i.get("images_per_s")]
     return {"train_s": round(sum(seconds), 1), "s_per_fold": round(float(np.mean(seconds)), 1),
             "samples_per_s": round(float(np.mean(rates)), 1) if rates else None,

@@ -317,12 +317,10 @@ class SoftTargets:
         self.train = train
         self.test = test
 
-    def rows(self, train_rows: MemberInput, comp: Competition, encoders: list[EncoderSpec]
-             ) -> tuple[MemberInput, np.ndarray]:
+    def rows(self, train_rows: MemberInput, test_rows: MemberInput | None) -> tuple[MemberInput, np.ndarray]:
         """The rows to fit on and their targets (train rows, then pseudo-labelled test rows)."""
         if self.test is None:
             return train_rows, self.train
-        test_rows = member_input(comp, "test", encoders)
         return train_rows.concat(test_rows), np.vstack([self.train, self.test])
 
 
@@ -350,14 +348,15 @@ def fit_member_fold(cfg: Config, comp: Competition, train_idx: np.ndarray, valid
 
     model = MEMBERS.get(cfg.model.kind)(cfg, comp)
     inp = member_input(comp, "train", model.needed_encoders())
+    test_inp = None if comp.test is None else member_input(comp, "test", model.needed_encoders())
     rows, Y = inp.take(np.asarray(train_idx)), comp.y()[train_idx]
     if targets is not None:
-        rows, Y = targets.rows(rows, comp, model.needed_encoders())
+        rows, Y = targets.rows(rows, test_inp)
     model.fit(rows, Y)
     p_va = model.predict_proba(inp.take(np.asarray(valid_idx)))
     if run_dir is not None:
         fitted.save(model, Path(run_dir) / MEMBER_FILE)
-    p_te = None if comp.test is None else model.predict_proba(member_input(comp, "test", model.needed_encoders()))
+    p_te = None if test_inp is None else model.predict_proba(test_inp)
     params = resolve_params(cfg, MEMBER_DEFAULTS.get(cfg.model.kind, dict(cfg.model.params)))
     const = [comp.classes[j] for j in getattr(model.head_, "constant_labels_", [])]
     return p_va, p_te, {"params": params, **model.info_, "prior_only_labels": const}

@@ -108,7 +108,8 @@ def train_members(ctx: Context, models: list[str]) -> float:
 
 def train_seconds(data: str, model: str, folds: np.ndarray) -> float:
     """Seconds a model's folds recorded when trained (``done.json``)."""
-    return sum(fold_seconds(data, model, int(k)) for k in np.unique(folds))
+    return sum(fold_seconds(json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text()))
+               for k in np.unique(folds))
 
 
 def _blend_extra(ctx: Context, b: Blended) -> float:

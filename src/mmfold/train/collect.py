@@ -52,7 +52,7 @@ def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict]
         infos.append(info)
         configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
     _check_same_settings(cfg.model.name, infos, configs)
-    upstream_of(cfg, infos)
+    check_upstream(cfg.source or cfg.data.name, cfg.model.name, upstream_of(cfg, infos))
     drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
     if drift:
         raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
@@ -74,10 +74,11 @@ def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> 
 
 def upstream_of(cfg: Config, infos: list[dict]) -> dict[str, str]:
     """What a student's folds were made from, merged (its pseudo-teachers' fold k for fold k),
-    refusing folds made from different versions of its base or teachers and a changed one.
+    refusing folds made from different versions of its base or teachers (whether those are
+    still current is :func:`~mmfold.artifacts.manifest.check_upstream`'s question).
 
     Raises:
-        UserError: naming the fold or the upstream models, and the fix.
+        UserError: naming the fold and the fix.
     """
     merged: dict[str, str] = {}
     for k, info in enumerate(infos):
@@ -85,7 +86,6 @@ def upstream_of(cfg: Config, infos: list[dict]) -> dict[str, str]:
             if merged.setdefault(key, value) != value:
                 raise UserError(f"{cfg.model.name}: fold {k} was made from another version of "
                                 f"{key.split(':', 1)[1]} than fold 0; retrain it (FORCE=1 FOLD={k})")
-    check_upstream(cfg.source or cfg.data.name, cfg.model.name, merged)
     return merged
 
 

@@ -16,9 +16,10 @@ FROM  ?=
 OUT   ?=
 
 MMFOLD = $(PY) -m mmfold
+comma := ,
 # GPUS=N: one process per GPU through Hugging Face Accelerate (DDP); rank 0 writes the files.
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
-COMMON = --data $(DATA) $(if $(filter 1,$(FORCE)),--force) $(ARGS)
+COMMON = --data '$(DATA)' $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
 .PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict levers test test-fast clean-demo
 
@@ -44,7 +45,7 @@ folds: setup  ## multilabel-stratified folds -> folds/<data>.csv (FORCE=1 to rew
 	$(MMFOLD) folds $(COMMON)
 
 train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP, JOBS=N folds at once on CPU
-	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(if $(FOLD),--fold $(FOLD)) $(if $(JOBS),--jobs $(JOBS))
+	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(foreach f,$(subst $(comma), ,$(FOLD)),--fold $(f)) $(if $(JOBS),--jobs $(JOBS))
 
 collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))
@@ -56,12 +57,12 @@ blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name
 	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME)) $(if $(FROM),--from '$(FROM)') $(if $(TEST),--test '$(TEST)')
 
 export: setup  ## offline bundle of a logged blend (NAME=<blend>, OUT=dir) -> exports/<data>/<name>/ with predict.py
-	@test -n '$(strip $(NAME))' || { echo "make export: missing NAME= (a logged blend: $(MMFOLD) submit --data $(DATA) --show)" >&2; exit 2; }
-	$(MMFOLD) export --data $(DATA) --name '$(strip $(NAME))' $(if $(OUT),--out '$(OUT)')
+	@test -n '$(strip $(NAME))' || { echo "make export: missing NAME= (a logged blend: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
+	$(MMFOLD) export --data '$(DATA)' --name '$(strip $(NAME))' $(if $(OUT),--out '$(OUT)')
 
 submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>
-	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data $(DATA) --show)" >&2; exit 2; }
-	$(MMFOLD) submit --data $(DATA) --name '$(strip $(NAME))' --score '$(strip $(LB))'
+	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
+	$(MMFOLD) submit --data '$(DATA)' --name '$(strip $(NAME))' --score '$(strip $(LB))'
 
 report: setup  ## markdown + PNG report -> reports/<data>/report.md
 	$(MMFOLD) report $(COMMON)

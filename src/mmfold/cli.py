@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from mmfold import hints
 from mmfold.errors import UserError
 
 # command -> (module, one-line help)
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # no source lines
     args = build_parser(argv[0]).parse_intermixed_args(argv[1:])  # overrides may follow options
+    hints.remember_data(args.data)  # the DATA= every suggested command repeats
     try:
         return int(args._run(args) or 0)
     except UserError as e:

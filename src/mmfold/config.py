@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mmfold import fileio, paths
+from mmfold import fileio, owners, paths
 from mmfold.errors import UserError
 from mmfold.metrics import CHECKPOINT_SCORES, OPTIMISED
 
@@ -230,26 +230,86 @@ def data_yaml(data: str) -> Path:
     return configs_dir() / "data" / f"{data}.yaml"
 
 
-def model_yaml(model: str) -> Path:
-    """``configs/models/<model>.yaml``."""
-    return configs_dir() / "models" / f"{model}.yaml"
+def model_dirs(data: str = "") -> list[Path]:
+    """Where a model name is looked up: ``configs/models/``, then, for a data YAML given by path,
+    its folder's ``models/`` and the folder itself, so a competition's own model YAMLs live (and
+    travel) beside it and every stage finds them by name."""
+    dirs = [configs_dir() / "models"]
+    if paths.is_yaml_file(data):
+        here = Path(data).expanduser().parent
+        dirs += [d for d in (here / "models", here) if d.resolve() != (configs_dir() / "data").resolve()]
+    return dirs
 
 
-def list_models() -> list[str]:
-    """Names of every model YAML under ``configs/models``."""
-    return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
+def model_yaml(model: str, data: str = "") -> Path:
+    """The YAML of model ``model`` (a name, or a YAML path) for the data config ``data``.
+
+    Raises:
+        ConfigError: the name is defined in two of :func:`model_dirs` (which would be a guess).
+    """
+    if paths.is_yaml_file(model):
+        return Path(model).expanduser()
+    skip = Path(data).expanduser().resolve() if paths.is_yaml_file(data) else None
+    found = list(dict.fromkeys(p.resolve() for d in model_dirs(data) if (p := d / f"{model}.yaml").is_file()))
+    found = [p for p in found if p != skip]
+    if len(found) > 1:
+        raise ConfigError(f"model '{model}' is defined twice: {found[0]} and {found[1]}; rename one "
+                          "(a model is found by its name)")
+    return found[0] if found else configs_dir() / "models" / f"{model}.yaml"
+
+
+def model_key(model: str, data: str = "") -> str:
+    """The name a model's artifacts are keyed by: ``model`` itself, or a YAML path's stem.
+
+    A path must be found again by its name (in :func:`model_dirs`), since collect, blend,
+    predict and freshness look a model up by name long after ``MODEL=`` was typed.
+
+    Raises:
+        ConfigError: no such file, or one that its name does not find.
+    """
+    if not paths.is_yaml_file(model):
+        return model
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"no model config {path}")
+    if model_yaml(path.stem, data).resolve() != path.resolve():
+        where = ", ".join(f"{d}/" for d in model_dirs(data))
+        raise ConfigError(f"model config {path}: keep it where its name '{path.stem}' finds it ({where}): "
+                          f"every later stage looks model '{path.stem}' up by name")
+    return path.stem
+
+
+def list_models(data: str = "") -> list[str]:
+    """Names of every model YAML in :func:`model_dirs` (beside a data YAML: those with a
+    ``model:`` section)."""
+    names = {p.stem for p in (configs_dir() / "models").glob("*.yaml")}
+    for d in model_dirs(data)[1:]:
+        names |= {p.stem for p in d.glob("*.yaml") if _is_model_yaml(p)}
+    return sorted(names)
+
+
+def _is_model_yaml(path: Path) -> bool:
+    """Whether a YAML file has a ``model:`` section (a model config, not a data config)."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("model"), dict)
 
 
 def load_config(data: str = "demo", model: str | None = None, overrides: list[str] = ()) -> Config:
     """Resolve defaults, the data YAML, the model YAML and overrides into a :class:`Config`.
 
     Args:
-        data: Data config name (``configs/data/<data>.yaml``); it need not exist for ``demo``.
-        model: Model config name, or None for commands that train nothing.
+        data: Data config name (``configs/data/<data>.yaml``) or a data YAML's path; it need
+            not exist for ``demo``.
+        model: Model config name or YAML path (:func:`model_key`), or None for commands that
+            train nothing.
         overrides: ``key.sub=value`` strings; values are parsed as YAML scalars/lists.
 
     Raises:
-        ConfigError: missing file, unknown key or a value of the wrong type.
+        ConfigError: missing file, unknown key, a value of the wrong type, or a data key that
+            another data YAML's artifacts hold (:func:`mmfold.owners.check_owner`).
     """
     cfg = Config()
     path = data_yaml(data)
@@ -257,17 +317,29 @@ def load_config(data: str = "demo", model: str | None = None, overrides: list[st
         merge(cfg, _read_yaml(path), str(path))
     elif data != "demo":
         raise ConfigError(f"no data config {path}; available: {_names(configs_dir() / 'data')}")
-    cfg.data.name = paths.data_name(data)
+    _set_data_name(cfg, data, path)
     if model:
-        mpath = model_yaml(model)
+        name = model_key(model, data)
+        mpath = model_yaml(name, data)
         if not mpath.exists():
-            raise ConfigError(f"no model config {mpath}; available: {list_models()}")
+            raise ConfigError(f"no model config {mpath}; available: {list_models(data)}")
         merge(cfg, _read_yaml(mpath), str(mpath))
-        cfg.model.name = model
+        cfg.model.name = name
     apply_overrides(cfg, overrides)
     cfg.overrides, cfg.source = list(overrides), data
     validate(cfg)
+    owners.check_owner(cfg.data.name, path)
     return cfg
+
+
+def _set_data_name(cfg: Config, data: str, path: Path) -> None:
+    """The artifact key (:func:`mmfold.paths.data_name`); a config under ``configs/data/`` is
+    keyed by its file name, so a ``data.name`` there must agree."""
+    key = paths.data_name(data)
+    if not paths.is_yaml_file(data) and cfg.data.name not in (key, DataConfig.name):
+        raise ConfigError(f"{path}: data.name {cfg.data.name!r} differs from the file's name {key!r}; a config "
+                          "in configs/data/ is keyed by its file name (drop data.name, or rename the file)")
+    cfg.data.name = key
 
 
 def validate(cfg: Config) -> None:
@@ -305,8 +377,8 @@ def model_names(cfg: Config, requested: str | None) -> list[str]:
     """Models to train: ``--model a,b`` or the data config's list."""
     names = requested.split(",") if requested else cfg.data.models
     if not names:
-        raise ConfigError(f"no models: pass MODEL=... or list data.models; available: {list_models()}")
-    return names
+        raise ConfigError(f"no models: pass MODEL=... or list data.models; available: {list_models(cfg.source)}")
+    return [model_key(n.strip(), cfg.source) for n in names]
 
 
 def _names(folder: Path) -> list[str]:

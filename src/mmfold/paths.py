@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 
 # Sweep trials and ablation variants are named ``<model>@<what>``: a run dir and OOF files of
 # their own, never blended or reported as members.
@@ -35,9 +37,29 @@ def is_yaml_file(data: str) -> bool:
 
 
 def data_name(data: str) -> str:
-    """The dataset's name in artifact paths: ``data`` itself, or the stem of a data YAML given
-    by path (``--data ~/comps/mycomp.yaml`` -> ``mycomp``), so every stage keys it the same way."""
-    return Path(data).stem if is_yaml_file(data) else data
+    """The dataset's key in artifact paths: ``data`` itself, or for a data YAML given by path the
+    ``data.name`` it declares, else its stem (``--data ~/comps/mycomp.yaml`` -> ``mycomp``), so
+    every stage keys it the same way. Two files with one key are refused when a config loads
+    (:func:`mmfold.config.check_owner`), never merged."""
+    if not is_yaml_file(data):
+        return data
+    return declared_name(Path(data)) or Path(data).stem
+
+
+def declared_name(path: Path) -> str | None:
+    """The ``data.name`` a data YAML sets, or None (absent, unreadable: the loader reports it)."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    section = doc.get("data") if isinstance(doc, dict) else None
+    name = section.get("name") if isinstance(section, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def owner_file(data: str) -> Path:
+    """``folds/<data>.source``: the data YAML whose artifacts these are (one file per key)."""
+    return root() / "folds" / f"{data_name(data)}.source"
 
 
 def folds_file(data: str) -> Path:

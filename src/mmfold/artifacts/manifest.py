@@ -66,7 +66,7 @@ def config_drift(data: str, model: str, trained: dict[str, Any]) -> dict[str, tu
     Empty when nothing that changes learning moved. A model whose YAML no longer exists
     cannot be re-resolved and is taken as it was trained.
     """
-    if paths.is_variant(model) or not model_yaml(model).exists():  # sweep/ablation variants, deleted YAML
+    if paths.is_variant(model) or not model_yaml(model, trained.get("source") or data).exists():  # sweep/ablation variants, deleted YAML
         return {}
     claimed = load_config(trained.get("source") or data, model, trained.get("overrides", [])).to_dict()
     return learning_diff(learning_view(trained), learning_view(claimed))
@@ -120,7 +120,7 @@ def upstream_keys(data: str, config: list[str], trained: list[str], fold: int) -
     pseudo-teachers' fold-k files). A model whose YAML or fold is gone gets no key: what was
     made from it is taken as it was made, as :func:`config_drift` takes a deleted YAML."""
     keys = {f"config:{m}": stable_hash(learning_view(load_config(data, m).to_dict()))[:16]
-            for m in config if model_yaml(m).exists()}
+            for m in config if model_yaml(m, data).exists()}
     for m in trained:
         done = paths.run_dir(data, m, fold) / "done.json"
         if done.exists():

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from mmfold import fileio, paths
-from mmfold.config import FoldsConfig, load_config, stable_hash
+from mmfold import fileio, owners, paths
+from mmfold.config import FoldsConfig, data_yaml, load_config, stable_hash
 from mmfold.data.competition import Competition, load_competition
 from mmfold.errors import UserError
 
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"label {name} has fewer positives than {cfg.folds.n_splits} folds")
     counts, worst, where = fold_summary(y, fold, comp.classes)
     write_folds(comp, fold, args.force)
+    owners.claim(cfg.data.name, data_yaml(args.data))  # these folds (and what follows) are this file's
     print(counts.T.to_string())
     print(f"worst per-label rate deviation from global: {worst:.4f} ({where})")
     print(f"wrote {path} ({len(fold)} ids, {cfg.folds.n_splits} folds, {len(comp.classes)} labels)")

@@ -40,7 +40,8 @@ import pandas as pd
 from mmfold import fileio, paths
 from mmfold.artifacts import predictions
 from mmfold.paths import VARIANT_SEP
-from mmfold.config import Config, ConfigError, learned_settings, load_config, model_yaml, override_key
+from mmfold.config import (Config, ConfigError, learned_settings, load_config, model_key, model_yaml,
+                           override_key)
 from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
@@ -301,7 +302,7 @@ def ablate(data: str, model: str, folds: Sequence[int] | None = None, overrides:
     base = variant_config(data, model, model, overrides)
     if learned_settings(base.to_dict()) != learned_settings(load_config(data, model).to_dict()):
         base.model.name = f"{model}{VARIANT_SEP}base"  # overrides change training: keep the real runs
-    variants = parse_ablations(base.model.ablations, str(model_yaml(model)))
+    variants = parse_ablations(base.model.ablations, str(model_yaml(model, data)))
     if only:
         unknown = sorted(set(only) - {v.name for v in variants})
         if unknown:
@@ -362,5 +363,5 @@ def run(args: argparse.Namespace) -> int:
     """Parse options and ablate."""
     folds = [int(k) for k in args.folds.split(",")] if args.folds else None
     only = args.only.split(",") if args.only else None
-    ablate(args.data, args.model, folds, args.overrides, only)
+    ablate(args.data, model_key(args.model, args.data), folds, args.overrides, only)
     return 0

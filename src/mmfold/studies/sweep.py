@@ -539,7 +539,7 @@ def table_markdown(df: pd.DataFrame, best: int | None, metric: str) -> str:
 def best_yaml(opts: SweepOptions, params: dict[str, Any], value: float, space: list[Param],
               metric: str = "samples") -> str:
     """The base model YAML with the CLI overrides and the best values written in."""
-    doc = yaml.safe_load(model_yaml(opts.model).read_text()) or {}
+    doc = yaml.safe_load(model_yaml(opts.model, opts.data).read_text()) or {}
     for item in opts.overrides:
         key, raw = item.split("=", 1)
         doc = deep_merge(doc, nested(key, yaml.safe_load(raw)))
@@ -602,11 +602,11 @@ def sweep(opts: SweepOptions, force: bool = False) -> Any:
     import optuna
 
     cfg = load_config(opts.data, opts.model, opts.overrides)
-    space = parse_space(cfg.model.search_space, str(model_yaml(opts.model)))
+    space = parse_space(cfg.model.search_space, str(model_yaml(opts.model, opts.data)))
     if not space:
-        raise UserError(f"model '{opts.model}' declares no model.search_space in {model_yaml(opts.model)}")
+        raise UserError(f"model '{opts.model}' declares no model.search_space in {model_yaml(opts.model, opts.data)}")
     check_space(opts.data, opts.model, space)  # unknown keys first, then keys this kind ignores
-    check_used_keys(cfg, [p.key for p in space], f"search_space of {model_yaml(opts.model)}")
+    check_used_keys(cfg, [p.key for p in space], f"search_space of {model_yaml(opts.model, opts.data)}")
     check_used_keys(cfg, [override_key(o) for o in opts.overrides], "override")
     n_trials = opts.n_trials or (math.prod(len(v) for v in grid_space(space).values()) if opts.sampler == "grid" else 20)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -653,7 +653,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.data, args.model, args.overrides)
     n_folds = int(load_folds(load_competition(cfg.data)).max()) + 1
     folds = [int(k) for k in args.folds.split(",")] if args.folds else list(range(n_folds))
-    opts = SweepOptions(args.data, args.model, args.study or args.model, folds, args.trials, args.sampler,
+    model = cfg.model.name  # a YAML path's name (config.model_key)
+    opts = SweepOptions(args.data, model, args.study or model, folds, args.trials, args.sampler,
                         args.pruner, args.startup, args.seed, args.timeout, list(args.overrides), args.out,
                         args.warmup)
     sweep(opts, args.force)

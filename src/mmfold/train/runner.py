@@ -349,7 +349,7 @@ def validate_model(cfg: Config) -> None:
 
         if parse_params(cfg).train_blocks is not None:
             flip_probability(cfg.train.augment)  # only a flip survives a cached image prefix
-    yml = model_yaml(cfg.model.name)
+    yml = model_yaml(cfg.model.name, cfg.source)
     if yml.exists():
         own = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("train") or {}
         check_used_keys(cfg, [f"train.{k}" for k in own], str(yml))

@@ -184,15 +184,23 @@ class DenseReducer(BaseEstimator, TransformerMixin):
         """Fit the PCA (no more components than training rows) and the scale."""
         k = min(int(self.pca_dim or X.shape[1]), X.shape[0])
         self.pca_ = PCA(k, random_state=0).fit(X) if k < X.shape[1] else None
-        Z = X if self.pca_ is None else self.pca_.transform(X)
+        Z = self._project(X)
         norm = max(float(np.sqrt((Z ** 2).sum(1).mean())), 1e-12)
         self.scale_ = float(self.weight) / norm if self.weight else 1.0
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Project and scale."""
-        Z = X if self.pca_ is None else self.pca_.transform(X)
+        Z = self._project(X)
         return Z * self.scale_ if self.weight else Z
+
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        """The PCA projection, summed in float64 and rounded to ``X``'s dtype: a float32 BLAS
+        product sums a row in an order that depends on its place in the block, so the same
+        row in another test set would move by an ulp (see ``KNNHead._similarity``)."""
+        if self.pca_ is None:
+            return X
+        return self.pca_.transform(np.asarray(X, dtype=np.float64)).astype(np.asarray(X).dtype, copy=False)
 
 
 class EmbedBlock(BaseEstimator, TransformerMixin):

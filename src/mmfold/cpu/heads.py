@@ -270,21 +270,28 @@ class KNNHead(BaseEstimator, ClassifierMixin):
         Xn = self._rows(X)
         k = min(self.k, len(self.X_))
         step = max(1, min(self.chunk, KNN_BLOCK // max(len(self.X_), 1)))  # a block of queries x bank stays small
-        parts = [self._vote(Xn[i : i + step], k) for i in range(0, len(Xn), step)]
+        bank = np.asarray(self.X_, dtype=np.float64)  # see _similarity
+        parts = [self._vote(Xn[i : i + step], bank, k) for i in range(0, len(Xn), step)]
         return np.concatenate(parts) if parts else np.zeros((0, self.Y_.shape[1]), np.float32)
 
-    def _similarity(self, q: np.ndarray) -> np.ndarray:
-        """Cosine similarity, or minus the euclidean distance, of each query to every row."""
+    def _similarity(self, q: np.ndarray, bank: np.ndarray) -> np.ndarray:
+        """Cosine similarity, or minus the euclidean distance, of each query to every row.
+
+        Cosine sums float32 products in float64 and rounds back: BLAS sums a row's products
+        in an order that depends on where the row sits in the block (seen: a reversed test
+        set moved probabilities by an ulp), and float64 makes that order invisible after
+        rounding, so a row scores the same in any test set. Costs about 3x the float32
+        product, still seconds a fold."""
         if self._metric() == "cosine":
-            return q @ self.X_.T
+            return (np.asarray(q, dtype=np.float64) @ bank.T).astype(np.float32)
         if q.shape[1] == 1:  # one feature (a row id): exact, no cancellation in |q|^2 - 2qx + |x|^2
-            return -np.abs(q - self.X_.T)
-        sq = (q ** 2).sum(1)[:, None] - 2 * q @ self.X_.T + (self.X_ ** 2).sum(1)[None, :]
+            return -np.abs(q - bank.T)
+        sq = (q ** 2).sum(1)[:, None] - 2 * q @ bank.T + (bank ** 2).sum(1)[None, :]
         return -np.sqrt(np.maximum(sq, 0.0))
 
-    def _vote(self, q: np.ndarray, k: int) -> np.ndarray:
-        """Softmax-weighted labels of each query row's top-k neighbours."""
-        sim = self._similarity(q)
+    def _vote(self, q: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+        """Softmax-weighted labels of each query row's top-k neighbours in ``bank`` (``X_``)."""
+        sim = self._similarity(q, bank)
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         s = np.take_along_axis(sim, top, axis=1) / self.temperature
         w = np.exp(s - s.max(1, keepdims=True))

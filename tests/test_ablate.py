@@ -64,7 +64,7 @@ def test_ablation_table(demo: Path) -> None:
     assert pd.isna(df.loc["broken", "cv"]) and "failed" in df.loc["broken", "note"]
     # a collected model as a row: same folds, same scoring, no training
     assert df.loc["word_model", "what"] == "`other`" and df.loc["word_model", "cv"] > 0
-    assert pd.isna(df.loc["missing_model", "cv"]) and "make train MODEL=never_trained" in df.loc["missing_model", "note"]
+    assert pd.isna(df.loc["missing_model", "cv"]) and "make train DATA=demo MODEL=never_trained" in df.loc["missing_model", "note"]
     # trained variants have their own run dirs; computed ones train nothing
     assert (paths.run_dir("demo", "tfidf@word_only", 1) / "done.json").exists()
     assert not paths.run_dir("demo", "tfidf@thresholds_0.5", 0).exists()

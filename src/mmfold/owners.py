@@ -18,8 +18,16 @@ from mmfold.errors import UserError
 
 
 def source_of(yaml_path: Path) -> str:
-    """The owner record of a data YAML: its absolute, resolved path."""
-    return str(Path(yaml_path).expanduser().resolve())
+    """The owner record of a data YAML: its path relative to the project root when it lies
+    inside the project (a copied or moved project keeps its records), else its absolute path."""
+    path, root = Path(yaml_path).expanduser().resolve(), paths.root().resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _located(source: str) -> Path:
+    """Where a recorded owner is (relative records are under the project root)."""
+    path = Path(source)
+    return path if path.is_absolute() else (paths.root() / path).resolve()
 
 
 def recorded_owner(key: str) -> str | None:
@@ -54,14 +62,22 @@ def check_owner(key: str, yaml_path: Path) -> None:
         if paths.folds_file(key).exists():
             _adopt(key, yaml_path)
         return
-    if not Path(owner).exists():
+    if not _located(owner).exists():
         print(f"note: the artifacts keyed '{key}' were made from {owner}, which is gone; {mine} takes them over")
         claim(key, yaml_path)
         return
+    mine, owner = str(_located(mine)), str(_located(owner))
+    way_out = (f"add `data: {{name: {suggest_key(Path(yaml_path))}}}` to {mine} (or rename it)"
+               if Path(yaml_path).parent.resolve() != _named_dir()
+               else "rename it")
     raise UserError(
         f"{mine} and {owner} both key their artifacts '{key}' (folds/{key}.csv, runs/{key}/, "
-        f"oof/{key}/, submissions/{key}/), which belong to {owner}. Give this file a key of its own: "
-        f"add `data: {{name: {suggest_key(Path(mine))}}}` to {mine} (or rename it)")
+        f"oof/{key}/, submissions/{key}/), which belong to {owner}. Give this file a key of its own: {way_out}")
+
+
+def _named_dir() -> Path:
+    """``configs/data/``: a config there is keyed by its file name (no ``data.name``)."""
+    return (paths.root() / "configs" / "data").resolve()
 
 
 def _adopt(key: str, yaml_path: Path) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmfold import paths
+from mmfold import hints, paths
 from mmfold.config import (NOT_LEARNING, RUN_LENGTH_KEYS, Config, describe_diff, flatten,
                            learning_diff, load_config, model_yaml, stable_hash, with_defaults)
 from mmfold.data.competition import Competition
@@ -149,7 +150,7 @@ def check_upstream(data: str, model: str, recorded: dict[str, str]) -> None:
     changed = upstream_drift(data, recorded)
     if changed:
         raise UserError(f"model '{model}' is stale: {', '.join(changed)} (its base or teachers) changed or "
-                        f"were retrained since it was trained; retrain it (make train MODEL={model} FORCE=1)")
+                        f"were retrained since it was trained; retrain it ({hints.make('train', data, model=model, force=True)})")
 
 
 def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
@@ -167,18 +168,19 @@ def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
     """
     meta_path = paths.oof_meta_file(comp.cfg.name, model)
     if not meta_path.exists():
-        raise UserError(f"{meta_path} missing: re-run `make collect MODEL={model}` (or retrain it)")
+        raise UserError(f"{meta_path} missing: re-run `{hints.make('collect', comp.cfg.name, model=model)}` (or retrain it)")
     meta = json.loads(meta_path.read_text())
     changed = stale(meta.get("hashes", {}), data_fingerprints(comp))
     if changed:
-        raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it (make train MODEL={model} FORCE=1)")
+        raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it "
+                        f"({hints.make('train', comp.cfg.name, model=model, force=True)})")
     check_upstream(meta.get("config", {}).get("source") or comp.cfg.name, model, meta.get("upstream", {}))
     drift = config_drift(comp.cfg.name, model, meta.get("config", {}))
     if drift:
         raise UserError(f"model '{model}' is stale: its config changed since it was trained "
                         f"(YAML now + its overrides {meta.get('config', {}).get('overrides', [])}):\n"
-                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it (make train "
-                        f"MODEL={model} FORCE=1) or restore the YAML")
+                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it "
+                        f"({hints.make('train', comp.cfg.name, model=model, force=True)}) or restore the YAML")
     if test:
         check_test_fresh(model, comp)
 
@@ -192,18 +194,46 @@ def collected_test_key(data: str, model: str) -> str | None:
     return json.loads(meta.read_text()).get("hashes", {}).get("test") if meta.exists() else None
 
 
+def check_all_fresh(models: Sequence[str], comp: Competition, test: bool = True) -> None:
+    """:func:`check_fresh` for every model of a blend at once, so one error names every model
+    that needs work (and one ``make predict`` command covers all that need new test files).
+
+    Raises:
+        UserError: one line per stale model; or the models whose test files are for another
+            test set, with the one command that predicts them all.
+    """
+    problems = []
+    for m in models:
+        try:
+            check_fresh(m, comp, test=False)
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise UserError("\n".join(problems))
+    if test:
+        check_tests_fresh(models, comp)
+
+
 def check_test_fresh(model: str, comp: Competition) -> None:
+    """:func:`check_tests_fresh` for one model."""
+    check_tests_fresh([model], comp)
+
+
+def check_tests_fresh(models: Sequence[str], comp: Competition) -> None:
     """Refuse collected test predictions made for another test set than the current one.
 
     Raises:
-        UserError: pointing at ``make predict``, which needs no retraining.
+        UserError: naming every such model and the one ``make predict`` (no retraining) for all.
     """
     if comp.test is None:
         return
-    if collected_test_key(comp.cfg.name, model) != testset_key(comp):
-        raise UserError(f"model '{model}': the test set changed since its test predictions were made "
-                        f"({comp.cfg.test_csv}); predict it with the saved fold models, no "
-                        f"retraining: make predict DATA={comp.cfg.name} MODEL={model}")
+    now = testset_key(comp)
+    behind = [m for m in models if collected_test_key(comp.cfg.name, m) != now]
+    if behind:
+        who = f"model '{behind[0]}'" if len(behind) == 1 else f"models {behind}"
+        raise UserError(f"{who}: the test set changed since the test predictions were made "
+                        f"({comp.cfg.test_csv}); predict with the saved fold models, no "
+                        f"retraining: {hints.make('predict', comp.cfg.name, model=behind)}")
 
 
 def stale(saved: dict[str, str], current: dict[str, str]) -> list[str]:

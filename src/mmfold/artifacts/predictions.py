@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.errors import UserError
 
 MAX_SHOWN = 5  # ids named in a mismatch message
@@ -140,7 +140,7 @@ def _check_columns(df: pd.DataFrame, classes: Sequence[str], need: list[str], wh
                               f"{missing[:MAX_SHOWN]}, unexpected {extra[:MAX_SHOWN]}")
 
 
-def align_rows(df: pd.DataFrame, ids: Sequence[str], where: str, fix: str = "re-run `make collect`",
+def align_rows(df: pd.DataFrame, ids: Sequence[str], where: str, fix: str,
                against: str = "the folds file") -> pd.DataFrame:
     """Rows reordered to ``ids``; refuse duplicated, missing or unexpected ids (``fix`` says
     what to do, ``against`` where the expected ids come from)."""
@@ -189,7 +189,7 @@ def _read_frame(path: Path, where: str, absent: str | None) -> pd.DataFrame:
 
 
 def read_probs(path: Path, ids: Sequence[str], classes: Sequence[str], where: str, data: str,
-               folds: np.ndarray | None = None, fix: str = "re-run `make collect`",
+               folds: np.ndarray | None = None, fix: str | None = None,
                against: str = "the folds file", absent: str | None = None) -> np.ndarray:
     """Read and validate one prediction file: every reader of probabilities comes here.
 
@@ -202,7 +202,7 @@ def read_probs(path: Path, ids: Sequence[str], classes: Sequence[str], where: st
         data: The dataset (messages name its folds file).
         folds: For an OOF file, the fold of every id: its ``fold`` column must equal it. None
             for a test file, which has no fold column.
-        fix: What to do about mismatched ids, appended to that message.
+        fix: What to do about mismatched ids, appended to that message (default: collect again).
         against: Where ``ids`` come from, for that message.
         absent: The message when the file does not exist.
 
@@ -215,7 +215,7 @@ def read_probs(path: Path, ids: Sequence[str], classes: Sequence[str], where: st
     """
     df = _read_frame(path, where, absent)
     _check_columns(df, classes, ["id"] + (["fold"] if folds is not None else []), where)
-    df = align_rows(df, ids, where, fix, against)
+    df = align_rows(df, ids, where, fix or f"re-run `{hints.make('collect', data)}`", against)
     if folds is not None:
         _check_folds(df, ids, folds, where, data)
     return _finite(df[list(classes)].to_numpy(np.float64), where)
@@ -234,7 +234,7 @@ def available_models(data: str) -> list[str]:
 
 def _not_collected(data: str, model: str, path: Path) -> str:
     return (f"model '{model}': {path} not found; collected models: {available_models(data)} "
-            f"(run `make train MODEL={model}`)")
+            f"(run `{hints.make('train', data, model=model)}`)")
 
 
 def read_oof(data: str, model: str, ids: Sequence[str], classes: Sequence[str],
@@ -252,8 +252,8 @@ def read_test(data: str, model: str, ids: Sequence[str], classes: Sequence[str])
                       against="the test set", absent=_not_collected(data, model, path))
 
 
-def _retrain(model: str, fold: int) -> str:
-    return f"retrain it (FORCE=1 FOLD={fold} MODEL={model})"
+def _retrain(data: str, model: str, fold: int) -> str:
+    return f"retrain it ({hints.make('train', data, model=model, fold=fold, force=True)})"
 
 
 def read_fold_oofs(data: str, model: str, ids: Sequence[str], classes: Sequence[str],
@@ -280,7 +280,7 @@ def read_fold_oofs(data: str, model: str, ids: Sequence[str], classes: Sequence[
         path = fold_file(paths.run_dir(data, model, k), "oof")
         mine = np.flatnonzero(fold_of_row == k)
         out[mine] = read_probs(path, [ids[i] for i in mine], classes, f"{model} fold {k} ({path})",
-                               data, folds=np.full(len(mine), k), fix=_retrain(model, k))
+                               data, folds=np.full(len(mine), k), fix=_retrain(data, model, k))
     return out[rows]
 
 
@@ -291,7 +291,7 @@ def mean_fold_tests(data: str, model: str, ids: Sequence[str], classes: Sequence
     if not all(f.exists() for f in files):
         return None
     probs = [read_probs(f, ids, classes, f"{model} fold {k} ({f})", data, against="the test set",
-                        fix=f"re-run `make predict MODEL={model}`") for k, f in enumerate(files)]
+                        fix=f"re-run `{hints.make('predict', data, model=model)}`") for k, f in enumerate(files)]
     return np.mean(probs, axis=0)
 
 
@@ -330,17 +330,16 @@ def load_oofs(data: str, models: list[str], comp: Any, folds: np.ndarray | None 
             the folds file, naming the model and the first differing ids.
     """
     if not models:
-        raise UserError(f"no models to blend: nothing in {paths.oof_dir(data)} (run `make train`)")
+        raise UserError(f"no models to blend: nothing in {paths.oof_dir(data)} (run `{hints.make('train', data)}`)")
     if folds is None:
         from mmfold.data.competition import load_folds
 
         folds = load_folds(comp)
     ids, classes = comp.train["id"].astype(str).tolist(), list(comp.classes)
     if check_stale:
-        from mmfold.artifacts.manifest import check_fresh
+        from mmfold.artifacts.manifest import check_all_fresh
 
-        for m in models:
-            check_fresh(m, comp)
+        check_all_fresh(models, comp, test=with_test)
     P = np.stack([read_oof(data, m, ids, classes, folds) for m in models])
     out = OOFSet(list(models), classes, ids, np.asarray(folds), P)
     if with_test and comp.test is not None:
@@ -387,9 +386,9 @@ def read_blend_oof(path: Path, ids: Sequence[str], classes: Sequence[str], folds
         MissingPredictions: the file is missing (a blend made before blends saved them).
         PredictionError: it was made on other ids, labels or folds than the current ones.
     """
-    where, fix = f"blend predictions {path}", "re-run `make blend`"
+    where, fix = f"blend predictions {path}", f"re-run `{hints.make('blend', data)}`"
     df = _read_frame(path, where, f"{path} not found: this blend was made before `mmfold blend` "
-                                  "saved its predictions; re-run `make blend` to report it")
+                                  f"saved its predictions; {fix} to report it")
     cols = [_column(k, c) for k in BLEND_KINDS for c in classes]
     try:
         _check_columns(df, cols, ["id", "fold"], where)

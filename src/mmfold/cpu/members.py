@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
+from mmfold import hints
 from mmfold.config import Config
 from mmfold.cpu.features import (EmbedBlock, EncoderSpec, IdBlock, MemberInput, SvdBlock, TfidfBlock, member_input,
                                  require, tfidf_vectorizer)
@@ -373,8 +374,12 @@ def load_member(run_dir: Path) -> MemberModel:
 
     path = Path(run_dir) / MEMBER_FILE
     if not path.exists():
+        rd = Path(run_dir)  # runs/<data>/<model>/fold<k>
+        fold = rd.name.removeprefix("fold")
+        again = hints.make("train", rd.parent.parent.name, model=rd.parent.name,
+                           fold=int(fold) if fold.isdigit() else None, force=True)
         raise UserError(f"{path} not found: this fold was trained before CPU members kept their fitted "
-                        "state; retrain it (make train FORCE=1 MODEL=...) to predict new test sets")
+                        f"state; retrain it ({again}) to predict new test sets")
     model = fitted.load(path, trusted_types(), "fitted member")
     if not isinstance(model, MemberModel):
         raise UserError(f"{path} holds a {type(model).__name__}, not a fitted member")

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mmfold import fileio as mmio
-from mmfold import paths
-from mmfold.config import DataConfig
+from mmfold import hints, paths
+from mmfold.config import DataConfig, data_yaml
 from mmfold.errors import DataError
 from mmfold.machine import available_cores
 
@@ -307,7 +307,10 @@ def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
     need = [cfg.id_col] + ([cfg.label_col] if labelled else []) + ([cfg.caption_col] if cfg.caption_col else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} (see configs/data/{cfg.name}.yaml)")
+        setting = {cfg.id_col: "data.id_col", cfg.label_col: "data.label_col", cfg.caption_col: "data.caption_col"}
+        named = ", ".join(f"{c!r} ({setting[c]})" for c in missing)
+        raise DataError(f"{path}: missing column(s) {named}; found {list(df.columns)}: set "
+                        f"{'/'.join(setting[c] for c in missing)} in {data_yaml(hints.data_argument(cfg.name))}")
     if overflow:
         _check_overflow(cfg, df, overflow, path)
         _warn_overflow(path, df, overflow)
@@ -610,7 +613,7 @@ def load_folds(comp: Competition) -> np.ndarray:
     """
     path = paths.folds_file(comp.cfg.name)
     if not path.exists():
-        raise DataError(f"{path} not found: run `make folds DATA={comp.cfg.name}` first")
+        raise DataError(f"{path} not found: run `{hints.make('folds', comp.cfg.name)}` first")
     folds = pd.read_csv(path, dtype={"ImageID": str})
     mapping = dict(zip(folds["ImageID"], folds["fold"].astype(int)))
     ids = comp.train["id"]
@@ -621,7 +624,7 @@ def load_folds(comp: Competition) -> np.ndarray:
             f"{path} does not match {comp.cfg.train_csv}: "
             f"{len(missing)} train ids without a fold (first: {_listing(missing)}), "
             f"{len(extra)} fold ids not in train (first: {_listing(extra)}); "
-            "was it made for another dataset? Re-run `make folds FORCE=1`"
+            f"did the train file change? Re-make them (the old ones are kept): {hints.make('folds', comp.cfg.name, force=True)}"
         )
     return ids.map(mapping).to_numpy(dtype=np.int64)
 

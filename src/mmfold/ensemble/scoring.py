@@ -9,7 +9,6 @@ settings and the competition metric, so the numbers agree with the blend's own n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

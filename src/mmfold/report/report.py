@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions
 from mmfold.config import Config, load_config
 from mmfold.data.competition import Competition, load_competition, load_folds
@@ -259,7 +259,7 @@ def section_models(ctx: ReportContext) -> str:
     """The table of every trained model."""
     head = "## Models\n\n"
     if not ctx.models:
-        return head + f"No collected models in `oof/{ctx.cfg.data.name}/` yet (run `make train`).\n"
+        return head + f"No collected models in `oof/{ctx.cfg.data.name}/` yet (run `{hints.make('train', ctx.cfg.data.name)}`).\n"
     rows = [_model_row(m, ctx.metric) for m in ctx.models]
     note = (f"CV {ctx.metric} is honest: per-label thresholds fitted on the other folds, scored on "
             "each fold; mean ± std over folds, as collect and the blend log report it. Micro/macro-F1, "
@@ -297,7 +297,8 @@ def section_blends(ctx: ReportContext) -> str:
     """Every logged blend, CV and leaderboard side by side."""
     head = "## Blends and leaderboard\n\n"
     if ctx.log is None or ctx.log.empty:
-        return head + "No blends logged yet (`make blend` appends to `submissions/<data>/log.csv`).\n"
+        return head + (f"No blends logged yet (`{hints.make('blend', ctx.cfg.data.name)}` appends to "
+                       f"`submissions/{ctx.cfg.data.name}/log.csv`).\n")
     log = ctx.log.copy()
     cols = {c: h for c, h in LOG_COLUMNS.items() if c in log.columns}
     extra = [c for c in log.columns if c.startswith("cv") and c not in cols and c != "cv"]
@@ -307,7 +308,8 @@ def section_blends(ctx: ReportContext) -> str:
     table = table.map(_short)
     note = ("*CV (honest)* is nested: blend weights and thresholds fitted without the scored fold. "
             "*In-sample CV* fits and scores on the same rows: the gap to the honest CV is optimism. "
-            "*LB* is the latest score written back with `make submit NAME=... LB=...` (*LBs*: how "
+            f"*LB* is the latest score written back with `{hints.make('submit', ctx.cfg.data.name)} NAME=<name> "
+            "LB=<score>` (*LBs*: how "
             "many; all are in `submissions/<data>/lb.csv`); LB far below CV means the CV cannot be "
             "trusted (leak, shift, or thresholds overfitted).\n\n")
     details = sorted(ctx.out.glob("blend_*.md"))
@@ -500,7 +502,8 @@ def section_experiments(ctx: ReportContext) -> str:
     found = sorted(ctx.out.glob("sweep_*.md")) + sorted(ctx.out.glob("ablate_*.md"))
     head = "## Sweeps and ablations\n\n"
     if not found:
-        return head + "None yet (`make sweep MODEL=...`, `make ablate MODEL=...`).\n"
+        return head + (f"None yet (`{hints.make('sweep', ctx.cfg.data.name)} MODEL=<model>`, "
+                       f"`{hints.make('ablate', ctx.cfg.data.name)} MODEL=<model>`).\n")
     return head + "\n".join(f"- [{p.stem}]({p.name})" for p in found) + "\n"
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions
 from mmfold.paths import VARIANT_SEP
 from mmfold.config import (Config, ConfigError, learned_settings, load_config, model_key, model_yaml,
@@ -220,7 +220,7 @@ def other_model(ab: Ablation, v: Variant) -> Result:
     other = v.options["model"]
     if not paths.oof_file(ab.data, other).exists():
         return Result(v.name, f"`{other}`", None, 0.0,
-                      f"`{other}` not collected: run `make train MODEL={other}` first")
+                      f"`{other}` not collected: run `{hints.make('train', ab.data, model=other)}` first")
     prob = _collected(ab, other)
     return Result(v.name, f"`{other}`", ab.scores(prob), 0.0,
                   "collected model, training time not counted")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions
 from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config, model_names
 from mmfold.data.competition import Competition, load_competition, load_folds
@@ -48,28 +48,32 @@ def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict]
         info = json.loads((rd / "done.json").read_text())
         changed = stale(info.get("hashes", {}), current)
         if changed:
-            raise UserError(f"{cfg.model.name} fold {k} is stale: {describe(changed)}; retrain it (FORCE=1)")
+            raise UserError(f"{cfg.model.name} fold {k} is stale: {describe(changed)}; retrain it "
+                            f"({hints.make('train', cfg.data.name, model=cfg.model.name, fold=k, force=True)})")
         infos.append(info)
         configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
-    _check_same_settings(cfg.model.name, infos, configs)
+    _check_same_settings(cfg, infos, configs)
     check_upstream(cfg.source or cfg.data.name, cfg.model.name, upstream_of(cfg, infos))
     drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
     if drift:
         raise UserError(f"{cfg.model.name} is stale: its config changed since its folds were trained "
                         f"(YAML now + overrides {configs[0].get('overrides', [])}):\n"
-                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it (FORCE=1) or restore the YAML")
+                        f"{describe_diff(drift, 'trained', 'now')}\nretrain it "
+                        f"({hints.make('train', cfg.data.name, model=cfg.model.name, force=True)}) or restore the YAML")
     return infos, configs
 
 
-def _check_same_settings(model: str, infos: list[dict], configs: list[dict]) -> None:
+def _check_same_settings(cfg: Config, infos: list[dict], configs: list[dict]) -> None:
     """Every fold of one model trained the same way, or its OOF mixes two models."""
+    model = cfg.model.name
     first = infos[0].get("hashes", {}).get("config")
     for k, (info, conf) in enumerate(zip(infos, configs)):
         if info.get("hashes", {}).get("config") != first:
             changed = learning_diff(learning_view(configs[0]), learning_view(conf))
             raise UserError(f"{model}: fold {k} was trained with other settings than fold 0:\n"
                             f"{describe_diff(changed, 'fold 0', f'fold {k}')}\n"
-                            f"retrain it with fold 0's settings (FORCE=1 FOLD={k})")
+                            f"retrain it with fold 0's settings "
+                            f"({hints.make('train', cfg.data.name, model=model, fold=k, force=True)})")
 
 
 def upstream_of(cfg: Config, infos: list[dict]) -> dict[str, str]:
@@ -85,7 +89,8 @@ def upstream_of(cfg: Config, infos: list[dict]) -> dict[str, str]:
         for key, value in info.get("upstream", {}).items():
             if merged.setdefault(key, value) != value:
                 raise UserError(f"{cfg.model.name}: fold {k} was made from another version of "
-                                f"{key.split(':', 1)[1]} than fold 0; retrain it (FORCE=1 FOLD={k})")
+                                f"{key.split(':', 1)[1]} than fold 0; retrain it "
+                                f"({hints.make('train', cfg.data.name, model=cfg.model.name, fold=k, force=True)})")
     return merged
 
 
@@ -157,7 +162,7 @@ def collect_model(cfg: Config, comp: Competition, fold_of_row: np.ndarray) -> di
         fileio.write_json(paths.oof_meta_file(data, model), meta)
     if test is None and comp.test is not None:
         print(f"{model}: no test predictions for the current test set ({comp.cfg.test_csv}); "
-              f"make them from the saved fold models: make predict DATA={data} MODEL={model}")
+              f"make them from the saved fold models: {hints.make('predict', data, model=model)}")
     metric = cfg.data.metric
     how = "tuned thresholds" if cfg.blend.decoder == "thresholds" else f"blend.decoder={cfg.blend.decoder}"
     print(f"{cfg.model.name}: CV {metric_label(metric)} {meta['cv'][metric]:.4f} at 0.5, "

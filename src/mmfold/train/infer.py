@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmfold import hints
 from mmfold.artifacts.manifest import portable_view
 from mmfold.config import Config, describe_diff, learning_diff
 from mmfold.cpu.threads import torch_threads
@@ -37,14 +38,14 @@ def best_checkpoint(run_dir: Path, cfg: Config) -> dict:
     path = Path(run_dir) / "best.pt"
     if not path.exists():
         raise UserError(f"{path} missing: fold {run_dir.name} has no saved model; retrain it "
-                        f"(make train MODEL={cfg.model.name} FOLD={run_dir.name.removeprefix('fold')} FORCE=1)")
+                        f"({hints.make('train', cfg.data.name, model=cfg.model.name, fold=int(run_dir.name.removeprefix('fold')), force=True)})")
     ck = load_checkpoint(path)
     changed = learning_diff(portable_view(ck["config"]), portable_view(cfg.to_dict()))
     if changed:
         raise UserError(f"{path} was trained with other settings:\n{describe_diff(changed, 'checkpoint', 'now')}")
     if "tokenizer" not in ck:
         raise UserError(f"{path} was saved before checkpoints kept their tokenizer; retrain the fold "
-                        f"(make train MODEL={cfg.model.name} FORCE=1)")
+                        f"({hints.make('train', cfg.data.name, model=cfg.model.name, force=True)})")
     return ck
 
 

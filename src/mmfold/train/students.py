@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import data_fingerprints, testset_key, upstream_keys
 from mmfold.config import Config, learned_settings, load_config, stable_hash
@@ -94,8 +94,9 @@ def teacher_test_probs(cfg: Config, comp: Competition, teachers: list[str], fold
         path = _teacher_test_file(cfg, comp, t, fold)
         probs.append(predictions.read_probs(
             path, comp.ids("test"), comp.classes, f"teacher {t} fold {fold} ({path})", comp.cfg.name,
-            fix=f"retrain teacher {t} (make train MODEL={t} FORCE=1)", against="the test set",
-            absent=f"student '{cfg.model.name}': teacher {t} has no {path}; train it first (make train MODEL={t})"))
+            fix=f"retrain teacher {t} ({hints.make('train', comp.cfg.name, model=t, force=True)})",
+            against="the test set", absent=f"student '{cfg.model.name}': teacher {t} has no {path}; train it "
+                                           f"first ({hints.make('train', comp.cfg.name, model=t)})"))
     return np.mean(probs, axis=0)
 
 
@@ -105,7 +106,7 @@ def _teacher_test_file(cfg: Config, comp: Competition, teacher: str, fold: int) 
     rd = paths.run_dir(comp.cfg.name, teacher, fold)
     if not (rd / "done.json").exists():
         raise UserError(f"student '{cfg.model.name}': teacher {teacher} fold {fold} is not trained; "
-                        f"train it first (make train MODEL={teacher})")
+                        f"train it first ({hints.make('train', comp.cfg.name, model=teacher)})")
     trained_key = json.loads((rd / "done.json").read_text()).get("hashes", {}).get("test")
     return predictions.fold_test_file(rd, testset_key(comp), trained_key)
 

@@ -362,15 +362,41 @@ def validate(cfg: Config) -> None:
 SAMPLES_ONLY_DECODERS = ("expected_f1", "gfm")
 
 
-def test_override(test: str | None) -> list[str]:
+def test_override(test: str | None, data: str = "demo", overrides: list[str] = ()) -> list[str]:
     """``--test PATH`` as a ``data.test_csv`` override (absolute: a path typed on the command
-    line is not relative to the data root)."""
+    line is not relative to the data root), with the sample submission beside it.
+
+    A stage-2 test set comes with its own sample submission: the first one lists other ids.
+    When the data config names a sample submission (``data.sample_submission``) and the
+    overrides do not, the one beside the new test file (:func:`sample_beside`) replaces it.
+    """
     if not test:
         return []
     path = Path(test).expanduser().absolute()
     if not path.is_file():
         raise ConfigError(f"--test {test}: no such file")
-    return [f"data.test_csv={path}"]
+    out = [f"data.test_csv={path}"]
+    if any(override_key(o) == "data.sample_submission" for o in overrides):
+        return out
+    if load_config(data, None, list(overrides)).data.sample_submission:
+        sample = sample_beside(path)
+        if sample is not None:
+            print(f"note: the sample submission for {path.name} is {sample} (the one beside it)")
+            out.append(f"data.sample_submission={sample}")
+    return out
+
+
+def sample_beside(test: Path) -> Path | None:
+    """The CSV beside a test file whose name says it is a sample submission, if there is one.
+
+    Raises:
+        ConfigError: several candidates, naming them and the setting that picks one.
+    """
+    found = sorted(p for p in test.parent.glob("*.csv") if p != test and "sample" in p.name.lower())
+    if len(found) > 1:
+        raise ConfigError(f"several sample submissions beside {test}: {[p.name for p in found]}; pick one: "
+                          f"ARGS='data.sample_submission={found[0]}'")
+    return found[0] if found else None
 
 
 def model_names(cfg: Config, requested: str | None) -> list[str]:

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from mmfold.data.competition import load_competition, load_folds
 
     cli_models = [m for m in (args.models or []) if "=" not in m]
-    overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m] + test_override(args.test)
+    overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m]
+    overrides += test_override(args.test, args.data, overrides)
     cfg = load_config(args.data, None, overrides)
     comp = load_competition(cfg.data)
     folds = load_folds(comp)

@@ -152,7 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every model first, then predict each; one summary line per model."""
-    overrides = list(args.overrides) + test_override(args.test)
+    overrides = list(args.overrides) + test_override(args.test, args.data, list(args.overrides))
     base = load_config(args.data, None, overrides)
     comp = load_competition(base.data)
     if comp.test is None or comp.test.empty:

@@ -305,3 +305,14 @@ def test_example_configs_are_valid(path: Path) -> None:
     merge(cfg, yaml.safe_load(path.read_text()), str(path))
     assert cfg.model.kind in MODELS
     parse_params(cfg)
+
+
+def test_a_misspelt_timm_name_suggests_the_real_ones() -> None:
+    """``resnet_18`` used to answer ``similar: []``; timm writes it ``resnet18`` (issue 23)."""
+    from mmfold.config import ConfigError
+    from mmfold.models.image import create_timm
+
+    with pytest.raises(ConfigError, match=r"closest: \['resnet18'"):
+        create_timm("resnet_18", None, {})
+    with pytest.raises(ConfigError, match="'convnext_tiny'"):
+        create_timm("convnext-tiny", None, {})

@@ -60,6 +60,23 @@ def split_backbone(model: nn.Module, n_train: int) -> tuple[nn.Module, nn.Module
     return BACKBONE_SPLITS.get(name)(model, n_train)
 
 
+def close_timm_names(name: str, n: int = 8) -> list[str]:
+    """timm's architectures nearest to a misspelt one (``resnet_18`` -> ``resnet18``...), by
+    spelling with ``_``/``-`` ignored, since timm writes ``resnet18`` but ``vit_base_patch16_224``."""
+    import difflib
+
+    arch = name.split(".")[0].lower()
+    names = timm.list_models()
+    folded = {}
+    for m in names:
+        folded.setdefault(m.replace("_", "").replace("-", ""), m)
+    key = arch.replace("_", "").replace("-", "")
+    exact = [folded[key]] if key in folded else []
+    near = difflib.get_close_matches(arch, names, n=n, cutoff=0.6)
+    near_folded = [folded[k] for k in difflib.get_close_matches(key, list(folded), n=n, cutoff=0.6)]
+    return list(dict.fromkeys(exact + near_folded + near))[:n]
+
+
 def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``, never downloading.
 
@@ -68,8 +85,7 @@ def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn
     accept it.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:10]
-        raise ConfigError(f"timm has no model '{name}'; similar: {close}")
+        raise ConfigError(f"timm has no model '{name}'; closest: {close_timm_names(name)}")
     base = {**kwargs, "pretrained": False, "num_classes": 0}
     if image_size:
         try:

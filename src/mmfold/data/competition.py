@@ -479,9 +479,16 @@ def image_path(cfg: DataConfig, image_id: str) -> Path:
 
 
 def _check_images_exist(comp: Competition) -> None:
-    """Missing or zero-byte image files, named; cheap (stat only)."""
-    files = {i: comp.image_path(i) for i in comp.ids("train") + comp.ids("test")}
-    _, bad = _stat_images(files)
+    """Missing or zero-byte image files, named; cheap (stat only) while every file is there.
+
+    Once one is missing the load fails anyway, so (unless ``data.check_images=false``) every
+    other file is decoded too (cached) and the one error names the truncated and undecodable
+    ones as well: naming only the missing file would cost the user a second fix-and-rerun.
+    """
+    ids = comp.ids("train") + comp.ids("test")
+    _, bad = _stat_images({i: comp.image_path(i) for i in ids})
+    if bad and comp.cfg.check_images:
+        bad = image_problems(comp.cfg, ids)
     if bad:
         raise DataError(_bad_images_message(comp.cfg, bad, "image problem(s)") + DROP_HINT)
 

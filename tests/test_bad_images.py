@@ -1,4 +1,5 @@
-"""Bad images in a user's own data: every bad image in one error.
+"""Bad images in a user's own data: every bad image in one error, nothing written by
+``predict`` when the test set has one.
 
 The promises users rely on (README, "bad images"): one fix-and-rerun suffices, because the
 error names every missing, empty or undecodable file at once; and a test set with a bad image
@@ -63,3 +64,31 @@ def test_folds_drops_and_lists_a_missing_and_a_truncated_image(project: Path, de
     assert f"images/{gone} (missing" in dropped and f"images/{cut} (" in dropped
     kept = pd.read_csv(project / "folds" / "demo.csv", dtype=str)["ImageID"]
     assert len(kept) == 148 and not {gone, cut} & set(kept)
+
+
+# ------------------------------------------------------------ predict: validate first, write nothing
+
+
+def _test_outputs(project: Path) -> dict[str, tuple[int, bytes]]:
+    """(mtime, bytes) of every test prediction a model has: collected and per fold."""
+    files = list((project / "oof" / "demo").glob("*test*")) + list((project / "runs").rglob("test*.parquet"))
+    return {str(f): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+
+
+def test_predict_with_a_bad_test_image_writes_nothing_for_any_model(
+        project: Path, demo_template: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy_demo(project, demo_template)
+    assert main(["folds", "folds.n_splits=2"]) == 0
+    models = "tfidf_lr,demo_image"  # a text-only member first: it reads no image
+    assert main(["train", "--model", models, "train.epochs=1", "train.progress=false"]) == 0
+    before = _test_outputs(project)
+    assert any(".test." in f for f in before)
+    cut, junk = _ids(data, "test")[:2]
+    _truncate(data / "images" / cut)  # a re-issued test set: new bytes, so every fold predicts it
+    (data / "images" / junk).write_bytes(b"not an image at all")
+    capsys.readouterr()
+    assert main(["predict", "--model", models]) == 2
+    err = capsys.readouterr().err
+    assert "2 bad test image(s)" in err and f"images/{cut} (" in err and f"images/{junk} (" in err, err
+    assert "truncated" in err and "nothing was predicted or written" in err
+    assert _test_outputs(project) == before  # no model's test file rewritten or added

@@ -246,6 +246,20 @@ class Competition:
         if bad:
             raise DataError(_bad_images_message(self.cfg, bad, "unreadable image(s)") + DROP_HINT)
 
+    def verify_test_images(self) -> None:
+        """Fully decode every test image once (cached); raise listing every bad one.
+
+        What a stage that writes test predictions for several models calls before writing
+        anything: failing on the second model's decode, after the first model's test file was
+        rewritten, would leave a blend's members predicting different test sets.
+
+        Raises:
+            DataError: every missing, empty or undecodable test image.
+        """
+        bad = image_problems(self.cfg, self.ids("test"))
+        if bad:
+            raise DataError(_bad_images_message(self.cfg, bad, "bad test image(s)") + TEST_HINT)
+
 
 def load_competition(
     cfg: DataConfig, classes: list[str] | None = None, use_saved: bool = True
@@ -464,6 +478,8 @@ BAD_IMAGES_FILE = "bad_images.txt"  # in paths.cache_dir(data): the full list, w
 MAX_DECODE_THREADS = 8  # PIL decodes without the GIL; more threads than this only thrash
 DROP_HINT = ("; fix or remove those files, or set data.drop_bad_images=true to drop their train rows "
              "(a bad test image stays an error: every test id must be submitted)")
+TEST_HINT = ("; every test id must be submitted, so fix or replace these files "
+             "(data.drop_bad_images drops train rows only)")
 
 
 def image_path(cfg: DataConfig, image_id: str) -> Path:
@@ -594,8 +610,7 @@ def _drop_bad_images(cfg: DataConfig, train: pd.DataFrame, test: pd.DataFrame | 
     bad = image_problems(cfg, train["id"].tolist() + test_ids)
     bad_test = {i: bad.pop(i) for i in test_ids if i in bad}
     if bad_test:
-        raise DataError(_bad_images_message(cfg, bad_test, "bad test image(s)") + "; data.drop_bad_images "
-                        "drops train rows only: every test id must be submitted, so fix or replace these files")
+        raise DataError(_bad_images_message(cfg, bad_test, "bad test image(s)") + TEST_HINT)
     drop = train["id"].isin(list(bad))
     if drop.all():
         raise DataError(f"{path}: every train image is bad ({_listing(list(bad.values()))}); "

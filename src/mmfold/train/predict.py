@@ -27,7 +27,7 @@ from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import testset_key
 from mmfold.config import Config, config_from_dict, load_config, test_override
 from mmfold.data.competition import Competition, load_competition, load_folds
-from mmfold.errors import UserError
+from mmfold.errors import DataError, UserError
 from mmfold.train.seeds import predict_seeds
 
 Predictor = Callable[[Config, Competition, Path], np.ndarray]
@@ -142,6 +142,24 @@ def predictable(base: Config, comp: Competition, names: list[str], n_folds: int,
     return jobs
 
 
+def check_test_images(comp: Competition) -> None:
+    """Decode the whole test set before any model writes a test file (unless
+    ``data.check_images=false``, as for ``make folds``).
+
+    Models are predicted one after another: a bad image found by the second would leave the
+    first's collected test file rewritten for a test set the others never predicted.
+
+    Raises:
+        DataError: every bad test image, in one message.
+    """
+    if not (comp.has_images and comp.cfg.check_images):
+        return
+    try:
+        comp.verify_test_images()
+    except DataError as e:
+        raise DataError(f"{e}; nothing was predicted or written") from e
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmfold predict`` options."""
     p.add_argument("--model", help="model name(s), comma-separated (default: every collected model, "
@@ -158,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if comp.test is None or comp.test.empty:
         raise UserError(f"data '{comp.cfg.name}' has no test rows (data.test_csv: {comp.cfg.test_csv}); "
                         "nothing to predict")
+    check_test_images(comp)
     n_folds = int(load_folds(comp).max()) + 1
     jobs = predictable(base, comp, models_to_predict(base, args.model), n_folds, strict=bool(args.model))
     for cfg, infos in jobs:

@@ -1,5 +1,5 @@
-"""Bad images in a user's own data: every bad image in one error, nothing written by
-``predict`` when the test set has one.
+"""Bad images and empty captions in a user's own data: every bad image in one error, nothing
+written by ``predict`` when the test set has one, empty captions warned.
 
 The promises users rely on (README, "bad images"): one fix-and-rerun suffices, because the
 error names every missing, empty or undecodable file at once; and a test set with a bad image
@@ -10,12 +10,15 @@ sets.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mmfold.cli import main
+from mmfold.config import load_config
+from mmfold.data.competition import load_competition
 
 DEMO = Path("input") / "demo"
 
@@ -92,3 +95,27 @@ def test_predict_with_a_bad_test_image_writes_nothing_for_any_model(
     assert "2 bad test image(s)" in err and f"images/{cut} (" in err and f"images/{junk} (" in err, err
     assert "truncated" in err and "nothing was predicted or written" in err
     assert _test_outputs(project) == before  # no model's test file rewritten or added
+
+
+# ---------------------------------------------------------------------- empty captions: warned
+
+
+def test_empty_captions_are_warned_with_their_count_and_rows(tiny: Path) -> None:
+    train = tiny / "train.csv"
+    lines = train.read_text().splitlines()
+    for row in (1, 4, 7):  # empty, spaces only, a lone quoted empty string
+        ident, labels, _ = lines[row].split(",", 2)
+        lines[row] = f"{ident},{labels}," + {1: "", 4: "   ", 7: '""'}[row]
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"3 empty caption") as caught:
+        load_competition(load_config("tiny").data, use_saved=False)
+    msg = next(str(w.message) for w in caught if "empty caption" in str(w.message))
+    assert "row 1 (id '0.jpg')" in msg and "row 4 (id '3.jpg')" in msg and "row 7 (id '6.jpg')" in msg
+    assert "train.csv" in msg and "Caption" in msg
+
+
+def test_full_captions_and_image_only_data_warn_nothing(tiny: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_competition(load_config("tiny").data, use_saved=False)
+        load_competition(load_config("tiny", None, ["data.caption_col=null"]).data, use_saved=False)

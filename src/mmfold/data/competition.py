@@ -329,12 +329,14 @@ def _load_split(cfg: DataConfig, path: Path, labelled: bool) -> pd.DataFrame:
         _check_overflow(cfg, df, overflow, path)
         _warn_overflow(path, df, overflow)
     out = pd.DataFrame({"id": df[cfg.id_col].str.strip()})
-    out["caption"] = df[cfg.caption_col].str.strip() if cfg.caption_col else ""
+    out["caption"] = df[cfg.caption_col].fillna("").str.strip() if cfg.caption_col else ""
     if cfg.label_col in df.columns:
         out["labels"] = [split_labels(c, cfg.label_sep) for c in df[cfg.label_col]]
     known = {cfg.id_col, cfg.label_col, cfg.caption_col}
     out = pd.concat([out, df[[c for c in df.columns if c not in known]]], axis=1)
     _check_ids(out, path)
+    if cfg.caption_col:
+        _warn_empty_captions(out, cfg.caption_col, path)
     if labelled:
         _warn_label_quirks(out["labels"], cfg.label_sep, path)
         if not cfg.allow_empty_labels:
@@ -441,6 +443,21 @@ def _check_ids(df: pd.DataFrame, path: Path) -> None:
     dup = df["id"].duplicated(keep=False)
     if dup.any():
         raise DataError(f"{path}: duplicate ids in {_listing(_rows(dup, df))}")
+
+
+def _warn_empty_captions(df: pd.DataFrame, col: str, path: Path) -> None:
+    """Empty captions (nothing, spaces, ``""``) are read as no text; say which rows.
+
+    Not an error (a text model gives them its prior, an image model does not care), but a
+    silent one hides a broken export or a wrong ``data.caption_col``.
+    """
+    empty = df["caption"] == ""
+    if not empty.any():
+        return
+    hint = ("; set data.caption_col=null if this competition has no captions" if empty.all()
+            else "; they are read as no text")
+    warnings.warn(f"{path}: {int(empty.sum())} empty caption(s) in column {col!r}: "
+                  f"{_listing(_rows(empty, df))}{hint}")
 
 
 def _check_nonempty(df: pd.DataFrame, path: Path) -> None:

@@ -123,7 +123,7 @@ def test_missing_and_zero_byte_and_corrupt_images(tiny: Path) -> None:
 
 def test_test_file_missing_columns_and_unseen_labels(tiny: Path) -> None:
     (tiny / "test.csv").write_text("ImageID\n40.jpg\n")
-    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) \['Caption'\]"):
+    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) 'Caption' \(data.caption_col\)"):
         load_competition(_cfg())
     (tiny / "test.csv").write_text("ImageID,Labels,Caption\n40.jpg,1 99,x\n41.jpg,2,y\n")
     with pytest.raises(DataError, match=r"labels \['99'\] never occur in train: row 1 \(id '40.jpg'\)"):

@@ -659,11 +659,13 @@ def load_folds(comp: Competition) -> np.ndarray:
     missing = [i for i in ids if i not in mapping]
     extra = sorted(set(mapping) - set(ids))
     if missing or extra or len(folds) != len(ids):
+        why = ("not one of its ids is in train: was it made for another dataset?" if len(extra) == len(mapping)
+               else "did the train file change?")
         raise DataError(
             f"{path} does not match {comp.cfg.train_csv}: "
             f"{len(missing)} train ids without a fold (first: {_listing(missing)}), "
             f"{len(extra)} fold ids not in train (first: {_listing(extra)}); "
-            f"did the train file change? Re-make them (the old ones are kept): {hints.make('folds', comp.cfg.name, force=True)}"
+            f"{why} Re-make them (the old ones are kept): {hints.make('folds', comp.cfg.name, force=True)}"
         )
     return ids.map(mapping).to_numpy(dtype=np.int64)
 

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.faults
 
 TINY_FUSION = {
     "model": {"kind": "fusion", "params": {
-        "backbone": "test_resnet", "text_encoder": "lstm", "hidden": 32,
+        "backbone": "test_resnet", "pretrained": False, "text_encoder": "lstm", "hidden": 32,
         "lstm": {"embed_dim": 16, "hidden": 16, "layers": 1, "vocab_size": 200, "min_freq": 1}}},
     "train": {"epochs": 3, "batch_size": 8, "image_size": 32, "max_len": 12, "ema": 0.9, "progress": False},
 }

@@ -25,7 +25,7 @@ from tests.conftest import write_competition
 from tests.tiny import make_tiny_bert, tiny_params
 
 N_TRAIN, N_TEST = 36, 10
-SPLIT = {"backbone": "test_efficientnet", "train_blocks": 2, "train_layers": 1}
+SPLIT = {"backbone": "test_efficientnet", "pretrained": False, "train_blocks": 2, "train_layers": 1}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tests.test_engine import _InterruptAt, same_weights
 from tests.tiny import make_tiny_bert, tiny_params
 
 N_TRAIN = 36
-SPLIT = {"backbone": "test_efficientnet", "train_blocks": 2, "train_layers": 1}
+SPLIT = {"backbone": "test_efficientnet", "pretrained": False, "train_blocks": 2, "train_layers": 1}
 
 
 @pytest.fixture(scope="module")

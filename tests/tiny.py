@@ -68,7 +68,7 @@ def tiny_params(kind: str, bert_dir: str | Path | None = None,
         bert_dir: A folder from :func:`make_tiny_bert`, for kinds with an HF text side.
         backbone: A timm ``test_*`` model.
     """
-    image = {"backbone": backbone, "hidden": 16, "dropout": 0.0}
+    image = {"backbone": backbone, "pretrained": False, "hidden": 16, "dropout": 0.0}
     hf = {"text_model": str(bert_dir), "pooling": "mean", "hidden": 16, "dropout": 0.0}
     lstm = {"text_encoder": "lstm", "lstm": {"embed_dim": 16, "hidden": 8, "vocab_size": 100},
             "hidden": 16, "dropout": 0.0}

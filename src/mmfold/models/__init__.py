@@ -30,22 +30,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mmfold import hub
 from mmfold.config import Config
 from mmfold.models import fusion, image, text  # noqa: F401  (registers the kinds)
-from mmfold.models.base import MODELS, ModelParams, MultiLabelModel, parse_params
+from mmfold.models.base import MODELS, ModelParams, MultiLabelModel, parse_params, pretrained_loading
 from mmfold.models.pretrained import LoadResult, load_pretrained, load_state
-from mmfold.models.tokenizers import TOKENIZERS, HFTokenizer, Tokenizer, WordTokenizer
+from mmfold.models.tokenizers import TOKENIZERS, HFTokenizer, Tokenizer, WordTokenizer, text_need
 
 __all__ = [
     "MODELS", "TOKENIZERS", "HFTokenizer", "LoadResult", "ModelParams", "MultiLabelModel",
     "Tokenizer", "WordTokenizer", "build_model", "build_tokenizer", "load_pretrained", "load_state",
-    "text_encoder_of",
+    "text_encoder_of", "weight_needs",
 ]
 
 
-def build_model(cfg: Config, classes: list[str]) -> MultiLabelModel:
-    """A fresh model of kind ``cfg.model.kind`` with one logit per class (a new one per fold)."""
-    return MODELS.get(cfg.model.kind)(cfg, classes)
+def build_model(cfg: Config, classes: list[str], pretrained: bool = True) -> MultiLabelModel:
+    """A fresh model of kind ``cfg.model.kind`` with one logit per class (a new one per fold).
+
+    Args:
+        pretrained: Load the encoders' pretrained weights. ``False`` when a checkpoint is about
+            to overwrite every weight (predicting): nothing is read from the hub then.
+    """
+    with pretrained_loading(pretrained):
+        return MODELS.get(cfg.model.kind)(cfg, classes)
+
+
+def weight_needs(cfg: Config) -> list[hub.Need]:
+    """Every pretrained weight a torch kind loads when it trains: the image backbone's (unless
+    ``pretrained: false``) and the Hugging Face text model's (with its tokenizer).
+
+    Found without building anything, so a missing one stops a run before any fold moves.
+    """
+    builder = MODELS.get(cfg.model.kind)
+    p = parse_params(cfg)
+    needs = []
+    if getattr(builder, "needs_image", False) and p.backbone:
+        needs.append(image.image_need(p))
+    if text_encoder_of(cfg) == "hf" and p.text_model:
+        needs.append(text_need(p))
+    return [n for n in needs if n is not None]
 
 
 def text_encoder_of(cfg: Config) -> str | None:

@@ -17,6 +17,8 @@ Parameters are split into two groups for the engine:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,53 @@ from mmfold.config import Config, ConfigError, merge
 from mmfold.registry import Registry
 
 MODELS = Registry("model kind")
+
+# Whether encoders being built load their pretrained weights. Predicting turns it off: a fold's
+# best.pt holds every weight, so rebuilding the architecture must not read (or wait on) the hub.
+_LOAD_PRETRAINED = contextvars.ContextVar("load_pretrained", default=True)
+
+
+@contextlib.contextmanager
+def pretrained_loading(flag: bool) -> Iterator[None]:
+    """Build models inside with (``True``) or without (``False``) their pretrained weights."""
+    token = _LOAD_PRETRAINED.set(flag)
+    try:
+        yield
+    finally:
+        _LOAD_PRETRAINED.reset(token)
+
+
+def loads_pretrained() -> bool:
+    """Whether an encoder built now should load its pretrained weights."""
+    return _LOAD_PRETRAINED.get()
+
+
+@dataclass
+class PretrainedNote:
+    """What an encoder loaded, for the fold-start console line and ``done.json``.
+
+    Attributes:
+        what: ``image backbone resnet18`` / ``text model bert-base-uncased``.
+        record: :meth:`mmfold.hub.Resolved.record` of the weights, None at random init.
+        source: One line: where from (``hub timm/x@1a2b3c4d (model.safetensors)``, ``local ...``).
+        loaded: Tensors copied from the weights.
+        left: Tensors left at their initialisation (named in :attr:`left_names`).
+        left_names: A few of them.
+    """
+
+    what: str
+    record: dict[str, str] | None = None
+    source: str = "random init (model.params.pretrained: false)"
+    loaded: int = 0
+    left: int = 0
+    left_names: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """``image backbone x: hub timm/x@1a2b3c4d (model.safetensors), 152 tensors loaded, 0 left at init``."""
+        if self.record is None:
+            return f"{self.what}: {self.source}"
+        left = f", e.g. {self.left_names[:3]}" if self.left_names else ""
+        return f"{self.what}: {self.source}, {self.loaded} tensors loaded, {self.left} left at init{left}"
 
 
 @dataclass
@@ -80,17 +129,25 @@ class ModelParams:
     """Every ``model.params`` key a built-in kind understands; each kind uses a subset.
 
     Attributes:
-        backbone: timm model name (image side), e.g. ``resnet18``, ``efficientnet_lite0``.
+        backbone: timm model name as timm writes it, with or without its pretrained tag
+            (``resnet18``, ``convnext_nano.in12k_ft_in1k``, ``efficientnet_b0.ra_in1k``).
+        pretrained: Load the backbone's pretrained weights (timm's own ones, from the Hugging
+            Face cache, or ``pretrained_file``). Training from random init needs ``false``
+            written out: a backbone never starts from random weights silently.
+        revision: Hub branch, tag or commit of the weights (image and text side); None is
+            ``main``. Each fold records the commit it resolved to.
         pretrained_file: Local ``.safetensors``/``.pth`` for the timm backbone, relative to the
-            project root (``make weights`` writes ``weights/efficientnet_lite0.safetensors``).
-            None trains from random init. Never downloaded.
+            project root (what a mounted Kaggle dataset gives; ``make weights`` writes
+            ``weights/efficientnet_lite0.safetensors``). Wins over the hub weights.
         pretrained_strict: Refuse to start when backbone weights are missing from that file.
         timm_kwargs: Extra keyword arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
         data_config: Overrides of timm's preprocessing (``mean``, ``std``, ``interpolation``,
             ``crop_pct``...) for weights trained with another normalisation than the timm
             model's default (the efficientnet-lite0 package expects ``mean=std=0.5``-ish).
-        text_model: Local Hugging Face folder (config, weights, tokenizer), relative to the
-            project root, e.g. ``weights/minilm``.
+        text_model: A Hugging Face repo id (``microsoft/deberta-v3-base``, read from the hub
+            cache, at ``revision``) or a local model folder (config, weights, tokenizer),
+            relative to the project root, e.g. ``weights/minilm``; the tokenizer comes from the
+            same place.
         pooling: How HF token states become one vector: ``cls`` or ``mean`` (masked).
         text_encoder: Text side of a fusion kind: ``hf`` or ``lstm``. None = the kind's default.
         train_blocks: Image side: only the last N stages of the timm backbone (and its head
@@ -108,6 +165,8 @@ class ModelParams:
     """
 
     backbone: str | None = None
+    pretrained: bool = True
+    revision: str | None = None
     pretrained_file: str | None = None
     pretrained_strict: bool = True
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -205,6 +264,10 @@ class MultiLabelModel(nn.Module):
     def encoder(self, name: str) -> nn.Module:
         """The encoder registered as ``name``."""
         return self.backbone[name] if name in self.backbone else self.scratch[name]
+
+    def pretrained_notes(self) -> list[PretrainedNote]:
+        """What each pretrained-capable encoder loaded (``pretrained_note`` set when built)."""
+        return [n for enc in self.backbone.values() if (n := getattr(enc, "pretrained_note", None))]
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the pretrained-capable encoders (lower LR, freezable)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import timm
@@ -10,13 +9,12 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from mmfold import hub
 from mmfold.config import Config, ConfigError
-from mmfold.models.base import (MODELS, MLPHead, ModelParams, MultiLabelModel, parse_params,
-                                project_path, require)
+from mmfold.models.base import (MODELS, MLPHead, ModelParams, MultiLabelModel, PretrainedNote, loads_pretrained,
+                                parse_params, project_path, require)
 from mmfold.models.pretrained import load_pretrained
 from mmfold.registry import Registry
-
-log = logging.getLogger(__name__)
 
 # How to cut a timm backbone class into a frozen prefix and a trainable rest, by class name.
 BACKBONE_SPLITS = Registry("backbone split (model.params.train_blocks)")
@@ -77,16 +75,26 @@ def close_timm_names(name: str, n: int = 8) -> list[str]:
     return list(dict.fromkeys(exact + near_folded + near))[:n]
 
 
-def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)``, never downloading.
-
-    Models with a fixed input size (ViTs) are built for ``image_size`` when it is set; CNNs
-    take any size and refuse the ``img_size`` argument, so it is only passed to those that
-    accept it.
-    """
+def check_timm_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting the ones it does."""
     if not timm.is_model(name):
         raise ConfigError(f"timm has no model '{name}'; closest: {close_timm_names(name)}")
+
+
+def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any], weights: hub.Resolved | None = None,
+                via_timm: bool = False) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``, never downloading.
+
+    With ``via_timm``, ``weights`` (a file already on disk) load through timm's own pretrained
+    mechanism (``pretrained_cfg_overlay=dict(file=...)``: its key filters and classifier
+    handling, strict). Models with a fixed input size (ViTs) are built for ``image_size`` when
+    it is set; CNNs take any size and refuse the ``img_size`` argument, so it is only passed to
+    those that accept it.
+    """
+    check_timm_name(name)
     base = {**kwargs, "pretrained": False, "num_classes": 0}
+    if via_timm and weights is not None:
+        base.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights.path)})
     if image_size:
         try:
             return timm.create_model(name, img_size=image_size, **base)
@@ -96,6 +104,69 @@ def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn
         return timm.create_model(name, **base)
     except TypeError as e:
         raise ConfigError(f"timm '{name}' rejects model.params.timm_kwargs {kwargs}: {e}") from e
+
+
+def _safe_alternatives(filename: str) -> tuple[str, ...]:
+    """The files timm tries for a hub weight name, in its order: the safetensors twin first
+    (``pytorch_model.bin`` -> ``model.safetensors``), then the name itself."""
+    if filename == "pytorch_model.bin":
+        return ("model.safetensors", filename)
+    if filename == "open_clip_pytorch_model.bin":
+        return ("open_clip_model.safetensors", filename)
+    return (filename[:-4] + ".safetensors", filename) if filename.endswith(".bin") else (filename,)
+
+
+def timm_need(name: str, revision: str | None = None) -> hub.Need:
+    """The hub files behind a timm name with pretrained weights (``resnet18`` ->
+    ``timm/resnet18.a1_in1k``, its default tag), as timm itself would download them.
+
+    Raises:
+        ConfigError: the name has no pretrained weights on the hub.
+    """
+    from timm.models import get_pretrained_cfg
+
+    check_timm_name(name)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        arch = name.split(".")[0]
+        raise ConfigError(f"timm '{name}' has no pretrained weights on the Hugging Face hub (tags with "
+                          f"weights: timm.list_pretrained('{arch}*')); set model.params.pretrained: false to "
+                          "train it from random init, or model.params.pretrained_file to a weights file")
+    repo, _, pinned = cfg.hf_hub_id.partition("@")
+    return hub.Need(name, repo_id=repo, files=_safe_alternatives(cfg.hf_hub_filename or "pytorch_model.bin"),
+                    revision=revision or pinned or None)
+
+
+def image_need(p: ModelParams) -> hub.Need | None:
+    """What the image backbone loads: ``pretrained_file``, else timm's hub weights, or None
+    with ``pretrained: false`` (written out)."""
+    name = require(p.backbone, "backbone", "image")
+    if p.pretrained_file:
+        if not p.pretrained:
+            raise ConfigError("model.params.pretrained is false but pretrained_file is set: drop one of them")
+        return hub.Need(p.pretrained_file, path=project_path(p.pretrained_file))
+    return timm_need(name, p.revision) if p.pretrained else None
+
+
+def pretrained_backbone(p: ModelParams, image_size: int | None) -> tuple[nn.Module, PretrainedNote]:
+    """The timm backbone with the weights :func:`image_need` names, and what it loaded.
+
+    A hub file loads through timm's own mechanism; a local ``pretrained_file`` through
+    :func:`load_pretrained`, which also maps the key names of another implementation."""
+    what = f"image backbone {p.backbone}"
+    need = image_need(p) if loads_pretrained() else None
+    if need is None:
+        model = create_timm(p.backbone, image_size, p.timm_kwargs)
+        note = PretrainedNote(what) if loads_pretrained() else PretrainedNote(what, source="weights from the checkpoint")
+        return model, note
+    weights = hub.require(need, "make weights DATA=<data> MODEL=<model>")
+    if need.repo_id is None:
+        model = create_timm(p.backbone, image_size, p.timm_kwargs)
+        result = load_pretrained(model, weights.path, strict=p.pretrained_strict)
+        return model, PretrainedNote(what, weights.record(), weights.describe(), result.loaded, len(result.missing),
+                                     result.missing[:5])
+    model = create_timm(p.backbone, image_size, p.timm_kwargs, weights, via_timm=True)
+    return model, PretrainedNote(what, weights.record(), weights.describe(), len(model.state_dict()), 0)
 
 
 def data_config(model: nn.Module, image_size: int | None,
@@ -171,12 +242,12 @@ class ImageEncoder(nn.Module):
 
 
 def build_image_encoder(p: ModelParams, image_size: int | None, kind: str) -> ImageEncoder:
-    """The timm backbone named in ``params.backbone``, with local weights if given."""
-    model = create_timm(require(p.backbone, "backbone", kind), image_size, p.timm_kwargs)
-    if p.pretrained_file:
-        result = load_pretrained(model, project_path(p.pretrained_file), strict=p.pretrained_strict)
-        log.info("image backbone %s: %s", p.backbone, result.summary())
-    return ImageEncoder(model, image_size, p.data_config, p.train_blocks)
+    """The timm backbone named in ``params.backbone``, with its pretrained weights."""
+    require(p.backbone, "backbone", kind)
+    model, note = pretrained_backbone(p, image_size)
+    enc = ImageEncoder(model, image_size, p.data_config, p.train_blocks)
+    enc.pretrained_note = note
+    return enc
 
 
 @MODELS.register("image")

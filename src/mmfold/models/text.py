@@ -15,9 +15,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mmfold.config import Config, ConfigError
-from mmfold.models.base import (MODELS, LSTMParams, MLPHead, ModelParams, MultiLabelModel,
-                                parse_params, require)
-from mmfold.models.tokenizers import hf_folder
+from mmfold import hub
+from mmfold.models.base import (MODELS, LSTMParams, MLPHead, ModelParams, MultiLabelModel, PretrainedNote,
+                                loads_pretrained, parse_params)
+from mmfold.models.tokenizers import hf_folder, text_weights
 from mmfold.registry import Registry
 
 TEXT_ENCODERS = Registry("text encoder")
@@ -95,8 +96,22 @@ def _not_unused_weights(record: logging.LogRecord) -> bool:
     return "were not used when initializing" not in record.getMessage()
 
 
-def load_hf_model(folder: Path) -> nn.Module:
-    """``AutoModel`` from a local folder, without BERT's pooler where the class allows it.
+def hf_architecture(folder: Path) -> nn.Module:
+    """The model class a folder's ``config.json`` names, at random init: its weights are about
+    to be overwritten by a fold's checkpoint, so reading them would be wasted (and a bundle
+    need not carry them)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+
+
+def load_hf_model(folder: Path) -> tuple[nn.Module, list[str]]:
+    """``AutoModel`` from a local folder, without BERT's pooler where the class allows it, and
+    the names of the tensors the folder's weights did not provide (left at init).
 
     The pooler (a dense layer on ``[CLS]``) is unused by our pooling; leaving it in would
     count parameters that never get a gradient. transformers' notice that the checkpoint's
@@ -106,12 +121,15 @@ def load_hf_model(folder: Path) -> nn.Module:
 
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addFilter(_not_unused_weights)
+    kw = {"local_files_only": True, "output_loading_info": True}
     try:
-        return AutoModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
-    except TypeError:  # encoders without a pooler do not take the argument
-        return AutoModel.from_pretrained(str(folder), local_files_only=True)
+        try:
+            model, info = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, **kw)
+        except TypeError:  # encoders without a pooler do not take the argument
+            model, info = AutoModel.from_pretrained(str(folder), **kw)
     finally:
         logger.removeFilter(_not_unused_weights)
+    return model, sorted(info.get("missing_keys") or [])
 
 
 class HFTextEncoder(nn.Module):
@@ -129,9 +147,18 @@ class HFTextEncoder(nn.Module):
 
     is_backbone = True
 
-    def __init__(self, folder: str, pooling: str = "cls", train_layers: int | None = None) -> None:
+    def __init__(self, weights: hub.Resolved, pooling: str = "cls", train_layers: int | None = None,
+                 what: str = "text model") -> None:
         super().__init__()
-        self.model = load_hf_model(hf_folder(folder))
+        folder = hf_folder(weights.path)
+        if loads_pretrained():
+            self.model, missing = load_hf_model(folder)
+            n = len(self.model.state_dict()) - len(missing)
+            self.pretrained_note = PretrainedNote(what, weights.record(), weights.describe(), n, len(missing),
+                                                  missing[:5])
+        else:
+            self.model = hf_architecture(folder)
+            self.pretrained_note = PretrainedNote(what, source="weights from the checkpoint")
         self.pool_fn: Callable[..., torch.Tensor] = POOLINGS.get(pooling)
         self.token_dim = self.out_dim = int(self.model.config.hidden_size)
         prefix, top = split_text_model(self.model, train_layers) if train_layers is not None else (None, [])
@@ -212,7 +239,7 @@ class LSTMTextEncoder(nn.Module):
 @TEXT_ENCODERS.register("hf")
 def build_hf_encoder(p: ModelParams, kind: str) -> HFTextEncoder:
     """``params.text_model`` pooled by ``params.pooling``."""
-    return HFTextEncoder(require(p.text_model, "text_model", kind), p.pooling, p.train_layers)
+    return HFTextEncoder(text_weights(p), p.pooling, p.train_layers, f"text model {p.text_model}")
 
 
 @TEXT_ENCODERS.register("lstm")

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mmfold import hub
 from mmfold.errors import UserError
 from mmfold.models.base import ModelParams, project_path, require
 from mmfold.registry import Registry
@@ -50,6 +51,20 @@ def hf_folder(path: str | Path) -> Path:
         raise UserError(f"{folder} is not a local Hugging Face model folder (no config.json); "
                         "run `make weights` or point model.params.text_model at one")
     return folder
+
+
+def text_need(p: ModelParams) -> hub.Need:
+    """What ``params.text_model`` names: a local model folder, else a hub repo id."""
+    return hub.folder_need(require(p.text_model, "text_model", "hf text encoder"), p.revision)
+
+
+def text_weights(p: ModelParams) -> hub.Resolved:
+    """The folder (a hub snapshot or a local one) the text model and its tokenizer load from.
+
+    Raises:
+        MissingWeights: not on this machine (naming the repo and ``make weights``).
+    """
+    return hub.require(text_need(p), "make weights DATA=<data> MODEL=<model>")
 
 
 class HFTokenizer:
@@ -139,7 +154,7 @@ class WordTokenizer:
 @TOKENIZERS.register("hf")
 def hf_tokenizer(p: ModelParams, train_captions: Sequence[str]) -> HFTokenizer:
     """The tokenizer saved beside ``params.text_model``; it needs no fitting."""
-    return HFTokenizer(require(p.text_model, "text_model", "hf text encoder"))
+    return HFTokenizer(text_weights(p).path)
 
 
 @TOKENIZERS.register("lstm")

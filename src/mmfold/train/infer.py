@@ -63,7 +63,7 @@ def predict_fold(cfg: Config, comp: Competition, run_dir: Path) -> np.ndarray:
     ck = best_checkpoint(run_dir, cfg)
     with torch_threads(t.threads):
         acc = make_accelerator(t)
-        model = build_model(cfg, comp.classes)
+        model = build_model(cfg, comp.classes, pretrained=False)  # best.pt holds every weight
         model.load_state_dict(ck["model"])
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -1,0 +1,133 @@
+"""Pretrained weights by the names users write, read from a hub cache in the hub's own layout.
+
+The cache is built by the test from tiny models (:mod:`tests.hubcache`); ``HF_HUB_CACHE``
+points at it and ``HF_HUB_OFFLINE=1`` is set, and any attempt to open a network connection
+fails the test: training-side loading only ever reads the cache.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfold import hub
+from mmfold.config import Config, ConfigError
+from mmfold.models import build_model, weight_needs
+from mmfold.models.base import parse_params
+from mmfold.models.tokenizers import hf_tokenizer
+from tests.hubcache import add_snapshot, add_timm_model, folder_files
+from tests.tiny import make_tiny_bert, tiny_params
+
+CLASSES = ["a", "b", "c"]
+
+
+def make_cfg(kind: str, **params: object) -> Config:
+    """A tiny model of ``kind`` with ``params`` over :func:`tests.tiny.tiny_params`."""
+    cfg = Config()
+    cfg.model.kind = kind
+    cfg.model.params = {**tiny_params(kind, "unused"), **params}
+    cfg.train.image_size = 32
+    return cfg
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache, offline, with connections refused."""
+    root = tmp_path / "hf" / "hub"
+    root.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a network connection was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return root
+
+
+def image_cfg(backbone: str = "test_efficientnet", **params: object):
+    return make_cfg("image", **{"backbone": backbone, "pretrained": True, **params})
+
+
+def test_a_timm_name_loads_timms_weights_from_the_cache(cache: Path) -> None:
+    commit, sd = add_timm_model(cache, "test_efficientnet.r160_in1k", seed=3)
+    model = build_model(image_cfg(), CLASSES)
+    got = model.encoder("image").model.state_dict()
+    assert torch.equal(got["conv_stem.weight"], sd["conv_stem.weight"])
+    assert all(torch.equal(v, sd[k]) for k, v in got.items())  # every tensor, classifier dropped
+    (note,) = model.pretrained_notes()
+    assert note.record["repo_id"] == "timm/test_efficientnet.r160_in1k" and note.record["revision"] == commit
+    assert note.record["file"] == "model.safetensors" and len(note.record["sha256"]) == 64
+    assert f"@{commit[:8]}" in note.line() and "tensors loaded, 0 left at init" in note.line()
+
+
+def test_the_tag_picks_the_repo_and_a_revision_pins_the_commit(cache: Path) -> None:
+    main, _ = add_timm_model(cache, "test_efficientnet.r160_in1k", seed=1)
+    v1, sd_v1 = add_timm_model(cache, "test_efficientnet.r160_in1k", seed=2, revisions=("v1",))
+    assert main != v1
+    model = build_model(image_cfg("test_efficientnet.r160_in1k", revision="v1"), CLASSES)
+    assert torch.equal(model.encoder("image").model.state_dict()["conv_stem.weight"], sd_v1["conv_stem.weight"])
+    assert model.pretrained_notes()[0].record["revision"] == v1
+
+
+def test_missing_weights_are_named_with_the_command_before_anything_is_built(cache: Path) -> None:
+    needs = weight_needs(image_cfg())
+    assert [n.repo_id for n in needs] == ["timm/test_efficientnet.r160_in1k"]
+    assert hub.find(needs[0]) is None
+    with pytest.raises(hub.MissingWeights, match=r"timm/test_efficientnet.r160_in1k .*make weights"):
+        build_model(image_cfg(), CLASSES)
+
+
+def test_random_init_must_be_written_out(cache: Path) -> None:
+    model = build_model(make_cfg("image", backbone="test_efficientnet"), CLASSES)  # tiny.py: pretrained: false
+    assert "random init (model.params.pretrained: false)" in model.pretrained_notes()[0].line()
+    assert weight_needs(make_cfg("image", backbone="test_efficientnet")) == []
+    with pytest.raises(ConfigError, match="pretrained is false but pretrained_file is set"):
+        weight_needs(image_cfg("test_resnet", pretrained_file="w.pth", pretrained=False))
+
+
+def test_a_timm_name_without_hub_weights_says_how_to_train_from_scratch(cache: Path) -> None:
+    from timm.models import get_pretrained_cfg
+
+    name = next(n for n in ("resnet10t", "cspresnet50d", "vit_small_patch16_18x2_224")
+                if get_pretrained_cfg(n) is None or not get_pretrained_cfg(n).hf_hub_id)
+    with pytest.raises(ConfigError, match="no pretrained weights on the Hugging Face hub.*pretrained: false"):
+        weight_needs(image_cfg(name))
+
+
+def test_predicting_rebuilds_the_model_without_reading_any_weights(cache: Path) -> None:
+    model = build_model(image_cfg(), CLASSES, pretrained=False)  # nothing in the cache: still builds
+    assert model.pretrained_notes()[0].line().endswith("weights from the checkpoint")
+
+
+def test_a_text_repo_id_loads_model_and_tokenizer_from_the_cache(cache: Path, tmp_path: Path) -> None:
+    folder = make_tiny_bert(tmp_path / "bert", seed=5)
+    commit = add_snapshot(cache, "someone/tiny-bert", folder_files(folder))
+    cfg = make_cfg("text", text_model="someone/tiny-bert")
+    model = build_model(cfg, CLASSES)
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(str(folder))
+    got = model.encoder("text").model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items() if k in got)
+    (note,) = model.pretrained_notes()
+    assert note.record["repo_id"] == "someone/tiny-bert" and note.record["revision"] == commit
+    tok = hf_tokenizer(parse_params(cfg), [])
+    assert str(tok.folder).endswith(commit) and tok(["a dog runs"], 8)["input_ids"].shape == (1, 8)
+
+
+def test_a_text_repo_not_in_the_cache_is_a_clear_error(cache: Path) -> None:
+    with pytest.raises(hub.MissingWeights, match=r"someone/absent@v2;.*make weights"):
+        build_model(make_cfg("text", text_model="someone/absent", revision="v2"), CLASSES)
+
+
+def test_drift_names_a_moved_revision(cache: Path) -> None:
+    add_timm_model(cache, "test_efficientnet.r160_in1k", seed=1)
+    rec = build_model(image_cfg(), CLASSES).pretrained_notes()[0].record
+    assert hub.drift([rec]) == []
+    add_timm_model(cache, "test_efficientnet.r160_in1k", seed=9)  # main now points at another commit
+    (line,) = hub.drift([rec])
+    assert line.startswith("pretrained timm/test_efficientnet.r160_in1k: ")

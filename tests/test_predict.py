@@ -18,7 +18,7 @@ import pytest
 
 from mmfold.config import Config, load_config
 from mmfold.data.competition import load_competition
-from mmfold.train.canonical import canonical_batches, is_filler, padded_length
+from mmfold.canonical import canonical_batches, is_filler, padded_length
 from mmfold.train.infer import predict_fold
 from mmfold.train.loop import train_fold
 from tests.conftest import write_competition

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfold import fileio, paths
+from mmfold import fileio, hub, paths
 from mmfold.config import stable_hash
 from mmfold.cpu.threads import available_cores, torch_threads
 from mmfold.data.competition import Competition
@@ -29,6 +30,8 @@ from mmfold.registry import Registry
 log = logging.getLogger(__name__)
 
 ENCODERS = Registry("frozen encoder")
+# ``<family>:<model>`` encoders: any sentence encoder / any timm model by the name users write
+FAMILIES = Registry("frozen encoder family (encoders: ['hf:<repo or folder>', 'timm:<timm name>'])")
 
 # How many times each encoder actually ran a forward pass in this process (cache misses).
 # Tests read it to prove a second call is served from the cache.
@@ -37,26 +40,43 @@ COMPUTE_COUNT: dict[str, int] = {}
 
 @dataclass
 class Encoder:
-    """A frozen encoder: what it reads, its settings and how to run it.
+    """A frozen encoder: what it reads, its weights, its settings and how to run it.
 
     Attributes:
-        name: Registry name (``minilm``, ``effnet_lite0``).
+        name: As a member config names it: a registered one (``minilm``, ``effnet_lite0``) or
+            ``<family>:<model>`` (``hf:sentence-transformers/all-mpnet-base-v2``,
+            ``timm:convnext_nano.in12k_ft_in1k``, ``hf:weights/my_encoder``).
         modality: ``"text"`` (reads captions) or ``"image"`` (reads image files).
-        weights: The local weights file or folder; its name and size enter the cache key.
-        settings: Everything else that changes the output (max_len, image size...).
+        need: The weights, as named (a hub repo or a local path), looked up when first used.
+        settings: Everything else that changes the output (max_len, pooling, image size...).
         encode: ``encode(items) -> (N, D) float32`` for captions or image paths.
     """
 
     name: str
     modality: str
-    weights: Path
+    need: hub.Need
     settings: dict[str, Any] = field(default_factory=dict)
     encode: Callable[[list[Any]], np.ndarray] | None = None
 
+    def resolved(self) -> hub.Resolved:
+        """The weights on disk (the hub cache or the local path), or :class:`hub.MissingWeights`."""
+        return hub.require(self.need, "make weights DATA=<data> MODEL=<member>")
+
+    @property
+    def weights(self) -> Path:
+        """The weights file or folder on disk (what ``make export`` copies)."""
+        return self.resolved().path
+
+    @property
+    def slug(self) -> str:
+        """:attr:`name` as a file-name part (``hf:org/x`` -> ``hf-org-x``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name)
+
 
 # 2: canonical batches (a row's embedding is independent of its batch), images keyed by size
-# and mtime. Part of every cache key: embeddings of an older scheme are never mixed in.
-ENCODE_VERSION = 2
+# and mtime. 3: weights keyed by what they resolve to (repo, commit, file hash). Part of every
+# cache key: embeddings of an older scheme are never mixed in.
+ENCODE_VERSION = 3
 ENCODE_MAX_THREADS = 4  # torch threads for a frozen encoder's forward pass: more rarely helps
 
 
@@ -100,112 +120,132 @@ def effnet_path() -> Path:
     return Path(efficientnet_lite0_file())
 
 
-def _weights_key(path: Path) -> dict[str, Any]:
-    """Name and size of a weights file (or every file in a folder): cheap and change-sensitive."""
+def _weights_key(enc: Encoder) -> dict[str, Any]:
+    """What the weights are, for cache keys: the resolved record (repo, commit, file hash) and
+    each file's name and size (a local folder's tokenizer changes too). Two encoders with other
+    weights never share a cache; the same weights under a moved path do."""
+    res = enc.resolved()
+    path = res.path
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {p.name: p.stat().st_size for p in files if p.suffix in (".safetensors", ".pth", ".bin", ".json", "")}
+    record = {k: v for k, v in res.record().items() if k not in ("name", "source")}
+    return {"record": record, "files": {p.name: p.stat().st_size for p in files
+                                        if p.suffix in (".safetensors", ".pth", ".bin", ".json", "")}}
 
 
 # -------------------------------------------------------------------------------- encoders
 
 
-@ENCODERS.register("minilm")
-def minilm(max_len: int = 64, batch_size: int = 128) -> Encoder:
-    """all-MiniLM-L6-v2 sentence embeddings: mean-pooled over tokens, L2-normalised.
+@FAMILIES.register("hf")
+def hf_text(model: str, max_len: int = 64, batch_size: int = 128, pooling: str = "mean", normalize: bool = True,
+            revision: str | None = None, name: str | None = None) -> Encoder:
+    """Any Hugging Face text encoder (a hub repo id or a local folder), pooled over tokens.
 
-    That is how the model was trained (sentence-transformers' pooling config), so cosine
-    geometry is meaningful and a linear head works well on it.
+    The default, masked mean then L2 norm, is how sentence encoders (MiniLM, MPNet, BGE...)
+    are trained, so cosine geometry is meaningful and a linear head works well on it; ``cls``
+    takes the first token's state (BERT-style classifiers).
     """
-    settings = {"max_len": max_len, "pooling": "mean", "normalize": True}
-    path = minilm_path()
-    enc = Encoder("minilm", "text", path, settings)
-    enc.encode = lambda texts: _encode_minilm(path, texts, max_len, batch_size)
+    if pooling not in ("mean", "cls"):
+        raise UserError(f"frozen encoder {model}: pooling must be mean or cls, not {pooling!r}")
+    settings = {"max_len": max_len, "pooling": pooling, "normalize": normalize}
+    enc = Encoder(name or f"hf:{model}", "text", hub.folder_need(model, revision), settings)
+    enc.encode = lambda texts: _encode_hf(enc.weights, texts, settings, batch_size, enc.name)
     return enc
 
 
-def _encode_minilm(path: Path, texts: list[str], max_len: int, batch_size: int) -> np.ndarray:
-    """Run MiniLM over captions in canonical batches (:mod:`mmfold.train.canonical`): each
+@ENCODERS.register("minilm")
+def minilm(max_len: int = 64, batch_size: int = 128) -> Encoder:
+    """all-MiniLM-L6-v2 sentence embeddings (the pip-shipped folder): :func:`hf_text`,
+    mean-pooled and L2-normalised."""
+    return hf_text(str(minilm_path()), max_len, batch_size, name="minilm")
+
+
+def _encode_hf(path: Path, texts: list[str], settings: dict[str, Any], batch_size: int, desc: str) -> np.ndarray:
+    """Run a text encoder over captions in canonical batches (:mod:`mmfold.canonical`): each
     caption padded to its own length rounded up to 8 tokens, batches of one padded length and
     always ``batch_size`` rows. Little padding (fast), and a caption's embedding never depends
     on which captions were encoded with it, so a new test set's rows match training's."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from mmfold.train.canonical import canonical_batches, is_filler, padded_length
+    from mmfold.canonical import canonical_batches, is_filler, padded_length
 
+    max_len = settings["max_len"]
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=max_len)["input_ids"]])
     padded = padded_length(lengths, max_len)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for idx in _progress(canonical_batches(len(texts), batch_size, lengths, max_len), "minilm"):
+        for idx in _progress(canonical_batches(len(texts), batch_size, lengths, max_len), desc):
             batch = tok([texts[i] for i in idx], padding="max_length", truncation=True,
                         max_length=int(padded[idx[0]]), return_tensors="pt")
             keep = ~is_filler(idx)
-            out[idx[keep]] = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).numpy()[keep]
+            hidden = model(**batch).last_hidden_state
+            pooled = _mean_pool(hidden, batch["attention_mask"]) if settings["pooling"] == "mean" else hidden[:, 0]
+            if settings["normalize"]:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            out[idx[keep]] = pooled.numpy()[keep]
     return out
 
 
 def _mean_pool(hidden: Any, mask: Any) -> Any:
-    """Average token vectors over real tokens, then L2-normalise."""
-    import torch
-
+    """Average token vectors over real tokens."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-@ENCODERS.register("effnet_lite0")
-def effnet_lite0(image_size: int | None = None, batch_size: int = 32) -> Encoder:
-    """ImageNet EfficientNet-Lite0 (timm), global-average-pooled 1280-d features.
+@FAMILIES.register("timm")
+def timm_image(model: str, image_size: int | None = None, batch_size: int = 32, pretrained_file: str | None = None,
+               revision: str | None = None, name: str | None = None) -> Encoder:
+    """Any timm model's pooled features (timm's hub weights from the cache, or a local file).
 
     Preprocessing (size, mean, std) comes from ``timm.data.resolve_model_data_config``.
     Images are resized whole to a square instead of centre-cropped: product and scene photos
     keep objects at the edges, and a crop would silently drop them.
     """
-    path = effnet_path()
-    cfg = _effnet_data_config()
+    from mmfold.models.base import ModelParams
+    from mmfold.models.image import image_need
+
+    params = ModelParams(backbone=model, pretrained_file=pretrained_file, revision=revision)
+    cfg = _timm_data_config(model)
     size = int(image_size or cfg["input_size"][-1])
-    settings = {"image_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize": "squash"}
-    enc = Encoder("effnet_lite0", "image", path, settings)
-    enc.encode = lambda files: _encode_effnet(path, files, settings, batch_size)
+    settings = {"model": model, "image_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+                "resize": "squash"}
+    enc = Encoder(name or f"timm:{model}", "image", image_need(params), settings)
+    enc.encode = lambda files: _encode_timm(params, files, settings, batch_size, enc.name)
     return enc
 
 
-def _effnet_model(weights: Path) -> Any:
-    """timm ``efficientnet_lite0`` without classifier, local weights loaded strictly."""
-    import timm
-
-    from mmfold.models.pretrained import load_pretrained
-
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
-    load_pretrained(model, weights, strict=True)
-    return model.eval()
+@ENCODERS.register("effnet_lite0")
+def effnet_lite0(image_size: int | None = None, batch_size: int = 32) -> Encoder:
+    """ImageNet EfficientNet-Lite0 from the pip-shipped weights: :func:`timm_image`,
+    global-average-pooled 1280-d features."""
+    return timm_image("efficientnet_lite0", image_size, batch_size, pretrained_file=str(effnet_path()),
+                      name="effnet_lite0")
 
 
-def _effnet_data_config() -> dict[str, Any]:
+def _timm_data_config(model: str) -> dict[str, Any]:
     """The model's own preprocessing settings (no weights needed)."""
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
-    return timm.data.resolve_model_data_config(model)
+    return timm.data.resolve_model_data_config(timm.create_model(model, pretrained=False, num_classes=0))
 
 
-def _encode_effnet(weights: Path, files: list[Path], settings: dict[str, Any], batch_size: int) -> np.ndarray:
+def _encode_timm(params: Any, files: list[Path], settings: dict[str, Any], batch_size: int, desc: str) -> np.ndarray:
     """Decode, resize, normalise and embed images in canonical batches (always ``batch_size``
     images, the last batch filled with repeats): an image's embedding never depends on the
     others. Channels-last is faster on CPU."""
     import torch
 
-    from mmfold.train.canonical import canonical_batches, is_filler
+    from mmfold.canonical import canonical_batches, is_filler
+    from mmfold.models.image import pretrained_backbone
 
-    model = _effnet_model(weights).to(memory_format=torch.channels_last)
+    model = pretrained_backbone(params, None)[0].eval().to(memory_format=torch.channels_last)
     mean = torch.tensor(settings["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(settings["std"]).view(1, 3, 1, 1)
     out = np.zeros((len(files), model.num_features), dtype=np.float32)
     with torch.inference_mode():
-        for idx in _progress(canonical_batches(len(files), batch_size), "effnet_lite0"):
+        for idx in _progress(canonical_batches(len(files), batch_size), desc):
             pixels = torch.from_numpy(np.stack([load_rgb(files[i], settings["image_size"]) for i in idx]))
             x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
             keep = ~is_filler(idx)
@@ -225,7 +265,11 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
 
 
 def build_encoder(name: str, **settings: Any) -> Encoder:
-    """An :class:`Encoder` from the registry (settings override its defaults)."""
+    """An :class:`Encoder` by name: a registered one, or ``<family>:<model>`` (settings
+    override its defaults). Nothing is loaded: the weights are looked up when first used."""
+    if ":" in name:
+        family, model = name.split(":", 1)
+        return FAMILIES.get(family)(model, **settings)
     return ENCODERS.get(name)(**settings)
 
 
@@ -244,8 +288,8 @@ def _inputs(comp: Competition, split: str, enc: Encoder) -> list[Any]:
 def cache_file(comp: Competition, split: str, enc: Encoder) -> Path:
     """``cache/<data>/emb_<encoder>_<split>_<hash>.npy`` for this exact input and encoder."""
     key = stable_hash({"ids": comp.ids(split), "inputs": row_keys(_inputs(comp, split, enc), enc),
-                       "settings": enc.settings, "weights": _weights_key(enc.weights), "version": ENCODE_VERSION})
-    return paths.cache_dir(comp.cfg.name) / f"emb_{enc.name}_{split}_{key}.npy"
+                       "settings": enc.settings, "weights": _weights_key(enc), "version": ENCODE_VERSION})
+    return paths.cache_dir(comp.cfg.name) / f"emb_{enc.slug}_{split}_{key}.npy"
 
 
 def embed(comp: Competition, split: str, encoder: str, **settings: Any) -> np.ndarray:
@@ -310,7 +354,7 @@ def row_keys(items: list[Any], enc: Encoder) -> list[str]:
 
 def _family(enc: Encoder) -> str:
     """Encoders whose embeddings of the same input are identical: name, settings, weights."""
-    return stable_hash({"name": enc.name, "settings": enc.settings, "weights": _weights_key(enc.weights),
+    return stable_hash({"name": enc.name, "settings": enc.settings, "weights": _weights_key(enc),
                         "version": ENCODE_VERSION})
 
 
@@ -330,7 +374,7 @@ def _from_bank(folder: Path, enc: Encoder, keys: list[str]) -> list[np.ndarray |
     for i, k in enumerate(keys):
         where.setdefault(k, []).append(i)  # the same caption twice: one embedding, both rows
     family = _family(enc)
-    for index in sorted(folder.glob(f"emb_{enc.name}_*.rows.json")):
+    for index in sorted(folder.glob(f"emb_{enc.slug}_*.rows.json")):
         cache = index.with_suffix("").with_suffix(".npy")
         try:
             doc = json.loads(index.read_text())

@@ -26,8 +26,17 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
 from mmfold import hints
 from mmfold.config import Config
-from mmfold.cpu.features import (EmbedBlock, EncoderSpec, IdBlock, MemberInput, SvdBlock, TfidfBlock, member_input,
-                                 require, tfidf_vectorizer)
+from mmfold.cpu.features import (
+    EmbedBlock,
+    EncoderSpec,
+    IdBlock,
+    MemberInput,
+    SvdBlock,
+    TfidfBlock,
+    member_input,
+    require,
+    tfidf_vectorizer,
+)
 from mmfold.cpu.heads import HEADS, KNNHead, PerLabel, TorchMLP, build_head  # noqa: F401 - the heads' home
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
@@ -304,6 +313,18 @@ def modalities(cfg: Config) -> set[str]:
     uses_tfidf = cfg.model.kind == "tfidf_linear" or p.get("tfidf") or (cfg.model.kind == "lgbm" and p.get("svd_dim", 64))
     return out | ({"text"} if uses_tfidf else set())
 
+
+def encoder_needs(cfg: Config) -> list[Any]:
+    """The weights (:class:`mmfold.hub.Need`) of every frozen encoder a member embeds with,
+    found without loading any: what ``make weights`` fetches and training checks first."""
+    from mmfold.cpu.encoders import build_encoder
+
+    if cfg.model.kind == "student":
+        return encoder_needs(student_base(cfg))
+    p = cfg.model.params
+    encs = p.get("encoders", MEMBER_DEFAULTS.get(cfg.model.kind, {}).get("encoders", []))
+    settings = dict(p.get("encoder_settings") or {})
+    return [build_encoder(e, **dict(settings.get(e) or {})).need for e in encs]
 
 
 # ------------------------------------------------------------------------------- folds

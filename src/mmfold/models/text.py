@@ -207,7 +207,7 @@ class LSTMTextEncoder(nn.Module):
         self.token_dim, self.out_dim = 2 * p.hidden, 4 * p.hidden
 
     # a packed step runs on the captions still longer than it: evaluation batches must hold
-    # captions of one length for a row's output not to depend on the others (mmfold.train.canonical)
+    # captions of one length for a row's output not to depend on the others (mmfold.canonical)
     packs_sequences = True
 
     def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

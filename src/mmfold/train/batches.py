@@ -23,7 +23,7 @@ from mmfold.config import Config, ConfigError, TrainConfig
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
 from mmfold.train.caches import image_cache, token_cache
-from mmfold.train.canonical import canonical_batches, is_filler, padded_length, token_multiple
+from mmfold.canonical import canonical_batches, is_filler, padded_length, token_multiple
 
 __all__ = ["FoldDataset", "EpochSampler", "LengthBucketSampler", "caption_lengths", "make_loader", "fold_loaders",
            "build_augment", "FoldData", "build_data", "model_inputs"]
@@ -50,7 +50,7 @@ class FoldDataset(Dataset):
 
         canonical: An evaluation dataset: captions padded to their canonical length (a
             multiple of this many tokens) and filler rows of canonical batches marked
-            (``filler``), see :mod:`mmfold.train.canonical`. 0: a training dataset.
+            (``filler``), see :mod:`mmfold.canonical`. 0: a training dataset.
     """
 
     def __init__(self, rows: np.ndarray, images: Any = None, tokens: dict[str, np.ndarray] | None = None,
@@ -152,7 +152,7 @@ def _reopen(ref: Any) -> Any:
 
 def _trimmed_tokens(tokens: dict[str, np.ndarray], rows: np.ndarray, multiple: int = 0) -> dict[str, torch.Tensor]:
     """Token ids cut to the longest caption in the batch (padding costs attention time), or
-    with a ``multiple`` to the batch's padded length (:func:`mmfold.train.canonical.padded_length`)."""
+    with a ``multiple`` to the batch's padded length (:func:`mmfold.canonical.padded_length`)."""
     mask = tokens["attention_mask"][rows]
     longest = int(mask.sum(1).max())
     t = int(padded_length(longest, mask.shape[1], multiple)) if multiple else max(longest, 1)
@@ -242,7 +242,7 @@ def caption_lengths(ds: FoldDataset) -> np.ndarray:
 
 class CanonicalBatchSampler(BatchSampler):
     """Evaluation batches that make a row's prediction independent of the other rows
-    (:func:`mmfold.train.canonical.canonical_batches`): grouped by padded caption length,
+    (:func:`mmfold.canonical.canonical_batches`): grouped by padded caption length,
     each exactly ``batch_size`` rows."""
 
     def __init__(self, ds: FoldDataset, batch_size: int) -> None:

@@ -13,10 +13,10 @@ fold, model and rerun that shares them reads one file
   augmentation and flip TTA survive caching (other augmentations cannot: they change the
   pixels the frozen layers would see, see :func:`flip_probability`).
 * ``text_states``: ``(N, T, H)`` token states, zero after each caption's end, ``T`` the
-  split's longest caption (padded as :mod:`mmfold.train.canonical` pads it); batches are
+  split's longest caption (padded as :mod:`mmfold.canonical` pads it); batches are
   cut to their own padded length when read.
 
-Rows are computed in canonical batches (:func:`mmfold.train.canonical.canonical_batches`), so
+Rows are computed in canonical batches (:func:`mmfold.canonical.canonical_batches`), so
 a row's cached output is the same whichever split or test set it is computed in.
 """
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mmfold import fileio, paths
 from mmfold.config import ConfigError, stable_hash
 from mmfold.data.competition import Competition
-from mmfold.train.canonical import canonical_batches, padded_length
+from mmfold.canonical import canonical_batches, padded_length
 
 __all__ = ["PREFIX_VERSION", "prefix_caches", "flip_probability", "weights_digest"]
 

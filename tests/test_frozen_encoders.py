@@ -1,0 +1,94 @@
+"""Frozen encoders of the CPU members by the names users write: ``hf:<repo or folder>`` and
+``timm:<timm name>``, read from a hub cache in the hub's own layout that the test builds.
+
+Each encoder is keyed by the weights it resolves to, so two encoders never share an embedding
+cache, and a member that names weights missing from the cache is refused before it fits.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmfold import hub
+from mmfold.config import load_config
+from mmfold.cpu import encoders, members
+from mmfold.data.competition import load_competition
+from mmfold.train.needs import check_weights, needs_of
+from tests.hubcache import add_snapshot, add_timm_model, folder_files
+from tests.tiny import make_tiny_bert
+
+
+@pytest.fixture
+def cache(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny competition and an empty, offline hub cache; connections refused."""
+    root = tmp_path / "hf_cache"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a network connection was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return root
+
+
+def member(params: dict, kind: str = "frozen_embed"):
+    cfg = load_config("tiny")
+    cfg.model.name, cfg.model.kind, cfg.model.params = "m", kind, params
+    return cfg
+
+
+def test_a_sentence_encoder_by_repo_id_embeds_from_the_cache(cache: Path, tmp_path: Path) -> None:
+    add_snapshot(cache, "org/enc-a", folder_files(make_tiny_bert(tmp_path / "a", seed=1)))
+    add_snapshot(cache, "org/enc-b", folder_files(make_tiny_bert(tmp_path / "b", seed=2)))
+    comp = load_competition(load_config("tiny").data)
+    a = encoders.embed(comp, "train", "hf:org/enc-a")
+    b = encoders.embed(comp, "train", "hf:org/enc-b")
+    assert a.shape == (len(comp.train), 32) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4)
+    assert not np.allclose(a, b)  # other weights, other embeddings: never one cache
+    fa = encoders.cache_file(comp, "train", encoders.build_encoder("hf:org/enc-a"))
+    fb = encoders.cache_file(comp, "train", encoders.build_encoder("hf:org/enc-b"))
+    assert fa != fb and fa.exists() and fa.name.startswith("emb_hf-org-enc-a_train_")
+    cls = encoders.embed(comp, "train", "hf:org/enc-a", pooling="cls", normalize=False)
+    assert not np.allclose(cls, a)
+
+
+def test_a_moved_revision_is_another_cache(cache: Path, tmp_path: Path) -> None:
+    add_snapshot(cache, "org/enc", folder_files(make_tiny_bert(tmp_path / "a", seed=1)))
+    comp = load_competition(load_config("tiny").data)
+    before = encoders.cache_file(comp, "train", encoders.build_encoder("hf:org/enc"))
+    add_snapshot(cache, "org/enc", folder_files(make_tiny_bert(tmp_path / "b", seed=2)))  # main moves
+    assert encoders.cache_file(comp, "train", encoders.build_encoder("hf:org/enc")) != before
+
+
+def test_any_timm_model_embeds_images_with_its_hub_weights(cache: Path) -> None:
+    add_timm_model(cache, "test_efficientnet.r160_in1k", seed=4)
+    comp = load_competition(load_config("tiny").data)
+    emb = encoders.embed(comp, "train", "timm:test_efficientnet", image_size=32)
+    assert emb.shape[0] == len(comp.train) and np.isfinite(emb).all() and emb.std() > 0
+    assert members.modalities(member({"encoders": ["timm:test_efficientnet"]})) == {"image"}
+
+
+def test_a_member_naming_missing_weights_is_refused_listing_all_of_them(cache: Path, tmp_path: Path) -> None:
+    add_snapshot(cache, "org/present", folder_files(make_tiny_bert(tmp_path / "a")))
+    cfg = member({"encoders": ["hf:org/present", "hf:org/absent", "timm:test_efficientnet"]})
+    assert [n.repo_id for n in needs_of(cfg)] == ["org/present", "org/absent", "timm/test_efficientnet.r160_in1k"]
+    with pytest.raises(hub.MissingWeights) as err:
+        check_weights([cfg], "tiny")
+    msg = str(err.value)
+    assert "org/absent" in msg and "timm/test_efficientnet.r160_in1k" in msg and "org/present" not in msg
+    assert "make weights DATA=tiny MODEL=m" in msg
+
+
+def test_a_member_fits_on_a_hub_encoder(cache: Path, tmp_path: Path) -> None:
+    add_snapshot(cache, "org/enc", folder_files(make_tiny_bert(tmp_path / "a", seed=1)))
+    cfg = member({"encoders": ["hf:org/enc"], "head": "logreg"})
+    comp = load_competition(cfg.data)
+    n = len(comp.train)
+    oof, test, _ = members.fit_member_fold(cfg, comp, np.arange(n)[: 2 * n // 3], np.arange(n)[2 * n // 3:])
+    assert oof.shape == (n - 2 * n // 3, len(comp.classes)) and test.shape == (len(comp.test), len(comp.classes))

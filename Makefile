@@ -21,7 +21,7 @@ comma := ,
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data '$(DATA)' $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
-.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict levers test test-fast clean-demo
+.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict levers bench-levers test test-fast clean-demo
 
 help:  ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -85,8 +85,11 @@ bench-real: setup weights  ## real-data benchmark on ../shared/data -> reports/b
 bench-deep: setup weights  ## fine-tuned + CPU members, 5 folds, blended -> reports/bench/deep.{json,md} (long: run it in the background)
 	$(MMFOLD) bench-deep $(ARGS)
 
-levers: setup weights  ## each lever alone vs the plain blend, honest nested CV (trains the levers' members) -> docs/bench/levers.{json,md}
+levers: setup weights  ## each lever alone vs the plain blend, honest nested CV (trains the levers' members) -> reports/<data>/levers.{json,md}
 	$(MMFOLD) levers $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(JOBS),--jobs $(JOBS))
+
+bench-levers: setup weights  ## make levers on a shipped dataset (demo, comp5329, fashion, coco_mini), refreshing the committed docs/bench/levers.{json,md}
+	$(MMFOLD) levers --bench $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(JOBS),--jobs $(JOBS))
 
 bench-predict: setup weights  ## new test set without retraining + offline bundle, on trained members of DATA (default comp5329) -> reports/bench/predict.{json,md}
 	$(MMFOLD) bench-predict --data $(if $(filter demo,$(DATA)),comp5329,$(DATA)) $(ARGS)

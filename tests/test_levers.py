@@ -18,6 +18,7 @@ from mmfold.data.competition import load_competition, load_folds
 from mmfold.ensemble.blenders import build_blender
 from mmfold.ensemble.decoders import build_decoder
 from mmfold.ensemble.nested import nested_cv
+from tests.conftest import install_demo
 
 MODELS = {
     "t_lr": {"model": {"kind": "tfidf_linear", "params": {"min_df": 1}}},
@@ -108,6 +109,7 @@ def test_unknown_levers_and_untrained_models_are_refused_before_anything_runs(le
     assert main(["levers", "--data", "tiny", "--models", "t_lr", "t_knn", "--levers", "plain"]) != 0
     assert "not collected" in capsys.readouterr().err
     assert not (levered / "docs" / "bench" / "levers.json").exists()
+    assert not (levered / "reports" / "tiny" / "levers.json").exists()
 
 
 def test_a_partial_rerun_keeps_the_other_levers_of_the_same_plain_blend() -> None:
@@ -122,3 +124,63 @@ def test_a_partial_rerun_keeps_the_other_levers_of_the_same_plain_blend() -> Non
     moved = {**new, "levers": {"plain": {"per_fold": [0.5, 0.61]}}}
     assert set(merged(old, moved)["levers"]) == {"plain"}
     assert merged(None, new) == new
+
+
+def test_levers_write_the_datasets_own_report_and_never_the_tracked_bench(levered: Path, capsys) -> None:
+    """A competition of one's own used to land in the committed docs/bench/levers.{json,md}."""
+    assert main(["levers", "--data", "tiny", "--models", "t_lr", "--levers", "plain"]) == 0
+    doc = json.loads((levered / "reports" / "tiny" / "levers.json").read_text())
+    assert list(doc["datasets"]) == ["tiny"] and "plain" in doc["datasets"]["tiny"]["levers"]
+    assert "| plain |" in (levered / "reports" / "tiny" / "levers.md").read_text()
+    assert not (levered / "docs").exists()
+    capsys.readouterr()
+    # --bench (make bench-levers) writes docs/bench: a dataset that is not shipped is refused,
+    # by name or as a YAML given by path (even one keyed like a shipped dataset), before any work
+    yml = levered / "elsewhere" / "demo.yaml"
+    yml.parent.mkdir()
+    yml.write_text((levered / "configs" / "data" / "demo.yaml").read_text())
+    for data in ("tiny", str(yml)):
+        assert main(["levers", "--bench", "--data", data, "--models", "t_lr", "--levers", "plain"]) == 2
+        err = capsys.readouterr().err
+        assert "shipped with mmfold (demo, comp5329, coco_mini, fashion)" in err, err
+        assert "make levers DATA=" in err and "reports" in err
+    assert not (levered / "docs").exists()
+    with pytest.raises(SystemExit):  # one place or the other
+        main(["levers", "--bench", "--out", "x", "--data", "tiny"])
+
+
+def test_levers_under_another_metric_skip_what_does_not_apply_and_run_the_rest(
+        project: Path, demo_template: Path) -> None:
+    """demo submits with expected-F1 decoding; with data.metric=micro `make levers` stopped at
+    the samples-only decoders. Now those rows are skipped with the reason, every other lever
+    runs, and `all` decides by per-label thresholds, saying why. ``--bench`` on a shipped
+    dataset writes the tracked docs/bench table (and nothing under reports/)."""
+    install_demo(project, demo_template)
+    for name in ("t_lr", "t_knn"):
+        (project / "configs" / "models" / f"{name}.yaml").write_text(yaml.safe_dump(MODELS[name]))
+    micro = ["data.metric=micro", "blend.decoder=thresholds"]  # what training under micro takes on demo
+    assert main(["train", *micro, "--model", "t_lr"]) == 0
+    args = ["levers", "data.metric=micro", "levers.knn=[t_knn]", "levers.n_trials=3", "--bench",
+            "--models", "t_lr", "--levers", "plain", "knn", "all"]
+    assert main(args) == 0
+    out = project / "docs" / "bench" / "levers"
+    d = json.loads(out.with_suffix(".json").read_text())["datasets"]["demo"]
+    lv = d["levers"]
+    assert d["metric"] == "micro"
+    for name in ("expected_f1", "expected_f1_isotonic", "gfm"):
+        assert lv[name] == {"skipped": "maximises samples-F1, the metric is micro-F1: not run"}
+    for name in ("plain", "knn", "all"):
+        assert {"cv", "delta", "per_fold"} <= set(lv[name]), name
+    assert lv["knn"]["models"] == ["t_lr", "t_knn"] and lv["all"]["models"] == ["t_lr", "t_knn"]
+    assert lv["all"]["note"].startswith("decoder thresholds (levers.decoder expected_f1 maximises samples-F1")
+    # the plain row is the micro-F1 nested CV of Optuna + per-label thresholds
+    cfg = load_config("demo", None, micro + ["blend.n_trials=3"])
+    comp = load_competition(cfg.data)
+    oofs = load_oofs("demo", ["t_lr"], comp, load_folds(comp), with_test=False)
+    cv = nested_cv(oofs.P, comp.y(), oofs.folds, lambda k: build_blender(cfg.blend, "micro"),
+                   lambda: build_decoder(cfg.blend, "micro"), "micro")
+    np.testing.assert_allclose(lv["plain"]["per_fold"], cv.per_fold, atol=1e-5)
+    md = out.with_suffix(".md").read_text()
+    assert "| gfm | skipped | | | | | maximises samples-F1, the metric is micro-F1: not run |" in md
+    assert "micro-F1; plain blend of t_lr" in md
+    assert not (project / "reports" / "demo" / "levers.json").exists()

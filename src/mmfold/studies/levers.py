@@ -8,7 +8,8 @@ per-fold delta against the plain blend is paired:
 
 - decoders: ``expected_f1`` (Platt), ``expected_f1_isotonic`` and ``gfm`` (expected F1 with
   the label count learned) decide the *same* honest blend probabilities as the plain blend
-  (one blender fit per fold, several decoders);
+  (one blender fit per fold, several decoders); they maximise samples-F1, so under another
+  ``data.metric`` each is a row that says it was skipped and why, and the rest still run;
 - stackers: ``stack_lgbm`` (a LightGBM per label over every model's probability of that label),
   ``stack_lgbm_all`` (over every model's probability of every label) and ``stack_logistic``
   (a logistic regression per label over every model's logit of that label);
@@ -19,12 +20,16 @@ per-fold delta against the plain blend is paired:
   gives its delta over the plain models under that method alone); a lever's model that is
   already in the plain blend is not added again;
 - ``all``: every member lever at once, blended by ``levers.method`` (default: Optuna, the plain
-  blend's) and decided by ``levers.decoder`` (expected-F1 by default).
+  blend's) and decided by ``levers.decoder`` (expected-F1 by default; per-label thresholds,
+  said in its note, where the metric is not samples-F1).
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
 recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
 replaces) plus its blend's seconds minus the plain blend's. Written to
-``docs/bench/levers.{json,md}`` (``--out``), one entry per dataset, merged with the others.
+``reports/<data>/levers.{json,md}`` (``--out``); ``--bench`` (``make bench-levers``) writes the
+committed ``docs/bench/levers.{json,md}`` instead, one entry per dataset merged with the others,
+and takes only the datasets shipped with mmfold (:data:`BENCH_DATA`): a competition of one's
+own never lands in the repo's tracked benchmark tables.
 """
 
 from __future__ import annotations
@@ -35,19 +40,26 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts.manifest import fold_seconds
-from mmfold.config import Config, load_config
+from mmfold.bench.real import DATASETS as REAL_DATASETS
+from mmfold.config import SAMPLES_ONLY_DECODERS, Config, data_yaml, load_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.machine import available_cores
+from mmfold.metrics import metric_label
 from mmfold.registry import Registry
 
 LEVERS = Registry("lever")
+
+# the datasets whose tables docs/bench/levers.{json,md} holds: the ones shipped in configs/data/
+BENCH_DATA = ("demo", *REAL_DATASETS)
+BENCH_OUT = "docs/bench/levers"
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Context:
     folds: np.ndarray
     models: list[str]
     jobs: int
+    overrides: list[str] = field(default_factory=list)  # what the command line set, for every member too
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     plain_s: float = 0.0
 
@@ -97,12 +110,21 @@ def nested(ctx: Context, models: list[str], decoders: dict[str, Any] | None = No
 
 
 def train_members(ctx: Context, models: list[str]) -> float:
-    """Train (or find trained) ``models`` on every fold; their recorded training seconds."""
-    from mmfold.train.runner import train_parallel
+    """Train (or find trained) ``models`` on every fold; their recorded training seconds.
 
-    cfgs = [load_config(ctx.cfg.source or ctx.data, m, []) for m in models]
-    if cfgs:
+    As ``make train ARGS=... JOBS=...`` would: under the command's overrides (the metric a
+    member stops early on is the one the table scores), in this process unless ``jobs`` > 1
+    (a process pool would start, and import torch, only to find the folds done)."""
+    from mmfold.train.runner import overrides_for, train_model, train_parallel
+
+    source = ctx.cfg.source or ctx.data
+    plain = [load_config(source, m, ctx.overrides) for m in models]
+    cfgs = [load_config(source, c.model.name, overrides_for(c, ctx.overrides, plain)) for c in plain]
+    if ctx.jobs > 1 and cfgs:
         train_parallel(cfgs, ctx.comp, None, jobs=ctx.jobs)
+    elif ctx.jobs <= 1:
+        for cfg in cfgs:
+            train_model(cfg, ctx.comp)
     return sum(train_seconds(ctx.data, m, ctx.folds) for m in models)
 
 
@@ -139,13 +161,21 @@ DECODER_LEVERS: dict[str, dict[str, str]] = {
 }
 
 
+def samples_only(metric: str) -> str:
+    """Why a lever that maximises samples-F1 does not apply under ``metric`` ('' where it does)."""
+    return "" if metric == "samples" else f"maximises samples-F1, the metric is {metric_label(metric)}: not run"
+
+
 @LEVERS.register("plain")
 def plain_and_decoders(ctx: Context) -> None:
-    """The plain blend and the decoder levers (samples-F1 only), from one blender fit per fold."""
-    if ctx.cfg.data.metric != "samples":
+    """The plain blend and the decoder levers, from one blender fit per fold; under a metric
+    other than samples-F1 the decoder levers do not apply: their rows say so."""
+    why = samples_only(ctx.cfg.data.metric)
+    if why:
         b = nested(ctx, ctx.models)[""]
         ctx.plain_s = b.blend_s
-        ctx.results["plain"] = row(ctx, b, 0.0, "the decoder levers maximise samples-F1: not run")
+        ctx.results["plain"] = row(ctx, b, 0.0)
+        ctx.results.update({name: {"skipped": why} for name in DECODER_LEVERS})
         return
     res = nested(ctx, ctx.models, {"plain": {"decoder": "thresholds"}, **DECODER_LEVERS})
     extra = _decoder_seconds(ctx)
@@ -223,7 +253,7 @@ def _added(ctx: Context, name: str, extra: list[str], **blend: Any) -> None:
     already in the plain blend is not added twice (the row would measure nothing)."""
     extra = [m for m in extra if m not in ctx.models]
     if not extra:
-        ctx.results[name] = {"skipped": f"no levers.{name} models in configs/data/{ctx.data}.yaml "
+        ctx.results[name] = {"skipped": f"no levers.{name} models in {data_yaml(ctx.cfg.source or ctx.data)} "
                                         "beyond the plain blend's"}
         return
     cost = train_members(ctx, extra)
@@ -247,15 +277,19 @@ def seeds(ctx: Context) -> None:
 @LEVERS.register("all")
 def all_levers(ctx: Context) -> None:
     """Every member lever at once, blended by ``levers.method`` (default: the plain blend's
-    Optuna) and decided by ``levers.decoder`` (Platt calibration)."""
+    Optuna) and decided by ``levers.decoder`` (Platt calibration), or by per-label thresholds
+    where that decoder does not apply to the metric (the row's note says so)."""
     lv = ctx.cfg.levers
     wanted = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.ids) + list(lv.students)
     models = list(dict.fromkeys(wanted))  # each model once
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
     cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
     method = lv.method or ctx.cfg.blend.method
-    b = nested(ctx, models, decoder=lv.decoder, calibration="platt", method=method)[""]
-    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {lv.decoder}, blend.method {method}")
+    decoder, why = lv.decoder, ""
+    if decoder in SAMPLES_ONLY_DECODERS and ctx.cfg.data.metric != "samples":
+        decoder, why = "thresholds", f" (levers.decoder {lv.decoder} {samples_only(ctx.cfg.data.metric)})"
+    b = nested(ctx, models, decoder=decoder, calibration="platt", method=method)[""]
+    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {decoder}{why}, blend.method {method}")
 
 
 # ------------------------------------------------------------------------------- command
@@ -267,15 +301,17 @@ def run_levers(cfg: Config, models: list[str], names: list[str], jobs: int) -> d
     folds = load_folds(comp)
     missing = [m for m in models if not paths.oof_file(cfg.data.name, m).exists()]
     if missing:
-        raise UserError(f"levers: the plain blend's models {missing} are not collected; make train MODEL=...")
-    ctx = Context(cfg, comp, folds, models, jobs)
+        raise UserError(f"levers: the plain blend's models {missing} are not collected; "
+                        f"{hints.make('train', cfg.data.name, model=missing)}")
+    ctx = Context(cfg, comp, folds, models, jobs, list(cfg.overrides))
     start = time.perf_counter()
     for name in ["plain", *[n for n in names if n != "plain"]]:
         LEVERS.get(name)(ctx)
         print(f"levers {cfg.data.name}: {name} done ({time.perf_counter() - start:.0f} s)", flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": len(comp.train), "labels": len(comp.classes),
-            "folds": int(len(np.unique(folds))), "models": models, "blend": {"method": cfg.blend.method,
-            "n_trials": cfg.blend.n_trials}, "levers": ctx.results, "total_s": round(time.perf_counter() - start, 1)}
+            "folds": int(len(np.unique(folds))), "metric": cfg.data.metric, "models": models,
+            "blend": {"method": cfg.blend.method, "n_trials": cfg.blend.n_trials}, "levers": ctx.results,
+            "total_s": round(time.perf_counter() - start, 1)}
 
 
 def merged(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -296,18 +332,22 @@ def _rank(name: str) -> int:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     """One table per dataset."""
-    lines = ["# Levers beyond the plain blend (honest nested CV, samples-F1)", "",
+    lines = ["# Levers beyond the plain blend (honest nested CV, in each dataset's metric)", "",
              f"machine: {doc.get('machine', '')}", "",
              "delta: mean over folds of (lever - plain blend) on the same folds; better: folds where it is higher.", ""]
     for data, d in doc["datasets"].items():
-        about = (f" ({d['rows']:,} rows, {d['labels']} labels, {d['folds']} folds; plain blend of "
-                 f"{', '.join(d['models'])})" if "rows" in d else "")
+        about = (f" ({d['rows']:,} rows, {d['labels']} labels, {d['folds']} folds, "
+                 f"{metric_label(d.get('metric', 'samples'))}; plain blend of {', '.join(d['models'])})"
+                 if "rows" in d else "")
         lines += [f"## {data}{about}", "",
                   "| lever | honest CV | delta vs plain | fold std of delta | folds better | extra s | note |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in d["levers"].items():
+            if "skipped" in r:
+                lines.append(f"| {name} | skipped | | | | | {r['skipped']} |")
+                continue
             if "cv_std" not in r:
-                lines.append(f"| {name} | {r.get('skipped', r.get('cv', ''))} | | | | | |")
+                lines.append(f"| {name} | {r.get('cv', '')} | | | | | |")
                 continue
             lines.append(f"| {name} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['delta']:+.4f} | {r['delta_std']:.4f} | "
                          f"{r['folds_better']}/{r['folds']} | {r['extra_s']:.1f} | {r.get('note', '')} |")
@@ -320,16 +360,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="*", default=None, help="the plain blend's models (default: data.models)")
     p.add_argument("--levers", nargs="*", default=None, help=f"levers to run (default: all of {sorted(LEVERS)})")
     p.add_argument("--jobs", type=int, default=1, help="folds trained at once for the levers' members")
-    p.add_argument("--out", default="docs/bench/levers", help="output path stem (.json, .md); datasets merge")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help="output path stem (.json, .md; default reports/<data>/levers); datasets merge")
+    where.add_argument("--bench", action="store_true",
+                       help=f"refresh the committed {BENCH_OUT}.{{json,md}} (shipped datasets only: {', '.join(BENCH_DATA)})")
+
+
+def check_bench(data: str, cfg: Config) -> None:
+    """``--bench`` writes the repo's tracked tables: only for a dataset shipped with mmfold, named
+    as such (a data YAML given by path, or another dataset's key, is a competition of one's own).
+
+    Raises:
+        UserError: naming the shipped datasets and where the dataset's own table goes.
+    """
+    if paths.is_yaml_file(data) or data not in BENCH_DATA or cfg.data.name != data:
+        raise UserError(f"levers --bench refreshes the committed {BENCH_OUT}.{{json,md}}, which holds the datasets "
+                        f"shipped with mmfold ({', '.join(BENCH_DATA)}); {data!r} is not one of them. Its table "
+                        f"goes to {paths.reports_dir(cfg.data.name) / 'levers'}.{{json,md}}: "
+                        f"{hints.make('levers', cfg.data.name)}")
+
+
+def out_stem(args: argparse.Namespace, cfg: Config) -> Path:
+    """Where the table goes (``.json``/``.md`` added): ``--out``, the benchmark tables for
+    ``--bench``, else the dataset's own reports folder."""
+    if args.out:
+        return paths.resolve(args.out)
+    return paths.resolve(BENCH_OUT) if args.bench else paths.reports_dir(cfg.data.name) / "levers"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the levers on ``--data`` and merge its table into ``--out``."""
-    cfg = load_config(args.data, None, list(args.overrides))
     # the baseline every lever is one change away from: Optuna weights + per-label thresholds,
     # whatever the data config (or the command line) submits with: fashion's is a stacker with
-    # gfm, itself the result of levers; other methods are levers.method
-    cfg.blend.decoder, cfg.blend.method = "thresholds", "optuna"
+    # gfm, itself the result of levers; other methods are levers.method. Set as an override, so
+    # a data config whose submitted decoder is samples-only still loads under another metric.
+    cfg = load_config(args.data, None, [*args.overrides, "blend.decoder=thresholds"])
+    if args.bench:
+        check_bench(args.data, cfg)
+    cfg.blend.method = "optuna"
     if cfg.levers.n_trials:
         cfg.blend.n_trials = cfg.levers.n_trials
     models = list(args.models or cfg.blend.models or cfg.data.models)
@@ -339,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         LEVERS.get(n)  # an unknown lever fails before anything runs
     result = run_levers(cfg, models, names, args.jobs)
-    stem = paths.resolve(args.out)
+    stem = out_stem(args, cfg)
     js = stem.with_suffix(".json")
     doc = json.loads(js.read_text()) if js.exists() else {"datasets": {}}
     doc.update({"machine": f"{platform.machine()}, {available_cores()} cores", "date": result["date"]})

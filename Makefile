@@ -23,8 +23,14 @@ COMMON = --data '$(DATA)' $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
 .PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict levers bench-levers test test-fast clean-demo
 
+# the descriptions start in one column, however long the longest target name is
 help:  ## list every target with one line each
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "usage: make <target> [DATA=<name|path.yaml>] [MODEL=<name|path.yaml>[,...]] [FOLD=k[,...]] [FORCE=1] [ARGS='key=value ...']"
+	@echo "  DATA=<name|path.yaml>: a data config by name (configs/data/<name>.yaml; default demo) or the path of a data YAML of your own"
+	@echo "targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
+		'{ name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1) } \
+		 END { for (i = 1; i <= NR; i++) printf("  %-" w "s  %s\n", name[i], text[i]) }'
 
 .venv/.stamp: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -99,3 +105,9 @@ test: setup  ## run the test suite
 
 test-fast: setup  ## tests without the slow ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# MMFOLD_HOME / MMFOLD_CACHE move the project root / the cache, as they do for every mmfold command
+DEMO_ROOT = $(or $(MMFOLD_HOME),.)
+clean-demo:  ## delete the demo's data and everything made from it (input, folds, runs, oof, cache, reports...); make demo remakes them
+	cd '$(DEMO_ROOT)' && rm -rf input/demo folds/demo.* runs/demo oof/demo submissions/demo reports/demo sweeps/demo exports/demo
+	rm -rf '$(or $(MMFOLD_CACHE),$(DEMO_ROOT)/cache)/demo'

@@ -28,7 +28,7 @@ from mmfold.errors import UserError
 
 CKPT_VERSION = 1
 __all__ = ["CKPT_VERSION", "Progress", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "check_config", "Run", "StopFlag"]
+           "check_config", "Run", "StopFlag", "stop_when"]
 
 
 @dataclass
@@ -152,17 +152,34 @@ class Run:
             fileio.write_text(self.log, "".join(ln + "\n" for ln in keep))
 
 
-class StopFlag:
-    """Ctrl-C sets a flag instead of raising mid-update; the loop stops at the next optimizer
-    step with a consistent ``last.pt``. A second Ctrl-C raises at once."""
+# Events another process sets to stop this one's training (a ``train --jobs N`` pool's stop
+# event, registered in each worker): polled at every optimizer step, as a Ctrl-C flag is.
+_STOP_EVENTS: list[Any] = []
 
-    def __init__(self) -> None:
+
+def stop_when(event: Any) -> None:
+    """Also stop every later :class:`StopFlag` of this process once ``event`` is set.
+
+    A pool worker has no terminal of its own: ``kill <pid>`` of ``mmfold train --jobs N``
+    reaches only the parent, which sets the pool's event; the worker's running fold then stops
+    at its next optimizer step with ``last.pt`` saved, as a Ctrl-C would stop it.
+    """
+    _STOP_EVENTS.append(event)
+
+
+class StopFlag:
+    """Ctrl-C (or SIGTERM, with ``terminate``) sets a flag instead of raising mid-update; the
+    loop stops at the next optimizer step with a consistent ``last.pt``. A second signal
+    raises at once. An event given to :func:`stop_when` stops it as a first signal does."""
+
+    def __init__(self, terminate: bool = False) -> None:
         self.requested = False
-        self._old: Any = None
+        self._signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self._signals}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -171,12 +188,16 @@ class StopFlag:
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def stopping(self) -> bool:
+        """This process was signalled, or another process asked it to stop."""
+        return self.requested or any(e.is_set() for e in _STOP_EVENTS)
 
     def any(self, acc: Any) -> bool:
         """True on every process if any was interrupted (they must all stop at the same step)."""
         if acc.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=acc.device)
+            return self.stopping()
+        flag = torch.tensor([float(self.stopping())], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)

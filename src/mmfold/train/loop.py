@@ -126,14 +126,15 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
         OOF probabilities of the validation rows (train order), test probabilities, and info.
 
     Raises:
-        KeyboardInterrupt: after Ctrl-C or ``train.stop_after_epochs``, once ``last.pt`` is saved.
+        KeyboardInterrupt: after Ctrl-C (SIGTERM in a single process, a pool's stop event) or
+            ``train.stop_after_epochs``, once ``last.pt`` is saved.
     """
     t, started = cfg.train, time.perf_counter()
     with torch_threads(t.threads):  # intra-op threads spin: tiny models on a busy CPU crawl
         s = start_fold(cfg, comp, fold_of_row, fold, run_dir)
         model, net, opt, sched, ema, acc, prog = s.model, s.net, s.opt, s.sched, s.ema, s.acc, s.prog
         first_epoch = prog.epoch
-        with StopFlag() as stop:
+        with StopFlag(terminate=acc.num_processes == 1) as stop:  # DDP: the launcher's SIGTERM ends ranks
             for epoch in range(prog.epoch, t.epochs):
                 if t.patience and prog.bad_epochs >= t.patience:
                     break  # early stopping (also when resuming a run that had stopped)
@@ -246,7 +247,7 @@ def predict(model: nn.Module, loader: Any, data: FoldData, acc: Any, *, tta: boo
             channels_last: bool = False) -> np.ndarray:
     """Sigmoid probabilities in dataset order, gathered from every process.
 
-    Evaluation loaders yield canonical batches (:mod:`mmfold.train.canonical`), so a row's
+    Evaluation loaders yield canonical batches (:mod:`mmfold.canonical`), so a row's
     probability does not depend on the rows it is predicted with; their filler rows, and the
     batches a multi-process launch repeats to even out, are dropped here.
     With ``tta`` the image is also flipped horizontally and the two probabilities averaged.

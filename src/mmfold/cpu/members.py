@@ -327,6 +327,14 @@ def encoder_needs(cfg: Config) -> list[Any]:
     return [build_encoder(e, **dict(settings.get(e) or {})).need for e in encs]
 
 
+def encoder_records(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, str]]:
+    """What each frozen encoder's weights resolved to (repo, commit, file hash), for ``done.json``:
+    freshness then treats moved weights as a changed config."""
+    from mmfold.cpu.encoders import build_encoder
+
+    return [build_encoder(name, **settings).resolved().record() for name, settings in specs]
+
+
 # ------------------------------------------------------------------------------- folds
 
 
@@ -381,7 +389,9 @@ def fit_member_fold(cfg: Config, comp: Competition, train_idx: np.ndarray, valid
     p_te = None if test_inp is None else model.predict_proba(test_inp)
     params = resolve_params(cfg, MEMBER_DEFAULTS.get(cfg.model.kind, dict(cfg.model.params)))
     const = [comp.classes[j] for j in getattr(model.head_, "constant_labels_", [])]
-    return p_va, p_te, {"params": params, **model.info_, "prior_only_labels": const}
+    weights = encoder_records(model.needed_encoders())
+    return p_va, p_te, {"params": params, **model.info_, "prior_only_labels": const,
+                        **({"weights": weights} if weights else {})}
 
 
 def load_member(run_dir: Path) -> MemberModel:

@@ -19,7 +19,8 @@ from mmfold.artifacts import predictions
 from mmfold.config import Config, config_from_dict, describe_diff, learning_diff, load_config, model_names
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.artifacts.manifest import (check_upstream, config_drift, data_fingerprints, describe, fingerprints,
+from mmfold.artifacts.manifest import (check_upstream, check_weights_fresh, config_drift, data_fingerprints, describe,
+                                      fingerprints, fold_weights,
                                       learning_view, stale, testset_key)
 from mmfold.metrics import all_metrics, metric_label
 from mmfold.ensemble.scoring import at_half, honest_cv
@@ -53,6 +54,7 @@ def fold_infos(cfg: Config, comp: Competition, n_folds: int) -> tuple[list[dict]
         infos.append(info)
         configs.append(yaml.safe_load((rd / "config.yaml").read_text()))
     _check_same_settings(cfg, infos, configs)
+    check_weights_fresh(cfg.data.name, cfg.model.name, fold_weights(cfg.data.name, cfg.model.name, infos))
     check_upstream(cfg.source or cfg.data.name, cfg.model.name, upstream_of(cfg, infos))
     drift = config_drift(cfg.data.name, cfg.model.name, configs[0])
     if drift:
@@ -188,6 +190,7 @@ def _meta(cfg: Config, trained: Config, comp: Competition, oof: np.ndarray, fold
         "config": trained.to_dict(),
         "hashes": fingerprints(trained, comp),
         **({"upstream": upstream_of(cfg, infos)} if any(i.get("upstream") for i in infos) else {}),
+        **({"weights": infos[0]["weights"]} if infos[0].get("weights") else {}),
     }
 
 

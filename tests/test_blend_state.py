@@ -54,3 +54,14 @@ def test_a_blend_file_with_an_untrusted_type_is_refused(project: Path) -> None:
         load_state("tiny", "evil")
     with pytest.raises(UserError, match="not logged with its fitted state"):
         load_state("tiny", "nope")
+
+
+def test_a_missing_blend_state_names_the_known_ones_and_a_command_that_pastes(project: Path) -> None:
+    """The message lists the blends that have their state and suggests `make blend` with the
+    data and name (built by mmfold.hints), not a bare `make blend` that would run on the demo."""
+    js, sk = state_files("tiny", "b1")
+    fitted.save({"blender": None, "thresholds": None}, sk)
+    js.write_text('{"name": "b1"}')
+    with pytest.raises(UserError, match=r"blends with their state: \['b1'\]\); make one with `make blend "
+                                        r"DATA=tiny NAME=b2`"):
+        load_state("tiny", "b2")

@@ -237,3 +237,20 @@ def test_a_sample_submission_that_cannot_be_followed_is_refused(home: Path, text
     name = write_sample(home, text) if text is not None else "sample.csv"
     with pytest.raises(UserError, match=match):
         submit.submission_format(comp(sample=name))
+
+
+def test_a_sample_of_another_test_set_says_where_the_right_one_goes(home: Path) -> None:
+    """Stage 2 (issue 23): a sample submission listing other ids is refused with the two ways
+    to give the right one: beside the test file (``TEST=`` takes it), or named in ``ARGS=``."""
+    c = comp(sample=write_sample(home, "Id,Predicted\na.jpg,0\nb.jpg,0\nz.jpg,0\n"))
+    with pytest.raises(UserError) as e:
+        submit.submission_format(c)
+    msg = str(e.value)
+    assert "beside its test file" in msg and "ARGS='data.sample_submission=<path>'" in msg
+    assert "input/d/test.csv" in msg  # which test file it was checked against
+
+
+def test_no_log_yet_names_the_blend_command_for_the_data_given(home: Path) -> None:
+    """The hint is built by mmfold.hints: it names ``DATA=``, so it does not run on the demo."""
+    with pytest.raises(UserError, match=r"run `make blend DATA=d`"):
+        submit.read_log("d")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import fitted
 from mmfold.artifacts.manifest import file_hash
 from mmfold.errors import UserError
@@ -85,13 +85,20 @@ def load_state(data: str, name: str) -> BlendState:
     """
     js, sk = state_files(data, name)
     if not js.exists():
+        known = logged_states(data)
         raise UserError(f"{js} not found: blend '{name}' was not logged with its fitted state (a blend "
-                        f"made before mmfold saved it, or a misspelt name; see `mmfold submit --show`); "
-                        "re-run `make blend` to make one")
+                        f"made before mmfold saved it, or a misspelt name; blends with their state: "
+                        f"{known[-10:] or 'none'}); make one with `{hints.make('blend', data, NAME=name)}`")
     import json
 
     objs = fitted.load(sk, TRUSTED_TYPES, f"blend '{name}'")
     return BlendState(json.loads(js.read_text()), objs["blender"], objs["thresholds"])
+
+
+def logged_states(data: str) -> list[str]:
+    """Names of the blends whose fitted state is saved, oldest first."""
+    found = paths.submissions_dir(data).glob("*.blend.json")
+    return [f.name[: -len(".blend.json")] for f in sorted(found, key=lambda f: f.stat().st_mtime_ns)]
 
 
 def check_members(state: BlendState, data: str, classes: list[str]) -> None:
@@ -108,4 +115,4 @@ def check_members(state: BlendState, data: str, classes: list[str]) -> None:
     if changed:
         raise UserError(f"blend '{state.meta['name']}': {changed} were retrained or re-collected since it "
                         "was fitted, so its weights and thresholds are for other predictions; blend again "
-                        "(make blend) instead of re-submitting it")
+                        f"(`{hints.make('blend', data, MODELS=' '.join(state.meta['models']))}`) instead of re-submitting it")

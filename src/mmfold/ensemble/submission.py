@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.errors import UserError
 from mmfold.metrics import metric_label
 
@@ -73,13 +73,32 @@ class SubmissionFormat:
     order: str = "test.csv"  # where the row order comes from, for messages
 
 
-def submission_format(comp: Any) -> SubmissionFormat:
+@dataclass(frozen=True)
+class SampleAdvice:
+    """How the command at hand lets a user name another sample submission, or none: the
+    project's setting (``data.sample_submission``), or an exported bundle's ``--sample`` flag.
+    Messages about a sample submission name the switch of the command that read it."""
+
+    setting: str  # what named the file, as the message's prefix
+    pick: str  # how to give the right one
+    none: str  # how to write the default header instead
+
+
+PROJECT_ADVICE = SampleAdvice(
+    setting="data.sample_submission",
+    pick="put this test set's sample submission beside its test file (TEST= takes the one beside it), "
+         "or name it: ARGS='data.sample_submission=<path>'",
+    none="set data.sample_submission=null")
+
+
+def submission_format(comp: Any, advice: SampleAdvice = PROJECT_ADVICE) -> SubmissionFormat:
     """The format of ``data.sample_submission`` if the data config names one, else the default.
 
     The sample's header is followed exactly (names and order, e.g. ``Id,Predicted``). Its id
     column is the one named ``data.id_col``, else the one not named ``data.label_col``, else
     the first (the Kaggle convention); when the sample has rows they must be exactly the test
-    ids, and their order is the submission's.
+    ids, and their order is the submission's. ``advice`` words the messages for the command
+    that reads it (the project, or a bundle's flags).
 
     Raises:
         UserError: the file is missing, or has columns that cannot be mapped to one id column
@@ -92,26 +111,27 @@ def submission_format(comp: Any) -> SubmissionFormat:
     from mmfold.data.competition import read_table
 
     path = paths.resolve(cfg.root) / cfg.sample_submission
+    default = f"{cfg.id_col},{cfg.label_col}"
     if not path.exists():
-        raise UserError(f"data.sample_submission: {path} not found (the path is relative to "
-                        f"data.root={cfg.root}; set data.sample_submission=null to use "
-                        f"{cfg.id_col},{cfg.label_col})")
+        rel = "" if Path(cfg.sample_submission).is_absolute() else f" (relative to data.root={cfg.root})"
+        raise UserError(f"{advice.setting}: {path} not found{rel}; {advice.pick}, or {advice.none} to write {default}")
     sample = read_table(path, cfg.encoding)
-    id_col, label_col, how = _sample_columns(list(sample.columns), cfg, path)
+    id_col, label_col, how = _sample_columns(list(sample.columns), cfg, path, advice)
     ids = sample[id_col].astype(str).tolist()
     if ids:
-        _check_sample_ids(ids, test_ids, f"{path}: its {how} {id_col!r}")
+        test = paths.resolve(cfg.root) / str(cfg.test_csv)
+        _check_sample_ids(ids, test_ids, f"{path}: its {how} {id_col!r}", test, advice)
     return SubmissionFormat(list(sample.columns), id_col, label_col, ids or test_ids,
                             "sample submission" if ids else "test.csv")
 
 
-def _sample_columns(cols: list[str], cfg: Any, path: Path) -> tuple[str, str, str]:
+def _sample_columns(cols: list[str], cfg: Any, path: Path,
+                    advice: SampleAdvice = PROJECT_ADVICE) -> tuple[str, str, str]:
     """(id column, label column, how the id column was chosen) of a sample submission."""
     if len(cols) != 2 or cols[0] == cols[1]:
         raise UserError(f"{path}: {len(cols)} column{'s' if len(cols) != 1 else ''} {cols}; mmfold "
                         "writes one id column and one column of labels joined by data.label_sep "
-                        "(set data.sample_submission=null to write "
-                        f"{cfg.id_col},{cfg.label_col})")
+                        f"({advice.none} to write {cfg.id_col},{cfg.label_col})")
     if cfg.id_col in cols:
         id_col, how = cfg.id_col, "column named data.id_col"
     elif cfg.label_col in cols:
@@ -121,17 +141,20 @@ def _sample_columns(cols: list[str], cfg: Any, path: Path) -> tuple[str, str, st
     return id_col, next(c for c in cols if c != id_col), how
 
 
-def _check_sample_ids(ids: list[str], test_ids: list[str], where: str) -> None:
-    """The sample's ids are the test ids, each once (else it belongs to another test set)."""
+def _check_sample_ids(ids: list[str], test_ids: list[str], where: str, test: Path,
+                      advice: SampleAdvice = PROJECT_ADVICE) -> None:
+    """The sample's ids are the test ids, each once (else it belongs to another test set, as
+    the first stage's sample does for a stage-2 test file: say how to give the right one)."""
     s = pd.Series(ids)
     dup = s[s.duplicated()].tolist()
     extra = [i for i in ids if i not in set(test_ids)]
     missing = [i for i in test_ids if i not in set(ids)]
     if dup or extra or missing:
         parts = ([f"duplicated {_first(dup)}"] if dup else []) + \
-                ([f"{len(extra)} not in test.csv (first: {_first(extra)})"] if extra else []) + \
+                ([f"{len(extra)} not in {test.name} (first: {_first(extra)})"] if extra else []) + \
                 ([f"missing {len(missing)} test ids (first: {_first(missing)})"] if missing else [])
-        raise UserError(f"{where} should hold every test id once: {'; '.join(parts)}")
+        raise UserError(f"{where} should hold every id of {test} once: {'; '.join(parts)}; if it belongs "
+                        f"to another test set, {advice.pick}")
 
 
 def _first(ids: list[str]) -> str:
@@ -267,7 +290,7 @@ def read_log(data: str) -> pd.DataFrame:
     """The log as strings, exactly as written."""
     path = log_path(data)
     if not path.exists():
-        raise UserError(f"{path} not found: no submission made yet (run `make blend`)")
+        raise UserError(f"{path} not found: no blend logged yet (run `{hints.make('blend', data)}`)")
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -32,9 +33,9 @@ from mmfold.errors import UserError
 FOLD_STATE = ("best.pt", "member.skops", "config.yaml", "done.json")  # copied when present
 ENTRY = '''"""Offline inference for blend {name!r} on {data!r}, made by `mmfold export`.
 
-    python predict.py --test path/to/test.csv [--images DIR] [--out submission.csv]
+    python predict.py --test path/to/test.csv [--images DIR] [--sample CSV|none] [--out submission.csv]
 
-Needs the pinned requirements.txt (no network, no train data). See README.md.
+Needs the pinned requirements.txt (it says what is missing; no network, no train data). See README.md.
 """
 from mmfold.bundle import main
 
@@ -47,15 +48,37 @@ Made by `mmfold export` on {time} (commit {commit}); {size_mb:.1f} MB.
     pip install -r requirements.txt   # once, where the pinned packages are not installed
     python predict.py --test /path/to/test.csv --out submission.csv
 
-`--images DIR`: the test images (default: `{image_dir}` beside the test file);
-`--sample FILE`: a sample submission to follow (default: `data.sample_submission` beside the
-test file, if the data config names one); `--work DIR`: where caches go (default: a temporary
-folder). Members: {models}. Folds: {folds}.
+`--images DIR`: the folder of the test images (default: {images}); `--sample FILE`: a sample
+submission to follow (default: {sample}; `--sample none`: write `{header}` in test order);
+`--work DIR`: where caches go (default: a temporary folder). Members: {models}. Folds: {folds}.
+
+`predict.py` first checks that the packages it imports are installed; if some are not, it
+names them (with their pinned versions) and the command that installs them.
+
+## Offline notebooks
+
+A notebook without internet (a Kaggle code competition) cannot `pip install` from the index:
+carry the wheels in as a dataset.
+
+1. Run `python predict.py --test ...` in the notebook once: it lists the missing packages as
+   `name==version` (often only a few: the notebook image has most).
+2. On a connected machine, download their wheels (and their dependencies) for the notebook's
+   Python (this bundle was made on {py}) and platform; `-r requirements.txt` instead of the
+   names downloads every pinned package:
+
+       pip download <name==version ...> -d wheels --only-binary=:all: --python-version {py} --platform manylinux2014_x86_64
+
+3. Upload the `wheels` folder as a Kaggle dataset (or copy it into this bundle as `wheels/`)
+   and attach it to the notebook.
+4. In the notebook, install without the index, then predict:
+
+       pip install --no-index --find-links /kaggle/input/<wheels-dataset> <name==version ...>
+       python predict.py --test /kaggle/input/<competition>/test.csv --out submission.csv
 """
 # distributions whose pinned versions the bundle records when the project has no requirements.txt
 PINNED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "accelerate", "numpy", "pandas",
           "scikit-learn", "scipy", "lightgbm", "skops", "pillow", "pyyaml", "safetensors", "pyarrow",
-          "albumentations", "iterative-stratification", "optuna", "tqdm", "sentence-transformers")
+          "albumentations", "iterative-stratification", "optuna", "tqdm", "sentence-transformers", "huggingface-hub")
 
 
 def weight_files(cfg: Config, state: Any) -> list[Path]:
@@ -183,12 +206,25 @@ def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:
     manifest = _manifest(p, tmp)
     fileio.write_json(tmp / "bundle.json", manifest)
     fileio.write_text(tmp / "predict.py", ENTRY.format(name=name, data=data))
-    fileio.write_text(tmp / "README.md", README.format(name=name, data=data, time=manifest["created"],
-                                                       commit=manifest["commit"], size_mb=manifest["bytes"] / 1e6,
-                                                       image_dir=cfg.data.image_dir, models=", ".join(p["models"]),
-                                                       folds=p["n_folds"]))
+    fileio.write_text(tmp / "README.md", readme(p, manifest))
     tmp.rename(out)
     return manifest
+
+
+def readme(p: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The bundle's README.md: how to run it, its flags' defaults, how to install offline."""
+    d = p["cfg"].data
+    images = "none: the members read no images"
+    if d.image_dir:
+        name = Path(d.image_dir).name if Path(d.image_dir).is_absolute() else d.image_dir
+        images = (f"`{name}` beside the test file, else the test file's own folder or a folder beside it "
+                  "that holds them all")
+    sample = (f"the data config's `{Path(d.sample_submission).name}` beside the test file, or the one CSV "
+              "beside it named like a sample submission" if d.sample_submission else "none")
+    return README.format(name=manifest["blend"], data=manifest["data"], time=manifest["created"],
+                         commit=manifest["commit"], size_mb=manifest["bytes"] / 1e6, images=images,
+                         models=", ".join(p["models"]), folds=p["n_folds"], sample=sample,
+                         header=f"{d.id_col},{d.label_col}", py=f"{sys.version_info[0]}.{sys.version_info[1]}")
 
 
 def _requirements(dest: Path) -> None:

@@ -209,3 +209,42 @@ def test_sample_submission_messages_name_the_bundles_sample_flag(
     assert r.returncode == 0, r.stderr
     sub = pd.read_csv(elsewhere / "sub3.csv", dtype=str)
     assert list(sub.columns) == ["ImageID", "Labels"] and sub["ImageID"].tolist() == pd.read_csv(test)["ImageID"].tolist()
+
+
+# ---------------------------------------------------------------- item 11: no test set
+
+
+@pytest.mark.slow
+def test_a_blend_without_a_test_set_exports_and_resubmits(
+        project: Path, demo_template: Path, tmp_path_factory: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture) -> None:
+    """A code competition: train and blend with no test file, export, let the bundle predict
+    the test set; ``blend --from`` on that test set (after ``predict --test``) writes the same
+    submission. The blend is logged and its state saved though it wrote no submission."""
+    from mmfold.ensemble.submission import read_log
+
+    yml = project / "configs" / "data" / "demo.yaml"
+    doc = yaml.safe_load(yml.read_text())
+    doc["data"]["test_csv"] = None
+    yml.write_text(yaml.safe_dump(doc))
+    install_demo(project, demo_template)
+    test = project / "input" / "demo" / "test.csv"
+    assert main(["train", "--model", "tfidf_lr"]) == 0
+    assert main(["blend", "--name", "cv", "--models", "tfidf_lr", "blend.n_trials=2"]) == 0
+    out = capsys.readouterr().out
+    assert "make export DATA=demo NAME=cv" in out
+    assert not (paths.submissions_dir("demo") / "cv.csv").exists()
+    row = read_log("demo").set_index("name").loc["cv"]
+    assert row["cv_mean"] and "no test set" in row["note"]
+
+    assert main(["export", "--name", "cv", "--out", str(project / "bundle")]) == 0
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    bundle = Path(shutil.move(str(project / "bundle"), elsewhere / "bundle"))
+    r = _bundle(sys.executable, bundle, "--test", test, "--out", elsewhere / "sub.csv", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+
+    assert main(["blend", "--from", "cv", "--name", "cv2"]) == 2  # still no test set: say how to give one
+    assert "make predict DATA=demo TEST=" in capsys.readouterr().err
+    assert main(["predict", "--test", str(test)]) == 0
+    assert main(["blend", "--from", "cv", "--test", str(test), "--name", "cv2"]) == 0
+    assert (elsewhere / "sub.csv").read_bytes() == (paths.submissions_dir("demo") / "cv2.csv").read_bytes()

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfold import fileio, paths
+from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions, studies
 from mmfold.artifacts.predictions import OOFSet
 from mmfold.config import Config, load_config, test_override
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if sub_path is not None:  # written first: write_new claims the name
         report["submission"] = str(write_submission(comp, fit, oofs, sub_path, fmt))
     write_oof(predictions.blend_oof_file(cfg.data.name, name), fit, oofs)
-    if sub_path is not None:
-        save_state(cfg.data.name, name, state_meta(name, cfg, comp, fit.models, str(sub_path)),
-                   fit.blender, fit.thresholds)
-        submission.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"]))
+    # saved and logged with or without a test set: a code competition blends without one and
+    # lets the exported bundle (or `blend --from` on a test set given later) predict it
+    save_state(cfg.data.name, name, state_meta(name, cfg, comp, fit.models, sub_path), fit.blender, fit.thresholds)
+    submission.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"], sub_path is not None))
     md, _ = write_report(cfg.data.name, name, report)
     print(summary(report, md))
     return 0
@@ -104,16 +104,17 @@ def _check_new(sub_path: Path | None) -> None:
         raise UserError(f"{sub_path} exists; submissions are never overwritten: pick another NAME=...")
 
 
-def state_meta(name: str, cfg: Config, comp: Any, models: list[str], sub: str,
+def state_meta(name: str, cfg: Config, comp: Any, models: list[str], sub: Path | None,
                source: str | None = None) -> dict[str, Any]:
-    """The JSON half of a blend's saved state (:mod:`mmfold.ensemble.state`)."""
+    """The JSON half of a blend's saved state (:mod:`mmfold.ensemble.state`); ``sub`` is the
+    submission it wrote, None for a blend of data without a test set (``test`` is then '')."""
     from mmfold.artifacts.manifest import testset_key
 
     return {"name": name, "data": cfg.data.name, "models": list(models), "classes": list(comp.classes),
             "metric": cfg.data.metric, "blend": dict(vars(cfg.blend)),
             "members": member_fingerprints(cfg.data.name, list(models)), "test": testset_key(comp),
-            "test_csv": str(cfg.data.test_csv), "submission": _relative(Path(sub)), "from": source,
-            "time": submission.utc_now()}
+            "test_csv": None if comp.test is None else str(cfg.data.test_csv),
+            "submission": None if sub is None else _relative(sub), "from": source, "time": submission.utc_now()}
 
 
 def resubmit(cfg: Config, comp: Any, source: str, name: str | None) -> int:
@@ -123,7 +124,10 @@ def resubmit(cfg: Config, comp: Any, source: str, name: str | None) -> int:
     from mmfold.artifacts.manifest import testset_key
 
     if comp.test is None:
-        raise UserError(f"data '{cfg.data.name}' has no test set to submit")
+        data, test = cfg.data.name, "<test.csv>"
+        raise UserError(f"data '{data}' has no test set to submit: predict one with the saved fold models, then "
+                        f"re-submit on it: {hints.make('predict', data, TEST=test)} && "
+                        f"{hints.make('blend', data, FROM=source, TEST=test)}")
     state = load_state(cfg.data.name, source)
     name = name or f"{source}-resubmit-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     sub_path = submission.submission_path(cfg.data.name, name)
@@ -135,7 +139,7 @@ def resubmit(cfg: Config, comp: Any, source: str, name: str | None) -> int:
     df = submission.submission_frame(comp, state.predict(oofs.test), oofs.classes, fmt)
     submission.validate_submission(df, comp, oofs.classes, fmt)
     submission.write_submission(df, sub_path)
-    save_state(cfg.data.name, name, state_meta(name, cfg, comp, models, str(sub_path), source),
+    save_state(cfg.data.name, name, state_meta(name, cfg, comp, models, sub_path, source),
                state.blender, state.thresholds)
     submission.append_log(cfg.data.name, resubmit_row(cfg.data.name, source, name, state, testset_key(comp)))
     print(f"re-submitted blend {source} as {name}: its weights and thresholds on the test predictions of "
@@ -219,8 +223,13 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def log_row(name: str, cfg: Config, fit: BlendFit, commit: str) -> dict[str, Any]:
-    """One row of ``submissions/<data>/log.csv``: every setting that changes the submission."""
+NO_TEST_NOTE = "no test set: no submission written; its state is saved for `mmfold export` and `blend --from`"
+
+
+def log_row(name: str, cfg: Config, fit: BlendFit, commit: str, submitted: bool = True) -> dict[str, Any]:
+    """One row of ``submissions/<data>/log.csv``: every setting that changes the submission
+    (``submitted`` False: a blend of data without a test set, logged so it can be found, and
+    noted as having no submission)."""
     best, single = fit.best_single
     b, blender = cfg.blend, fit.blender
     exponents = ({m: round(float(e), 4) for m, e in zip(fit.models, blender.exponents_)}
@@ -237,7 +246,7 @@ def log_row(name: str, cfg: Config, fit: BlendFit, commit: str) -> dict[str, Any
         "top_k": b.top_k, "decoder": b.decoder, "calibration": _calibration(b),
         "exponents": exponents, "thresholds": thresholds_hash(fit),
         "thresholds_file": _relative(report_base(cfg.data.name, name).with_suffix(".json")),
-        "note": fit.note,
+        "note": "; ".join(n for n in (fit.note, None if submitted else NO_TEST_NOTE) if n),
     }
 
 
@@ -354,5 +363,12 @@ def summary(r: dict[str, Any], md: Path) -> str:
         f"  weights      {weights}",
         *([f"  note         {r['note']}"] if r.get("note") else []),
         f"  submission   {r['submission'] or 'none (the data has no test set)'}",
+        *([] if r["submission"] else [_export_line(r)]),
         f"  report       {md}",
     ])
+
+
+def _export_line(r: dict[str, Any]) -> str:
+    """A blend without a test set wrote no submission: how to use it (its state is saved)."""
+    return (f"  export       {hints.make('export', r['data'], NAME=r['name'])}  (its state is saved: the bundle "
+            "predicts a test set given later)")

@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: note: not the pinned versions: {', '.join(other)}; the submission may differ "
               "slightly from the blend's", file=sys.stderr)
     os.environ["MMFOLD_HOME"] = str(home())
+    # the hub weights the members read travel in the bundle's own cache; nothing is fetched
+    os.environ["HF_HUB_CACHE"] = str(home() / "hub")
+    os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
     # caches (token states, embeddings, image memmaps: gigabytes on a large test set) live in
     # --work if given (kept: a second run reuses them), else in a temporary folder removed after

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mmfold import fileio, paths
+from mmfold import fileio, hub, paths
 from mmfold.artifacts.manifest import file_hash
 from mmfold.config import Config, load_config
 from mmfold.data.competition import load_competition, load_folds
@@ -97,6 +97,25 @@ def weight_files(cfg: Config, state: Any) -> list[Path]:
     return sorted({paths.resolve(f).resolve() for f in found if _is_weight(f)})
 
 
+def hub_weights(cfg: Config, state: Any) -> list[Any]:
+    """Hub weights (:class:`mmfold.hub.Resolved`) a member reads while predicting: a torch
+    kind's Hugging Face text model (its config and tokenizer; the image backbone is rebuilt
+    from ``best.pt`` alone), or the frozen encoders a CPU member embeds with (from ``state``,
+    a fold's fitted member). They travel in the bundle's own hub cache."""
+    from mmfold.cpu.members import MEMBERS
+
+    if cfg.model.kind in MEMBERS:
+        from mmfold.cpu.encoders import build_encoder
+
+        found = [build_encoder(n, **s).resolved() for n, s in state.needed_encoders()]
+    else:
+        from mmfold.models import parse_params, text_encoder_of
+        from mmfold.models.tokenizers import text_weights
+
+        found = [text_weights(parse_params(cfg))] if text_encoder_of(cfg) == "hf" else []
+    return [r for r in found if r.source == "hub" and isinstance(r, hub.Resolved)]
+
+
 def _strings(obj: Any) -> list[str]:
     """Every string inside a nested dict/list."""
     if isinstance(obj, str):
@@ -140,7 +159,7 @@ def plan(data: str, name: str) -> dict[str, Any]:
     n_folds = int(load_folds(comp).max()) + 1
     state = load_state(base.data.name, name)
     check_members(state, base.data.name, list(comp.classes))
-    models, weights = {}, set()
+    models, weights, hub_cached = {}, set(), {}
     for m in state.meta["models"]:
         cfg, _ = trained_config(base, comp, m, n_folds)
         dirs = [paths.run_dir(base.data.name, m, k) for k in range(n_folds)]
@@ -150,7 +169,9 @@ def plan(data: str, name: str) -> dict[str, Any]:
             check_fold_state(c, d)
         models[m] = {"kind": cfg.model.kind, "dirs": dirs, "state_dirs": [d for _, d in states]}
         weights |= set(weight_files(states[0][0], first))
+        hub_cached.update({r.path: r for r in hub_weights(states[0][0], first)})
     return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
+            "hub": list(hub_cached.values()),
             "n_folds": n_folds}
 
 
@@ -200,6 +221,8 @@ def write_bundle(p: dict[str, Any], out: Path) -> dict[str, Any]:
                     _copy(rd / f, tmp / "runs" / (rd / f).relative_to(runs))
     for w in p["weights"]:
         _copy(w, tmp / "weights" / w.relative_to(paths.weights_dir().resolve()))
+    for r in p["hub"]:  # the bundle's own hub cache: predict.py points HF_HUB_CACHE at it
+        hub.copy_to_cache(r, tmp / "hub")
     for f in state_files(data, name):
         _copy(f, tmp / "submissions" / data / f.name)
     _requirements(tmp / "requirements.txt")

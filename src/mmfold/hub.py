@@ -215,7 +215,7 @@ def cached_folder(repo_id: str, revision: str | None = None, name: str | None = 
         return None
     folder = config.path.parent
     weights = next((fn for fn in WEIGHT_FILES if (folder / fn).exists()), None)
-    sha = _blob_hash(folder / weights) if weights else None
+    sha = (_blob_hash(folder / weights) or file_sha256(folder / weights)) if weights else None
     return Resolved(config.name, "hub", folder, repo_id, config.requested, config.revision, weights, sha)
 
 
@@ -267,6 +267,34 @@ def _now(rec: dict[str, str]) -> Resolved | None:
         return cached_file(rec["repo_id"], [rec["file"]], rec.get("requested"))
     path = Path(rec.get("name", ""))
     return local(rec["name"], path) if path.exists() else None
+
+
+def copy_to_cache(res: Resolved, dest: Path) -> None:
+    """Copy resolved hub weights into another cache ``dest`` in the hub's layout (files, not
+    links: a bundle must survive being zipped and uploaded), with ``refs/<revision>`` pointing
+    at the same commit, so :func:`find` there resolves them exactly as here."""
+    import shutil
+
+    if res.source != "hub" or res.repo_id is None or res.revision is None:
+        raise ValueError(f"{res.name}: not weights from the hub cache")
+    repo = dest / f"models--{res.repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / res.revision
+    if res.path.is_dir():
+        shutil.copytree(res.path, snap, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+    else:
+        rel = res.path.relative_to(_snapshot_root(res))
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(res.path, snap / rel)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / (res.requested or DEFAULT_REVISION)).write_text(res.revision)
+
+
+def _snapshot_root(res: Resolved) -> Path:
+    """The snapshot folder a cached file lies in."""
+    path = res.path
+    while path.parent.name != "snapshots":
+        path = path.parent
+    return path
 
 
 def fetch_file(repo_id: str, filenames: Sequence[str], revision: str | None = None) -> Path:

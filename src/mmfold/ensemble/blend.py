@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, fit, score, write; progress on stderr, a summary on stdout."""
     from mmfold.data.competition import load_competition, load_folds
 
-    cli_models = [m for m in (args.models or []) if "=" not in m]
+    cli_models = [n for m in (args.models or []) if "=" not in m for n in m.split(",") if n]  # a b, or a,b as MODEL= takes
     overrides = list(args.overrides) + [m for m in (args.models or []) if "=" in m]
     overrides += test_override(args.test, args.data, overrides)
     cfg = load_config(args.data, None, overrides)

@@ -131,3 +131,17 @@ def test_drift_names_a_moved_revision(cache: Path) -> None:
     add_timm_model(cache, "test_efficientnet.r160_in1k", seed=9)  # main now points at another commit
     (line,) = hub.drift([rec])
     assert line.startswith("pretrained timm/test_efficientnet.r160_in1k: ")
+
+
+def test_the_same_weights_by_hub_name_or_local_file_build_the_same_backbone(project: Path, cache: Path) -> None:
+    """What ``make bench``'s hub_load section times: both paths, one model."""
+    from timm.models import get_pretrained_cfg
+
+    from mmfold.bench.hub_load import _fake_hub
+    from mmfold.models.weights import efficientnet_lite0_file
+
+    weights = efficientnet_lite0_file()
+    _fake_hub(cache, get_pretrained_cfg("efficientnet_lite0").hf_hub_id, weights)
+    by_name = build_model(image_cfg("efficientnet_lite0"), CLASSES).encoder("image").model.state_dict()
+    by_file = build_model(image_cfg("efficientnet_lite0", pretrained_file=str(weights)), CLASSES)
+    assert all(torch.equal(v, by_name[k]) for k, v in by_file.encoder("image").model.state_dict().items())

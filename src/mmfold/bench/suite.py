@@ -25,6 +25,7 @@ BENCH_SECTIONS: dict[str, str] = {
     "cache": "mmfold.bench.cache:benchmark",
     "scale": "mmfold.bench.scale:benchmark",
     "deep_speed": "mmfold.bench.deep_speed:benchmark",
+    "hub_load": "mmfold.bench.hub_load:benchmark",
 }
 
 

@@ -7,6 +7,7 @@ fails the test: training-side loading only ever reads the cache.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -145,3 +146,37 @@ def test_the_same_weights_by_hub_name_or_local_file_build_the_same_backbone(proj
     by_name = build_model(image_cfg("efficientnet_lite0"), CLASSES).encoder("image").model.state_dict()
     by_file = build_model(image_cfg("efficientnet_lite0", pretrained_file=str(weights)), CLASSES)
     assert all(torch.equal(v, by_name[k]) for k, v in by_file.encoder("image").model.state_dict().items())
+
+
+GPU_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models" / "gpu").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.stem for p in GPU_CONFIGS])
+def test_gpu_box_configs_are_valid_and_name_their_hub_weights(path: Path, project: Path, cache: Path) -> None:
+    """The GPU-box examples: valid as they stand, every encoder a hub repo ``make weights``
+    fetches, and refused here (empty cache) before anything trains."""
+    from mmfold.config import load_config
+    from mmfold.train.needs import check_weights, needs_of
+    from mmfold.train.runner import validate_model
+
+    (project / "configs" / "models" / path.name).write_text(path.read_text())  # as the README says
+    cfg = load_config("demo", path.stem)
+    validate_model(cfg)
+    needs = needs_of(cfg)
+    assert needs and all(n.repo_id for n in needs)
+    with pytest.raises(hub.MissingWeights, match=needs[0].repo_id):
+        check_weights([cfg], "demo")
+
+
+def test_building_the_augmentations_opens_no_connection() -> None:
+    """albumentations asks PyPI for updates at import unless NO_ALBUMENTATIONS_UPDATE is set."""
+    import subprocess
+    import sys
+
+    code = ("import os, socket\n"
+            "def refuse(*a, **k):\n    os._exit(3)\n"
+            "socket.socket.connect = refuse\n"
+            "from mmfold.train.batches import build_augment\n"
+            "assert build_augment([{'name': 'HorizontalFlip', 'p': 0.5}]) is not None\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0

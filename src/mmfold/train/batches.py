@@ -10,6 +10,8 @@ worker count nor on where a run was resumed.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -292,6 +294,9 @@ def build_augment(spec: list[dict[str, Any]]) -> Any:
     """
     if not spec:
         return None
+    # albumentations' import asks PyPI for a newer release unless told not to: a connection on
+    # every training start (and a time-out offline); training never opens one
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations as A
 
     def one(entry: dict[str, Any]) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from mmfold import fileio, paths
-from mmfold.config import Config, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
+from mmfold.config import Config, ConfigError, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
 from mmfold.machine import core_ids, is_main_process
@@ -160,17 +160,59 @@ def run_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
         if not (rd / "done.json").exists() or force:
             _run(cfg, comp, fold_of_row, fold, rd)
         return {}
-    with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, fold)):
+    lock = fold_lock(cfg.data.name, cfg.model.name, fold)
+    made = _missing(lock)
+    with fileio.file_lock(lock):
         done = rd / "done.json"
         if done.exists() and not force:
             print(f"{cfg.model.name} fold {fold}: done already (FORCE=1 to retrain)")
             return json.loads(done.read_text())
-        if force and rd.exists():
-            _backup(rd)
-        rd.mkdir(parents=True, exist_ok=True)
-        _sweep_temps(rd)
-        out = _run(cfg, comp, fold_of_row, fold, rd)
+        backup = _backup(rd) if force and rd.exists() else None
+        with _undone_if_refused(rd, backup, made):
+            rd.mkdir(parents=True, exist_ok=True)
+            _sweep_temps(rd)
+            out = _run(cfg, comp, fold_of_row, fold, rd)
         return _write_outputs(cfg, comp, fold_of_row, fold, rd, out)
+
+
+def _missing(lock: Path) -> list[Path]:
+    """The lock file and the folders above it that do not exist yet (deepest first): what
+    taking the fold's lock creates."""
+    made = [] if lock.exists() else [lock]
+    folder = lock.parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+@contextlib.contextmanager
+def _undone_if_refused(rd: Path, backup: Path | None, made: list[Path]) -> Iterator[None]:
+    """A fold that fails before it has trained anything (a value only building the model,
+    loss or data refuses, say) leaves no trace: the run dir this call made is removed, a
+    finished run that ``FORCE=1`` moved aside is put back, and the lock file and folders the
+    lock created are removed (while the lock is still held).
+
+    A fold that trained something, or was interrupted, keeps its files: they resume.
+    """
+    fresh = not rd.exists()
+    try:
+        yield
+    except Exception:
+        if fresh and _nothing_trained(rd):
+            shutil.rmtree(rd, ignore_errors=True)
+            if backup is not None:
+                shutil.move(backup, rd)
+                print(f"put the previous run back from {backup}")
+            for path in made:  # deepest first: the lock file, then its folders if still empty
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+        raise
+
+
+def _nothing_trained(rd: Path) -> bool:
+    """The run dir holds at most the config it was started with (a fold refused in set-up)."""
+    return all(p.is_dir() or p.name == "config.yaml" for p in rd.rglob("*"))
 
 
 def _run(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path) -> Any:
@@ -188,11 +230,12 @@ def _sweep_temps(folder: Path) -> None:
         print(f"removed {len(removed)} temp file(s) left by an interrupted run in {folder}")
 
 
-def _backup(rd: Path) -> None:
-    """Move a run dir aside instead of deleting a user's checkpoints."""
+def _backup(rd: Path) -> Path:
+    """Move a run dir aside instead of deleting a user's checkpoints; where it went."""
     dest = rd.with_name(f"{rd.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(rd, dest)
     print(f"kept the previous run as {dest}")
+    return dest
 
 
 def _write_outputs(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, rd: Path, out) -> dict:
@@ -466,8 +509,9 @@ def validate_model(cfg: Config) -> None:
 
     Raises:
         UserError: an unknown kind, an unknown (possibly nested) ``model.params`` key,
-            ``train.*`` keys in the model's YAML that its kind ignores, or augmentations a
-            cached image prefix cannot apply.
+            ``train.*`` keys in the model's YAML that its kind ignores, augmentations a
+            cached image prefix cannot apply, or a ``train.*`` value the engine refuses
+            (:func:`check_train_values`).
     """
     runner_for(cfg.model.kind)
     from mmfold.cpu.members import MEMBERS, validate_params
@@ -478,12 +522,48 @@ def validate_model(cfg: Config) -> None:
         from mmfold.models import parse_params
         from mmfold.train.prefix_cache import flip_probability
 
+        check_train_values(cfg)
         if parse_params(cfg).train_blocks is not None:
             flip_probability(cfg.train.augment)  # only a flip survives a cached image prefix
     yml = model_yaml(cfg.model.name, cfg.source)
     if yml.exists():
         own = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("train") or {}
         check_used_keys(cfg, [f"train.{k}" for k in own], str(yml))
+
+
+# train.* counts the torch engine needs at least this large (a batch of 0 divides by zero).
+TRAIN_MINIMUMS = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "max_len": 1, "length_buckets": 0,
+                  "num_workers": 0, "threads": 0, "patience": 0, "stop_after_epochs": 0,
+                  "freeze_backbone_epochs": 0}
+
+
+def check_train_values(cfg: Config) -> None:
+    """Refuse ``train.*`` values of a torch kind that its fold would refuse (or crash on) only
+    once set up, so a refusal comes before any fold is touched: counts below their minimum,
+    an unknown loss or loss parameter, ``pos_weight`` with a loss that ignores it, an unknown
+    AMP mode, an EMA decay outside [0, 1), an unknown augmentation.
+
+    Raises:
+        UserError: naming the key, its value and what it may be.
+    """
+    import torch
+
+    from mmfold.train.batches import build_augment
+    from mmfold.train.losses import build_loss
+    from mmfold.train.optim import resolve_amp
+
+    t = cfg.train
+    for key, least in TRAIN_MINIMUMS.items():
+        if getattr(t, key) < least:
+            raise ConfigError(f"train.{key} must be >= {least}, got {getattr(t, key)}")
+    if t.image_size is not None and t.image_size < 1:
+        raise ConfigError(f"train.image_size must be >= 1 (or null: the backbone's own), got {t.image_size}")
+    if not 0.0 <= t.ema < 1.0:
+        raise ConfigError(f"train.ema must be in [0, 1) (0 = off), got {t.ema}")
+    build_loss(t, torch.ones(1) if t.pos_weight else None)
+    resolve_amp(t.amp, cpu=True)
+    if "train.augment" in used_train_keys(cfg.model.kind):
+        build_augment(t.augment)
 
 
 def overrides_for(cfg: Config, overrides: Sequence[str], models: Sequence[Config]) -> list[str]:

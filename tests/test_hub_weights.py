@@ -180,3 +180,19 @@ def test_building_the_augmentations_opens_no_connection() -> None:
             "assert build_augment([{'name': 'HorizontalFlip', 'p': 0.5}]) is not None\n")
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+def test_a_fusion_member_loads_both_encoders_from_the_cache(cache: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    _, sd = add_timm_model(cache, "test_efficientnet.r160_in1k", seed=6)
+    folder = make_tiny_bert(tmp_path / "bert", seed=7)
+    add_snapshot(cache, "org/bert", folder_files(folder))
+    model = build_model(make_cfg("fusion", backbone="test_efficientnet", pretrained=True, text_model="org/bert"),
+                        CLASSES)
+    image = model.encoder("image").model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in image.items())
+    text = model.encoder("text").model.state_dict()
+    assert all(torch.equal(text[k], v) for k, v in AutoModel.from_pretrained(str(folder)).state_dict().items()
+               if k in text)
+    assert [n.record["repo_id"] for n in model.pretrained_notes()] == ["timm/test_efficientnet.r160_in1k", "org/bert"]

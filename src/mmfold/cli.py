@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-real": ("mmfold.bench.real", "real-data benchmark on ../shared/data"),
     "bench-deep": ("mmfold.bench.deep", "fine-tuned members on ../shared/data, blended with the CPU members"),
     "bench-predict": ("mmfold.bench.predict", "a new test set from saved fold models vs retraining, and the bundle"),
+    "bench-gpu": ("mmfold.bench.gpu", "the GPU path end to end in one budgeted run (--smoke: on the CPU in seconds)"),
 }
 
 

@@ -45,7 +45,8 @@ class FoldSession:
 
     ``model`` is what Accelerate prepared (DDP-wrapped under a launcher), ``net`` the bare
     module inside it (checkpoints, EMA, backbone freezing); ``prog`` is restored from
-    ``last.pt`` when the run resumes.
+    ``last.pt`` when the run resumes; ``show`` is whether progress bars are drawn
+    (``train.progress``; the per-epoch lines are printed either way).
     """
 
     cfg: Config
@@ -205,7 +206,7 @@ def _after_epoch(s: FoldSession, epoch: int) -> None:
     s.run.append_log(row)
     for callback in list(EPOCH_CALLBACKS):  # e.g. Optuna pruning
         callback({**row, "fold": s.fold, "model": s.cfg.model.name})
-    if s.show:
+    if s.acc.is_local_main_process:  # train.progress=false hides the bars, not these lines
         tqdm.write(f"{s.cfg.model.name} fold {s.fold} {_fmt(row)}")
 
 

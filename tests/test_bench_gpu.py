@@ -183,7 +183,8 @@ def python312() -> str | None:
 @pytest.mark.slow
 @needs_shared
 @pytest.mark.skipif(python312() is None, reason="no Python 3.12 on this machine")
-def test_prepare_builds_a_carry_that_fits_one_call_and_installs_offline_into_python312(tmp_path: Path) -> None:
+def test_prepare_builds_a_carry_that_fits_one_call_and_installs_offline_into_python312(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     carry = tmp_path / "carry"
     env = {**os.environ, "DEVICE_DIR": str(carry), "PY": sys.executable,
            "SHARED": str(REPO.parent / "shared" / "data")}
@@ -210,3 +211,17 @@ def test_prepare_builds_a_carry_that_fits_one_call_and_installs_offline_into_pyt
     probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import iterstrat, mmfold.errors, stringzilla, simsimd"],
                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr[-2000:]
+    # the check unpacks the weights outside the carry (a local run must not grow the next call)
+    monkeypatch.setenv("MMFOLD_HOME", str(tmp_path))
+    listing = sorted(carry.rglob("*"))
+    weights = gpu.unpack(carry)
+    assert sorted(carry.rglob("*")) == listing and gpu.unpack(carry) == weights
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    model.load_state_dict(load_file(weights["pretrained_file"]), strict=True)
+    minilm = load_file(str(Path(weights["text_model"]) / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in minilm.values() if v.is_floating_point())
+    assert minilm["embeddings.word_embeddings.weight"].shape == (30522, 384)  # full shape: the ids are MiniLM's

@@ -24,7 +24,7 @@ a run that is cut off still leaves what it measured. The parts, most important f
 BERT, a small demo competition, one epoch), so the check cannot rot before a GPU is lent.
 ``--carry DIR`` reads a folder made by ``tools/device/prepare.sh`` (``--pack``): the data, and
 the weights, which travel with their matrices in fp16 and MiniLM's word embeddings cut to the
-rows the carried captions use; they are unpacked to fp32 once, beside them.
+rows the carried captions use; they are unpacked to fp32 once, under ``cache/``.
 """
 
 from __future__ import annotations
@@ -1106,14 +1106,18 @@ def pack_minilm(source: Path, dest: Path, captions: list[str], max_len: int) -> 
 
 
 def unpack(carry: Path) -> dict[str, str]:
-    """The carried weights in fp32 and full shape under ``<carry>/unpacked/`` (made once), as
-    the ``model.params`` overrides that point at them."""
+    """The carried weights in fp32 and full shape (made once per carry, under
+    ``cache/bench_gpu_carry/<hash of its MANIFEST.json>/``: outside the carried folder, which
+    must stay small), as the ``model.params`` overrides that point at them."""
+    import hashlib
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    if not (carry / "MANIFEST.json").is_file():
+    manifest = carry / "MANIFEST.json"
+    if not manifest.is_file():
         raise UserError(f"{carry} is not a folder made by tools/device/prepare.sh (no MANIFEST.json)")
-    out = carry / "unpacked"
+    out = paths.cache_dir("bench_gpu_carry") / hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     effnet, minilm = out / "efficientnet_lite0.safetensors", out / "minilm"
     if not effnet.exists():
         state = expand(load_file(str(carry / "weights" / "efficientnet_lite0.safetensors")), {})

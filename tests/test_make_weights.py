@@ -133,3 +133,29 @@ def test_a_bundle_carries_its_hub_weights_and_predicts_with_an_empty_cache_offli
     assert out.returncode == 0, out.stderr
     ours = sorted(paths.submissions_dir("tiny").glob("b*.csv"))[0]
     assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(ours))
+
+
+def test_a_torch_fold_says_what_it_loaded_and_records_it(
+        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from mmfold import paths
+    from mmfold.cli import main
+    from tests.hubcache import add_timm_model
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit, _ = add_timm_model(cache, "test_efficientnet.r160_in1k")
+    img = {"model": MODELS["img"], "train": {"epochs": 1, "batch_size": 16, "image_size": 32, "progress": False}}
+    (paths.root() / "configs" / "models" / "img.yaml").write_text(yaml.safe_dump(img))
+    assert main(["folds", "--data", "tiny"]) == 0
+    assert main(["train", "--data", "tiny", "--model", "img"]) == 0
+    out = capsys.readouterr().out
+    line = (f"img fold 0: image backbone test_efficientnet: hub timm/test_efficientnet.r160_in1k@{commit[:8]} "
+            "(model.safetensors), ")
+    assert line in out and "tensors loaded, 0 left at init" in out
+    done = json.loads((paths.run_dir("tiny", "img", 2) / "done.json").read_text())
+    assert [(w["repo_id"], w["revision"], w["file"]) for w in done["weights"]] == [
+        ("timm/test_efficientnet.r160_in1k", commit, "model.safetensors")]
+    assert json.loads(paths.oof_meta_file("tiny", "img").read_text())["weights"] == done["weights"]

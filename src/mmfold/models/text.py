@@ -36,12 +36,29 @@ def bert_layers(model: nn.Module) -> nn.ModuleList:
     return model.encoder.layer
 
 
+def attention_mask_for(model: nn.Module, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask the model's own layers expect, built as the model builds it.
+
+    transformers 4 models offer ``get_extended_attention_mask`` (an additive ``(B, 1, 1, T)``
+    mask); transformers 5 dropped it for ``masking_utils.create_bidirectional_mask``, which
+    also knows the attention implementation (and may return None: no padding to mask).
+    """
+    if hasattr(model, "get_extended_attention_mask"):
+        return model.get_extended_attention_mask(mask, mask.shape)
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=model.config, inputs_embeds=states, attention_mask=mask)
+
+
 def run_layers(model: nn.Module, layers: list[nn.Module], states: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
-    """Token states after ``layers``, padding masked out of attention as the model itself does."""
-    ext = model.get_extended_attention_mask(mask, mask.shape)
+    """Token states after ``layers``, padding masked out of attention as the model itself does.
+
+    A layer returns a tuple in transformers 4 and the states tensor in transformers 5."""
+    ext = attention_mask_for(model, states, mask)
     for layer in layers:
-        states = layer(states, attention_mask=ext)[0]
+        out = layer(states, attention_mask=ext)
+        states = out[0] if isinstance(out, tuple) else out
     return states
 
 

@@ -88,6 +88,8 @@ def start_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     seed_everything(t.seed, deterministic=t.deterministic)
     train_rows, valid_rows = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
     model = build_model(cfg, comp.classes)
+    for note in model.pretrained_notes():  # what loaded (or random init), on the console once per fold start
+        acc.print(f"{cfg.model.name} fold {fold}: {note.line()}")
     if t.channels_last:  # NHWC: on a CPU, conv backward (depthwise above all) runs ~2x faster
         model = model.to(memory_format=torch.channels_last)
     with acc.main_process_first():  # one process builds the caches, the others then read them
@@ -324,5 +326,6 @@ def _predict_best(s: FoldSession) -> FoldOutput:
     info = {"params_trainable": trainable, "params_total": total, "train_time_s": round(prog.train_time_s, 2),
             "images_per_s": round(prog.images_seen / max(prog.train_time_s, 1e-9), 1), "epochs": prog.epoch,
             "best_score": prog.best_score, "best_epoch": prog.best_epoch, "device": str(acc.device),
-            "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision}
+            "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+            "weights": [n.record for n in s.net.pretrained_notes() if n.record]}
     return FoldOutput(oof=oof, test=test, info=info)

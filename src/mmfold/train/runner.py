@@ -35,6 +35,7 @@ from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
 from mmfold.train.fold import FoldOutput
+from mmfold.train.needs import check_weights
 from mmfold.train.seeds import check_seeds, run_seeds
 
 
@@ -600,6 +601,7 @@ def run(args: argparse.Namespace) -> int:
     cfgs = [load_config(args.data, c.model.name, overrides_for(c, args.overrides, plain)) for c in plain]
     for cfg in cfgs:
         validate_model(cfg)
+    check_weights(cfgs, comp.cfg.name)  # every missing pretrained weight, before any fold moves
     if args.jobs > 1:
         train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)
         return 0

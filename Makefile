@@ -21,7 +21,7 @@ comma := ,
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data '$(DATA)' $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
-.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict levers bench-levers test test-fast clean-demo
+.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict bench-gpu device-carry levers bench-levers test test-fast clean-demo
 
 # the descriptions start in one column, however long the longest target name is
 help:  ## list every target with one line each
@@ -96,6 +96,12 @@ levers: setup weights  ## each lever alone vs the plain blend, honest nested CV 
 
 bench-levers: setup weights  ## make levers on a shipped dataset (demo, comp5329, fashion, coco_mini), refreshing the committed docs/bench/levers.{json,md}
 	$(MMFOLD) levers --bench $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(JOBS),--jobs $(JOBS))
+
+bench-gpu: setup  ## the GPU path end to end in one budgeted run -> reports/bench/gpu.{json,md}; ARGS=--smoke: on the CPU in seconds (docs/GPU.md)
+	$(MMFOLD) bench-gpu $(ARGS)
+
+device-carry: setup weights  ## what a lent GPU machine needs for bench-gpu -> .device/ (< 64 MiB with the tree; docs/GPU.md)
+	tools/device/prepare.sh
 
 bench-predict: setup weights  ## new test set without retraining + offline bundle, on trained members of DATA (default comp5329) -> reports/bench/predict.{json,md}
 	$(MMFOLD) bench-predict --data $(if $(filter demo,$(DATA)),comp5329,$(DATA)) $(ARGS)

@@ -9,7 +9,6 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
 from mmfold.bench.thresholds import synthetic
 from mmfold.ensemble.decoders import ExpectedF1Decoder

@@ -27,7 +27,7 @@ from mmfold.config import Config, save_config
 from mmfold.cpu.threads import torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
-from mmfold.metrics import CHECKPOINT_SCORES, binarize
+from mmfold.metrics import CHECKPOINT_SCORES
 from mmfold.train.batches import FoldData, build_data, fold_loaders, model_inputs
 from mmfold.train.checkpoint import Progress, Run, StopFlag, load_checkpoint
 from mmfold.train.fold import EPOCH_CALLBACKS, FoldOutput

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +54,7 @@ class DataConfig:
     drop_bad_images: bool = False
     models: list[str] = field(default_factory=list)
     metric: str = "samples"  # the competition metric: drives early stopping, CV lines, blend, sweeps
+    kaggle: str | None = None  # the Kaggle competition's slug: `submit --kaggle` submits there (mmfold.kaggle)
 
 
 @dataclass
@@ -176,7 +178,7 @@ RUN_LENGTH_KEYS = frozenset({"train.patience", "train.stop_after_epochs", *EXECU
 # Key prefixes that cannot change what a fold learns: which models a data config lists, the
 # image check, blending, a model's sweep/ablation declarations, its name, the override record,
 # how the run executes. The one definition every stage uses (resume, freshness, sweeps).
-NOT_LEARNING = ("data.models", "data.check_images", "data.sample_submission", "blend.",
+NOT_LEARNING = ("data.models", "data.check_images", "data.sample_submission", "data.kaggle", "blend.",
                 "model.name", "model.search_space", "model.ablations", "overrides", "source",
                 *EXECUTION_KEYS)
 
@@ -350,6 +352,9 @@ def validate(cfg: Config) -> None:
     """
     if cfg.data.metric not in OPTIMISED:
         raise ConfigError(f"data.metric: unknown metric {cfg.data.metric!r}; known: {list(OPTIMISED)}")
+    if cfg.data.kaggle is not None and not KAGGLE_SLUG.fullmatch(cfg.data.kaggle):
+        raise ConfigError(f"data.kaggle: {cfg.data.kaggle!r} is not a competition slug; give the part of the "
+                          "competition's URL after /competitions/ (e.g. kaggle: titanic)")
     if cfg.train.select_threshold not in CHECKPOINT_SCORES:
         raise ConfigError(f"train.select_threshold: {cfg.train.select_threshold!r} unknown; "
                           f"known: {list(CHECKPOINT_SCORES)}")
@@ -357,6 +362,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"blend.decoder={cfg.blend.decoder} maximises samples-F1, but data.metric is "
                           f"{cfg.data.metric}: add blend.decoder=thresholds")
 
+
+# a Kaggle competition's slug, as in https://www.kaggle.com/competitions/<slug>
+KAGGLE_SLUG = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 # decoders that maximise the expected samples-F1 of each row (mmfold.ensemble.decoders)
 SAMPLES_ONLY_DECODERS = ("expected_f1", "gfm")

@@ -81,3 +81,37 @@ def write_competition(
 def tiny(project: Path) -> Path:
     """A tiny competition named ``tiny`` inside the isolated project; returns its data folder."""
     return write_competition(project)
+
+
+@pytest.fixture
+def folded(project: Path) -> Path:
+    """The tiny competition (with images) and its folds written."""
+    from mmfold.cli import main
+
+    write_competition(project)
+    assert main(["folds", "--data", "tiny"]) == 0
+    return project
+
+
+def captured(capsys: pytest.CaptureFixture) -> str:
+    """Everything a command printed so far, stdout then stderr."""
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face hub cache (``HF_HUB_CACHE``), offline, with every network
+    connection refused: code under test may only read the cache."""
+    import socket
+
+    root = tmp_path / "hf_cache"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a network connection was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return root

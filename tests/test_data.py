@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mmfold.config import DataConfig, load_config
 from mmfold.data.competition import load_competition, load_folds, read_table

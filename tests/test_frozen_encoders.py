@@ -7,7 +7,6 @@ cache, and a member that names weights missing from the cache is refused before 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,9 @@ from tests.tiny import make_tiny_bert
 
 
 @pytest.fixture
-def cache(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cache(tiny: Path, offline_hub: Path) -> Path:
     """The tiny competition and an empty, offline hub cache; connections refused."""
-    root = tmp_path / "hf_cache"
-    root.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"a network connection was opened: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    return root
+    return offline_hub
 
 
 def member(params: dict, kind: str = "frozen_embed"):

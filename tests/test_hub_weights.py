@@ -8,7 +8,6 @@ fails the test: training-side loading only ever reads the cache.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -35,18 +34,9 @@ def make_cfg(kind: str, **params: object) -> Config:
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty hub cache, offline, with connections refused."""
-    root = tmp_path / "hf" / "hub"
-    root.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"a network connection was opened: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    return root
+def cache(offline_hub: Path) -> Path:
+    """An empty hub cache, offline, with connections refused (tests/conftest.py)."""
+    return offline_hub
 
 
 def image_cfg(backbone: str = "test_efficientnet", **params: object):

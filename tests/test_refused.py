@@ -7,29 +7,17 @@ leaves the finished fold where it was (no ``.bak``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from mmfold import paths
 from mmfold.cli import main
-from tests.conftest import write_competition
+from tests.conftest import captured
 
 TEXT = ["--model", "demo_text", "--fold", "0", "train.epochs=1", "train.progress=false"]
 
 
-@pytest.fixture
-def folded(project: Path) -> Path:
-    """The tiny competition (with images) and its folds."""
-    write_competition(project)
-    assert main(["folds", "--data", "tiny"]) == 0
-    return project
-
-
-def _err(capsys: pytest.CaptureFixture) -> str:
-    out = capsys.readouterr()
-    return out.out + out.err
 
 
 @pytest.mark.parametrize(("override", "says"), [
@@ -42,7 +30,7 @@ def _err(capsys: pytest.CaptureFixture) -> str:
 ])
 def test_a_refused_override_touches_no_run_dir(folded: Path, capsys, override: str, says: str) -> None:
     assert main(["train", "--data", "tiny", *TEXT, override]) == 2
-    assert says in _err(capsys)
+    assert says in captured(capsys)
     assert not (folded / "runs").exists(), sorted(str(p) for p in (folded / "runs").rglob("*"))
 
 
@@ -61,7 +49,7 @@ def test_a_value_only_the_model_build_refuses_leaves_no_litter(folded: Path, cap
     built (inside the fold), and still nothing is left."""
     _image_model(folded, "test_resnet_nope")
     assert main(["train", "--data", "tiny", *IMAGE]) == 2
-    assert "timm has no model 'test_resnet_nope'" in _err(capsys)
+    assert "timm has no model 'test_resnet_nope'" in captured(capsys)
     assert not (folded / "runs").exists(), sorted(str(p) for p in (folded / "runs").rglob("*"))
 
 
@@ -75,6 +63,6 @@ def test_force_with_a_refused_config_keeps_the_finished_fold(folded: Path, capsy
     before = sorted(p.name for p in rd.parent.iterdir())
     capsys.readouterr()
     assert main(["train", "--data", "tiny", *IMAGE, "--force", "model.params.backbone=test_resnet_nope"]) == 2
-    assert "timm has no model 'test_resnet_nope'" in _err(capsys)
+    assert "timm has no model 'test_resnet_nope'" in captured(capsys)
     assert sorted(p.name for p in rd.parent.iterdir()) == before  # no .bak, nothing new
     assert (rd / "done.json").read_text() == done

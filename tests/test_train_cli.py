@@ -14,26 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import write_competition
 from mmfold import fileio, paths
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
 from mmfold.train.runner import fold_lock
+from tests.conftest import captured, write_competition
 
 TEXT = ["--model", "demo_text", "train.epochs=2", "train.progress=false", "train.batch_size=16"]
 
 
-@pytest.fixture
-def folded(project: Path) -> Path:
-    """The tiny competition with its folds written."""
-    write_competition(project)
-    assert main(["folds", "--data", "tiny"]) == 0
-    return project
-
-
-def _err(capsys: pytest.CaptureFixture) -> str:
-    out = capsys.readouterr()
-    return out.out + out.err
 
 
 # ------------------------------------------------------------------ 1. freshness of overrides
@@ -58,14 +47,14 @@ def test_yaml_edited_after_training_with_overrides_is_caught(folded: Path, capsy
     yml.write_text(yml.read_text().replace("C: 2.0", "C: 0.5"))
     capsys.readouterr()
     assert main(["blend", "--data", "tiny", "--models", "tfidf_lr", "blend.method=mean"]) == 2
-    err = _err(capsys)
+    err = captured(capsys)
     assert "stale" in err and "model.params.head_params.C: trained 2.0 -> now 0.5" in err
 
 
 def test_folds_trained_with_other_overrides_are_not_collected(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--fold", "1"]) == 0
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "2", "model.params.min_df=1"]) == 2
-    err = _err(capsys)
+    err = captured(capsys)
     assert "fold 2 was trained with other settings than fold 0" in err
     assert "model.params.min_df: fold 0 2 -> fold 2 1" in err
     assert not paths.oof_file("tiny", "tfidf_lr").exists()
@@ -76,7 +65,7 @@ def test_folds_trained_with_other_overrides_are_not_collected(folded: Path, caps
 
 def test_train_key_a_cpu_member_ignores_is_refused(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "train.loss=focal"]) == 2
-    err = _err(capsys)
+    err = captured(capsys)
     assert "['train.loss'] do nothing for model 'tfidf_lr' (kind tfidf_linear)" in err
     assert "model.params" in err  # says what it does use
     assert not paths.run_dir("tiny", "tfidf_lr", 0).exists()
@@ -86,18 +75,18 @@ def test_train_key_in_a_member_yaml_is_refused(folded: Path, capsys) -> None:
     yml = folded / "configs" / "models" / "tfidf_lr.yaml"
     yml.write_text(yml.read_text() + "train:\n  lr: 0.1\n")
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr"]) == 2
-    assert "['train.lr'] do nothing for model 'tfidf_lr'" in _err(capsys)
+    assert "['train.lr'] do nothing for model 'tfidf_lr'" in captured(capsys)
 
 
 def test_image_key_on_a_text_model_is_refused(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", *TEXT, "train.augment=[{name: HorizontalFlip}]"]) == 2
-    assert "['train.augment'] do nothing for model 'demo_text' (kind lstm_text)" in _err(capsys)
+    assert "['train.augment'] do nothing for model 'demo_text' (kind lstm_text)" in captured(capsys)
 
 
 def test_mixed_run_applies_a_train_key_only_where_it_is_used(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr,demo_text", "train.epochs=1",
                  "train.progress=false", "--fold", "0", "--no-collect"]) == 0
-    assert "train.epochs does nothing for tfidf_lr (tfidf_linear); not applied to it" in _err(capsys)
+    assert "train.epochs does nothing for tfidf_lr (tfidf_linear); not applied to it" in captured(capsys)
     saved = yaml.safe_load((paths.run_dir("tiny", "tfidf_lr", 0) / "config.yaml").read_text())
     assert saved["overrides"] == []
     torch_saved = yaml.safe_load((paths.run_dir("tiny", "demo_text", 0) / "config.yaml").read_text())
@@ -110,7 +99,7 @@ def test_mixed_run_applies_a_train_key_only_where_it_is_used(folded: Path, capsy
 @pytest.mark.parametrize("fold", ["9", "-1"])
 def test_a_fold_the_folds_file_lacks_is_refused_before_anything_runs(folded: Path, capsys, fold: str) -> None:
     assert main(["train", "--data", "tiny", *TEXT, "--fold", fold]) == 2
-    assert f"fold {fold} does not exist" in _err(capsys)
+    assert f"fold {fold} does not exist" in captured(capsys)
     assert not (folded / "runs").exists() or not list((folded / "runs").rglob(f"fold{fold}"))
 
 
@@ -120,7 +109,7 @@ def test_force_with_a_misspelt_param_keeps_the_finished_fold(folded: Path, capsy
     before = (rd / "done.json").read_bytes()
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--force",
                  "model.params.head_params.Cc=1"]) == 2
-    assert "Cc" in _err(capsys)
+    assert "Cc" in captured(capsys)
     assert (rd / "done.json").read_bytes() == before
     assert not list(rd.parent.glob("fold0.bak-*"))
 
@@ -129,13 +118,13 @@ def test_misspelt_nested_param_on_a_finished_fold_names_the_key(folded: Path, ca
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr"]) == 0
     capsys.readouterr()
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "model.params.head_params.Cc=1"]) == 2
-    err = _err(capsys)
+    err = captured(capsys)
     assert "Cc" in err and "stale" not in err
 
 
 def test_misspelt_torch_param_is_refused_before_training(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", *TEXT, "model.params.lstm.hiden=3"]) == 2
-    assert "hiden" in _err(capsys)
+    assert "hiden" in captured(capsys)
 
 
 def test_a_locked_fold_is_one_line_not_a_traceback(folded: Path, capsys) -> None:
@@ -176,7 +165,7 @@ def test_the_metric_drives_training_collect_and_the_console(folded: Path, capsys
     from mmfold.metrics import binarize, micro_f1, samples_f1
 
     assert main(["train", "--data", "tiny", *TEXT, "data.metric=micro"]) == 0
-    out = _err(capsys)
+    out = captured(capsys)
     assert "CV micro-F1" in out and "honest" in out and "micro-F1 at 0.5" in out
     meta = json.loads(paths.oof_meta_file("tiny", "demo_text").read_text())
     assert meta["metric"] == "micro"
@@ -195,7 +184,7 @@ def test_resume_says_where_it_resumes(folded: Path, capsys) -> None:
     assert main(["train", "--data", "tiny", *TEXT, "--fold", "0", "train.stop_after_epochs=1"]) == 130
     capsys.readouterr()
     assert main(["train", "--data", "tiny", *TEXT, "--fold", "0", "--no-collect"]) == 0
-    assert "resuming demo_text fold 0 from epoch 1 of 2" in _err(capsys)
+    assert "resuming demo_text fold 0 from epoch 1 of 2" in captured(capsys)
 
 
 def test_a_value_with_spaces_passes_through_make_when_quoted(project: Path) -> None:

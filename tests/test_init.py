@@ -5,6 +5,7 @@ ambiguity with the flag that decides it instead of guessing."""
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -155,10 +156,24 @@ def test_ids_that_match_no_image_name_the_images_flag(project: Path, capsys) -> 
         _png(comp_dir / "pictures" / f"img_{i}.jpg", i)  # another naming: no id has its image
     rc, _, err = _init(capsys, comp_dir, "--labels", "Labels")
     assert rc == 2 and "ids that match no image" in err and "--images DIR" in err and "--images none" in err
-    assert "0 of 25 sampled" in err
+    assert "0 of 25 sampled ids" in err
     rc, out, err = _init(capsys, comp_dir, "--labels", "Labels", "--images", "none")
     assert rc == 0, err
     assert load_config("noimg").data.image_dir is None and "given (--images none)" in out
+
+
+def test_a_sample_submission_of_another_test_set_and_two_image_folders_are_refused(project: Path, capsys) -> None:
+    comp_dir = _kaggle_layout(project / "input" / "other")
+    _csv(comp_dir / "sample_submission.csv", [{"Id": f"s{i}", "Predicted": "green"} for i in range(10)])
+    rc, _, err = _init(capsys, comp_dir)
+    assert rc == 2 and "does not list the ids of test.csv" in err and "--sample" in err
+    shutil.copytree(comp_dir / "images", comp_dir / "images_small")  # extracted by the first run
+    rc, _, err = _init(capsys, comp_dir, "--sample", "none")
+    assert rc == 2 and "['images', 'images_small']" in err and "--images DIR" in err
+    rc, _, err = _init(capsys, comp_dir, "--sample", "none", "--images", "images_small", "--caption", "none")
+    assert rc == 0, err
+    cfg = load_config("other").data
+    assert (cfg.sample_submission, cfg.image_dir, cfg.image_ext) == (None, "images_small", ".png")
 
 
 def test_two_separators_and_spaces_inside_labels_ask_for_sep(project: Path, capsys) -> None:

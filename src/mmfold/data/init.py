@@ -72,8 +72,8 @@ CAPTION_NAME = re.compile(r"caption|text|desc|title|sentence|comment|question|pr
 # CSV file roles, in the order a name is tried (``sample_submission.csv`` is no test file)
 FILE_ROLES: tuple[tuple[str, str, re.Pattern[str]], ...] = (
     ("sample_submission", "--sample", re.compile(r"sample|submission", re.IGNORECASE)),
-    ("test_csv", "--test", re.compile(r"test", re.IGNORECASE)),
-    ("train_csv", "--train", re.compile(r"train", re.IGNORECASE)),
+    ("test_csv", "--test", re.compile(r"(?<![a-z])test", re.IGNORECASE)),  # not "latest"
+    ("train_csv", "--train", re.compile(r"(?<![a-z])train", re.IGNORECASE)),  # not "pretrained"
 )
 
 
@@ -555,8 +555,10 @@ def _images(folder: Folder) -> None:
 
 
 def _ids(df: pd.DataFrame | None, folder: Folder) -> list[str]:
-    """A table's ids, stripped as the pipeline strips them."""
-    return [] if df is None else df[folder.value("id_col")].fillna("").astype(str).str.strip().tolist()
+    """A table's ids, stripped as the pipeline strips them (none where the column is missing:
+    the read-back names it)."""
+    col = folder.value("id_col")
+    return [] if df is None or col not in df.columns else df[col].fillna("").astype(str).str.strip().tolist()
 
 
 def _match_images(folder: Folder, found: dict[str, Counter], ids: list[str]) -> tuple[str, str, str]:
@@ -596,7 +598,7 @@ def _no_match(folder: Folder, hits: dict[tuple[str, str], int], ids: list[str]) 
     missing = next(i for i in ids if i not in set(_hits(folder.root, d, e, ids)))
     cfg = DataConfig(root=str(folder.root), image_dir=d, image_ext=e)
     where = "folder" if len(hits) == 1 else f"closest of {sorted({k for k, _ in hits})}"
-    return (f"ids that match no image: {n} of {len(ids)} sampled train and test ids have an image in `{d}` "
+    return (f"ids that match no image: {n} of {len(ids)} sampled ids have an image in `{d}` "
             f"({where}{f', extension {e}' if e else ''}; e.g. id {missing!r}: {image_path(cfg, missing)} is missing); "
             "pass --images DIR (the folder with every id's image), --ext EXT (the extension ids lack), "
             "or --images none to read captions only")

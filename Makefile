@@ -14,6 +14,11 @@ JOBS  ?=
 TEST  ?=
 FROM  ?=
 OUT   ?=
+DIR   ?=
+COMP  ?=
+KAGGLE ?= 0
+RAY   ?=
+KAGGLE_DATASET ?=
 
 MMFOLD = $(PY) -m mmfold
 comma := ,
@@ -21,7 +26,7 @@ comma := ,
 LAUNCH = $(if $(GPUS),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(GPUS) -m mmfold,$(MMFOLD))
 COMMON = --data '$(DATA)' $(if $(filter 1,$(FORCE)),--force) $(ARGS)
 
-.PHONY: help setup demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict bench-gpu device-carry levers bench-levers test test-fast clean-demo
+.PHONY: help setup init download tensorboard demo demo-data folds train collect predict export blend submit report sweep ablate weights bench bench-real bench-deep bench-predict bench-gpu device-carry levers bench-levers test test-fast clean-demo
 
 # the descriptions start in one column, however long the longest target name is
 help:  ## list every target with one line each
@@ -40,6 +45,17 @@ help:  ## list every target with one line each
 
 setup: .venv/.stamp  ## create .venv and install the pinned requirements (fast when done)
 
+init: setup  ## describe a competition folder as a commented configs/data/<name>.yaml: make init DIR=input/<x> [NAME=<x>] [ARGS=--metric=micro]
+	@test -n '$(strip $(DIR))' || { echo "make init: missing DIR= (the competition's folder: train/test CSVs, images)" >&2; exit 2; }
+	$(MMFOLD) init '$(strip $(DIR))' $(if $(NAME),--name '$(strip $(NAME))') $(ARGS)
+
+download: setup  ## a Kaggle competition's files into input/<slug>/ (unzipped, never over existing files), then init: make download COMP=<slug>
+	@test -n '$(strip $(COMP))' || { echo "make download: missing COMP= (the competition's slug, as in its URL)" >&2; exit 2; }
+	$(MMFOLD) download '$(strip $(COMP))' $(ARGS)
+
+tensorboard: setup  ## serve DATA's TensorBoard runs (train.trackers=[tensorboard])
+	$(MMFOLD) tensorboard --data '$(DATA)' $(ARGS)
+
 demo: setup demo-data  ## the whole pipeline end to end on the built-in demo data
 	test -f folds/demo.csv || $(MAKE) folds DATA=demo
 	$(MAKE) train blend report DATA=demo
@@ -50,8 +66,8 @@ demo-data: setup  ## write the synthetic demo competition to input/demo/
 folds: setup  ## multilabel-stratified folds -> folds/<data>.csv (FORCE=1 to rewrite)
 	$(MMFOLD) folds $(COMMON)
 
-train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP, JOBS=N folds at once on CPU
-	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(foreach f,$(subst $(comma), ,$(FOLD)),--fold $(f)) $(if $(JOBS),--jobs $(JOBS))
+train: setup  ## train MODEL (default: all in configs/data/<data>.yaml) on FOLD (default: all), then collect; GPUS=N for DDP, JOBS=N folds at once on CPU, RAY=<address|auto|local> every (model, fold) as a Ray task
+	$(LAUNCH) train $(COMMON) $(if $(MODEL),--model $(MODEL)) $(foreach f,$(subst $(comma), ,$(FOLD)),--fold $(f)) $(if $(JOBS),--jobs $(JOBS)) $(if $(RAY),--ray '$(RAY)')
 
 collect: setup  ## merge fold predictions into oof/<data>/<model>.parquet
 	$(MMFOLD) collect $(COMMON) $(if $(MODEL),--model $(MODEL))
@@ -62,13 +78,13 @@ predict: setup  ## test probabilities for the current test set (or TEST=path) fr
 blend: setup  ## Optuna blend + per-label thresholds -> submissions/<data>/<name>.csv and log row; FROM=<logged blend> re-submits it on new test predictions
 	$(MMFOLD) blend $(COMMON) $(if $(MODELS),--models $(MODELS)) $(if $(NAME),--name $(NAME)) $(if $(FROM),--from '$(FROM)') $(if $(TEST),--test '$(TEST)')
 
-export: setup  ## offline bundle of a logged blend (NAME=<blend>, OUT=dir) -> exports/<data>/<name>/ with predict.py
+export: setup  ## offline bundle of a logged blend (NAME=<blend>, OUT=dir) -> exports/<data>/<name>/ with predict.py; KAGGLE_DATASET=<owner/slug>: also uploaded as a (private) Kaggle dataset
 	@test -n '$(strip $(NAME))' || { echo "make export: missing NAME= (a logged blend: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
-	$(MMFOLD) export --data '$(DATA)' --name '$(strip $(NAME))' $(if $(OUT),--out '$(OUT)')
+	$(MMFOLD) export --data '$(DATA)' --name '$(strip $(NAME))' $(if $(OUT),--out '$(OUT)') $(if $(KAGGLE_DATASET),--kaggle-dataset '$(KAGGLE_DATASET)')
 
-submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>
-	@test -n '$(strip $(NAME))' -a -n '$(strip $(LB))' || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB=); use: make submit DATA=$(DATA) NAME=<submission> LB=<score>  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
-	$(MMFOLD) submit --data '$(DATA)' --name '$(strip $(NAME))' --score '$(strip $(LB))'
+submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>, or KAGGLE=1 to submit it and read the score back
+	@test -n '$(strip $(NAME))' -a \( -n '$(strip $(LB))' -o '$(KAGGLE)' = 1 \) || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB= (or KAGGLE=1)); use: make submit DATA=$(DATA) NAME=<submission> LB=<score> | KAGGLE=1  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
+	$(MMFOLD) submit --data '$(DATA)' --name '$(strip $(NAME))' $(if $(filter 1,$(KAGGLE)),--kaggle,--score '$(strip $(LB))')
 
 report: setup  ## markdown + PNG report -> reports/<data>/report.md
 	$(MMFOLD) report $(COMMON)

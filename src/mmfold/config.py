@@ -111,6 +111,7 @@ class TrainConfig:
     progress: bool = True
     stop_after_epochs: int = 0  # stop (as if interrupted) after this many epochs of a session; 0 = never
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is far faster for tiny models on a busy CPU)
+    trackers: list[str] = field(default_factory=list)  # experiment tracking: tensorboard, mlflow, wandb (mmfold.train.trackers)
 
 
 @dataclass
@@ -172,7 +173,7 @@ class Config:
 # ``train.epochs`` is not one of them: the cosine schedule's length is the epoch count, so
 # changing it mid-run would make the learning rate jump (start over with FORCE=1 instead).
 # How a run executes, never what it computes.
-EXECUTION_KEYS = ("train.num_workers", "train.progress", "train.device", "train.threads")
+EXECUTION_KEYS = ("train.num_workers", "train.progress", "train.device", "train.threads", "train.trackers")
 RUN_LENGTH_KEYS = frozenset({"train.patience", "train.stop_after_epochs", *EXECUTION_KEYS})
 
 # Key prefixes that cannot change what a fold learns: which models a data config lists, the

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import json
+import os
+import re
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,7 @@ import numpy as np
 from mmfold import fileio, hints, paths
 from mmfold.artifacts import predictions, studies
 from mmfold.artifacts.predictions import OOFSet
-from mmfold.config import Config, load_config, test_override
+from mmfold.config import Config, flatten, load_config, test_override
 from mmfold.ensemble import submission
 from mmfold.ensemble.nested import BlendFit, fit_blend
 from mmfold.ensemble.progress import Progress
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or default_name(cfg.blend.method)
     sub_path = submission.submission_path(cfg.data.name, name) if comp.test is not None else None
     _check_new(sub_path)  # fail before minutes of fitting
+    check_trackers(cfg.train.trackers)
     fmt = submission.submission_format(comp) if comp.test is not None else None  # same: fail early
     progress = Progress(sys.stderr)
     progress.stage(f"loading {len(models)} models from {paths.oof_dir(cfg.data.name)}")
@@ -92,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     # saved and logged with or without a test set: a code competition blends without one and
     # lets the exported bundle (or `blend --from` on a test set given later) predict it
     save_state(cfg.data.name, name, state_meta(name, cfg, comp, fit.models, sub_path), fit.blender, fit.thresholds)
-    submission.append_log(cfg.data.name, log_row(name, cfg, fit, report["commit"], sub_path is not None))
+    row = log_row(name, cfg, fit, report["commit"], sub_path is not None)
+    submission.append_log(cfg.data.name, row)
     md, _ = write_report(cfg.data.name, name, report)
     print(summary(report, md))
+    log_blend(cfg, row, report)
     return 0
 
 
@@ -372,3 +380,141 @@ def _export_line(r: dict[str, Any]) -> str:
     """A blend without a test set wrote no submission: how to use it (its state is saved)."""
     return (f"  export       {hints.make('export', r['data'], NAME=r['name'])}  (its state is saved: the bundle "
             "predicts a test set given later)")
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment tracking (``train.trackers``): the blend's honest CV, weights and thresholds, written
+# with the trackers' own libraries (this side never imports torch or Accelerate). The torch-free
+# helpers here are the one definition mmfold.train.trackers uses for the folds too.
+
+# the pip pin a one-line error names when a tracker's package is missing
+TRACKER_PINS = {"tensorboard": "tensorboard==2.21.0", "mlflow": "mlflow-skinny==3.17.2", "wandb": "wandb==0.31.0"}
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """``train.trackers`` checked before any work starts: known names, each one's package installed.
+
+    Raises:
+        UserError: one line naming an unknown tracker, or the pip pin that installs a missing one.
+    """
+    for name in names:
+        if name not in TRACKER_PINS:
+            raise UserError(f"train.trackers: unknown tracker {name!r}; known: {list(TRACKER_PINS)}")
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.trackers: {name} is not installed: pip install '{TRACKER_PINS[name]}'")
+    return list(dict.fromkeys(names))
+
+
+def tracking_project(data: str) -> str:
+    """The MLflow experiment and W&B project of a dataset: its folds and its blends side by side."""
+    return f"mmfold-{data}"
+
+
+def metric_key(key: str) -> str:
+    """A name every tracker accepts (MLflow allows word characters and ``./- :`` only; a label
+    name may hold anything)."""
+    return re.sub(r"[^\w./\- :]", "_", key)
+
+
+def hyperparams(config: dict[str, Any]) -> dict[str, Any]:
+    """A nested config as flat ``section.key`` hyper-parameters with scalar values (lists and
+    mappings as JSON): what the trackers' parameter tables take."""
+    scalar = (bool, int, float, str, type(None))
+    return {metric_key(k): v if isinstance(v, scalar) else json.dumps(v, sort_keys=True)
+            for k, v in flatten(config).items()}
+
+
+def wandb_settings() -> dict[str, Any]:
+    """Offline (files under the run's folder, ``wandb sync`` later) unless the user chose a mode
+    (``WANDB_MODE``)."""
+    return {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}
+
+
+def mlflow_experiment(data: str) -> str:
+    """The id of experiment ``mmfold-<data>`` in the user's MLflow store (``MLFLOW_TRACKING_URI``)
+    or else a local file store under ``mlruns/``, created if missing (restored if deleted).
+
+    MLflow 3 opens a file store only when ``MLFLOW_ALLOW_FILE_STORE`` says so: set here for the
+    default store, which keeps every run in plain files beside the project.
+    """
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((paths.root() / "mlruns").resolve().as_uri())
+    name = tracking_project(data)
+    with fileio.file_lock(paths.root() / "runs" / data / ".tracking.lock", wait=True):  # parallel folds
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            return mlflow.create_experiment(name)
+        if found.lifecycle_stage == "deleted":
+            mlflow.MlflowClient().restore_experiment(found.experiment_id)
+        return found.experiment_id
+
+
+def blend_values(row: dict[str, Any], report: dict[str, Any]) -> dict[str, float]:
+    """What a blend logs, read from its log row and report: the honest CV (mean, std), the
+    in-sample score, the best single member's CV, each member's weight and each label's
+    threshold (none for a decoder that decides per row)."""
+    out = {f"cv/{k}": float(row[k]) for k in ("cv_mean", "cv_std", "cv_in_sample", "best_single_cv")}
+    out |= {metric_key(f"weight/{m}"): float(w) for m, w in row["weights"].items()}
+    out |= {metric_key(f"threshold/{c}"): float(v["threshold"]) for c, v in report["per_label"].items()
+            if v["threshold"] is not None}
+    return out
+
+
+def blend_tracking_dir(data: str, name: str) -> Path:
+    """``runs/<data>/_blend/<name>/``: a blend's TensorBoard (``tb/``) and W&B files, under the
+    folder ``mmfold tensorboard`` serves."""
+    return paths.root() / "runs" / data / "_blend" / name
+
+
+def log_blend(cfg: Config, row: dict[str, Any], report: dict[str, Any]) -> None:
+    """Log a finished blend to each of ``train.trackers`` as one run ``blend/<name>`` beside the
+    folds' runs: :func:`blend_values` at step 0, its log row's settings as parameters."""
+    names = check_trackers(cfg.train.trackers)
+    if not names:
+        return
+    data, name = cfg.data.name, row["name"]
+    values = blend_values(row, report)
+    params = hyperparams({k: v for k, v in row.items() if k != "weights" and not k.endswith("_cv")
+                          and not k.startswith("cv_")})
+    folder = blend_tracking_dir(data, name)
+    for tracker in names:
+        {"tensorboard": _blend_tensorboard, "mlflow": _blend_mlflow, "wandb": _blend_wandb}[tracker](
+            data, name, folder, values, params)
+        print(f"  tracked      {tracker}: blend/{name}")
+
+
+def _blend_tensorboard(data: str, name: str, folder: Path, values: dict[str, float],
+                       params: dict[str, Any]) -> None:
+    """Scalars at step 0 in ``<folder>/tb``, through TensorBoard's own event writer (no torch)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(folder / "tb"))
+    summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    writer.add_event(Event(wall_time=time.time(), step=0, summary=summary))
+    writer.close()
+
+
+def _blend_mlflow(data: str, name: str, folder: Path, values: dict[str, float], params: dict[str, Any]) -> None:
+    """A finished run ``blend/<name>`` in the dataset's experiment, tagged as a blend."""
+    import mlflow
+
+    tags = {"mmfold.kind": "blend", "mmfold.data": data, "mmfold.blend": name}
+    with mlflow.start_run(experiment_id=mlflow_experiment(data), run_name=f"blend/{name}", tags=tags):
+        mlflow.log_params(params)
+        mlflow.log_metrics(values, step=0)
+
+
+def _blend_wandb(data: str, name: str, folder: Path, values: dict[str, float], params: dict[str, Any]) -> None:
+    """A run ``blend/<name>`` in the dataset's project, group ``blends`` (offline by default)."""
+    import wandb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=tracking_project(data), group="blends", name=f"blend/{name}", job_type="blend",
+                     config=params, dir=str(folder), **wandb_settings())
+    run.log(values, step=0)
+    run.finish()

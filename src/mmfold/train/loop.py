@@ -32,6 +32,7 @@ from mmfold.train.batches import FoldData, build_data, fold_loaders, model_input
 from mmfold.train.checkpoint import Progress, Run, StopFlag, load_checkpoint
 from mmfold.train.fold import EPOCH_CALLBACKS, FoldOutput
 from mmfold.train.optim import build_ema, build_optimizer, build_scheduler, make_accelerator, seed_everything
+from mmfold.train.trackers import epoch_values, fold_trackers, tracking
 
 __all__ = ["FoldOutput", "FoldSession", "start_fold", "train_fold", "predict"]
 
@@ -84,7 +85,7 @@ def start_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     from mmfold.train.losses import build_loss, pos_weight_from_labels
 
     t = cfg.train
-    acc = make_accelerator(t)
+    acc = make_accelerator(t, fold_trackers(cfg, run_dir), run_dir)
     seed_everything(t.seed, deterministic=t.deterministic)
     train_rows, valid_rows = np.flatnonzero(fold_of_row != fold), np.flatnonzero(fold_of_row == fold)
     model = build_model(cfg, comp.classes)
@@ -137,7 +138,8 @@ def train_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
         s = start_fold(cfg, comp, fold_of_row, fold, run_dir)
         model, net, opt, sched, ema, acc, prog = s.model, s.net, s.opt, s.sched, s.ema, s.acc, s.prog
         first_epoch = prog.epoch
-        with StopFlag(terminate=acc.num_processes == 1) as stop:  # DDP: the launcher's SIGTERM ends ranks
+        # each of train.trackers logs the epochs to the fold's run (continued when resuming)
+        with tracking(acc, cfg, run_dir), StopFlag(terminate=acc.num_processes == 1) as stop:  # DDP: the launcher's SIGTERM ends ranks
             for epoch in range(prog.epoch, t.epochs):
                 if t.patience and prog.bad_epochs >= t.patience:
                     break  # early stopping (also when resuming a run that had stopped)
@@ -206,6 +208,7 @@ def _after_epoch(s: FoldSession, epoch: int) -> None:
         s.run.save_best(s.eval_model, s.prog, s.data.tokenizer)
     s.run.save_last(s.net, s.opt, s.sched, s.ema, s.prog)
     s.run.append_log(row)
+    s.acc.log(epoch_values(row, s.opt), step=epoch)  # train.trackers: the row's numbers, step = epoch
     for callback in list(EPOCH_CALLBACKS):  # e.g. Optuna pruning
         callback({**row, "fold": s.fold, "model": s.cfg.model.name})
     if s.acc.is_local_main_process:  # train.progress=false hides the bars, not these lines
@@ -225,13 +228,14 @@ def _end_epoch(prog: Progress, epoch: int, y: np.ndarray, probs: np.ndarray, opt
         The epoch's ``log.jsonl`` row.
     """
     f1 = score(y, probs, metric, select)
+    half = f1 if select == "half" else score(y, probs, metric, "half")
     if f1 > prog.best_score:
         prog.best_score, prog.best_epoch, prog.bad_epochs = f1, epoch, 0
     else:
         prog.bad_epochs += 1
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     row = {"epoch": epoch, "step": prog.step, "train_loss": prog.loss_sum / max(prog.batch, 1),
-           "valid_loss": bce(y, probs), "valid_f1": f1, "best_f1": prog.best_score,
+           "valid_loss": bce(y, probs), "valid_f1": f1, "valid_f1_half": half, "best_f1": prog.best_score,
            "lr": lrs.get("head", lrs.get("head_no_decay")),
            "lr_backbone": lrs.get("backbone", lrs.get("backbone_no_decay")),
            "time_s": round(prog.epoch_time_s, 3),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,9 @@ from mmfold.config import ConfigError, TrainConfig
 __all__ = ["make_accelerator", "resolve_amp", "seed_everything", "build_optimizer", "build_scheduler", "build_ema"]
 
 
-def make_accelerator(t: TrainConfig) -> Any:
-    """An ``Accelerator`` for this run's device and precision.
+def make_accelerator(t: TrainConfig, log_with: list[Any] | None = None, project_dir: Path | None = None) -> Any:
+    """An ``Accelerator`` for this run's device and precision, logging to ``log_with``
+    (Accelerate trackers, :func:`mmfold.train.trackers.fold_trackers`) from ``project_dir``.
 
     Each fold may differ in precision or accumulation, so the process-wide Accelerate state is
     reset first (the distributed process group itself is kept).
@@ -35,6 +37,7 @@ def make_accelerator(t: TrainConfig) -> Any:
         dataloader_config=DataLoaderConfiguration(non_blocking=not cpu),
         # a frozen backbone (or an unused pooler) leaves parameters without gradients
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=log_with or None, project_dir=None if project_dir is None else str(project_dir),
     )
 
 

@@ -9,11 +9,16 @@ pretrained file those configs and the frozen encoders read, the blend's state un
 ``submissions/<data>/``, ``requirements.txt`` and ``bundle.json`` (contents, sizes, hashes).
 Nothing in it needs ``train.csv``, ``oof/``, the network or a writable folder
 (:mod:`mmfold.bundle` runs it).
+
+``--kaggle-dataset owner/slug`` then uploads the bundle as a private Kaggle dataset, or as a
+new version of it (:func:`mmfold.kaggle.upload_dataset`); a bundle that exists already is
+uploaded as it is, so a failed upload is retried without exporting again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -278,21 +283,49 @@ def _manifest(p: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``mmfold export --name BLEND [--out DIR]``."""
+    """``mmfold export --name BLEND [--out DIR] [--kaggle-dataset OWNER/SLUG]``."""
     p.add_argument("--name", required=True, help="the logged blend to export (see `mmfold submit --show`)")
     p.add_argument("--out", help="the bundle folder to create (default: exports/<data>/<name>)")
+    p.add_argument("--kaggle-dataset", metavar="OWNER/SLUG",
+                   help="also upload the bundle as a private Kaggle dataset (a new version if it exists)")
+
+
+def upload_to_kaggle(api: Any, data: str, name: str, out: Path, ref: str) -> None:
+    """The bundle at ``out`` as Kaggle dataset ``ref``; its version notes carry the blend's
+    honest CV and members, as its submissions do."""
+    from mmfold import kaggle
+    from mmfold.ensemble.submission import kaggle_message, log_row
+
+    manifest = json.loads((out / "bundle.json").read_text(encoding="utf-8"))
+    notes = f"{kaggle_message(data, log_row(data, name))}; bundle made {manifest['created']}"
+    url, created = kaggle.upload_dataset(api, ref, out, f"mmfold {paths.data_name(data)} {name}", notes)
+    print(f"{'created private' if created else 'new version of'} Kaggle dataset {ref}: {url}\n"
+          f"  attach it to the notebook, then: python /kaggle/input/{ref.split('/')[1]}/predict.py --test <test.csv>")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check, copy, report the size."""
+    """Check, copy, report the size; upload it where asked."""
     started = time.perf_counter()
     out = Path(args.out) if args.out else paths.root() / "exports" / paths.data_name(args.data) / args.name
+    api = None
+    if args.kaggle_dataset:
+        from mmfold import kaggle
+
+        kaggle.check_dataset(args.kaggle_dataset)
+        api = kaggle.client()  # credentials checked before the export, not after it
     if out.exists():
-        raise UserError(f"{out} exists; bundles are never overwritten: remove it or pass --out (OUT=...)")
-    bundle = plan(args.data, args.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    manifest = write_bundle(bundle, out)
-    print(f"exported blend {args.name} ({len(manifest['models'])} members x {manifest['n_folds']} folds) to {out}: "
-          f"{manifest['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s\n"
-          f"  run it offline: python {out / 'predict.py'} --test <test.csv> --out submission.csv")
+        if not args.kaggle_dataset:
+            raise UserError(f"{out} exists; bundles are never overwritten: remove it or pass --out (OUT=...)")
+        if not (out / "bundle.json").exists():
+            raise UserError(f"{out} exists but is not a bundle (no bundle.json); remove it or pass --out (OUT=...)")
+        print(f"{out} exists: uploading it as it is")
+    else:
+        bundle = plan(args.data, args.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        manifest = write_bundle(bundle, out)
+        print(f"exported blend {args.name} ({len(manifest['models'])} members x {manifest['n_folds']} folds) to "
+              f"{out}: {manifest['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s\n"
+              f"  run it offline: python {out / 'predict.py'} --test <test.csv> --out submission.csv")
+    if api is not None:
+        upload_to_kaggle(api, args.data, args.name, out, args.kaggle_dataset)
     return 0

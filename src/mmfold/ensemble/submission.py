@@ -10,12 +10,15 @@ Every submission appends a row to ``submissions/<data>/log.csv`` holding every s
 changed it. ``mmfold submit`` appends each leaderboard score, with its UTC time, to
 ``submissions/<data>/lb.csv`` (a second score never replaces the first), copies the latest
 into the log row, and shows the log with each submission's CV-LB gap, the number that tells
-you whether your CV can be trusted.
+you whether your CV can be trusted. A score is typed (``--score``, source ``manual``) or read
+back from Kaggle (``--kaggle``: the logged CSV is submitted to ``data.kaggle`` through
+:mod:`mmfold.kaggle`, source ``kaggle`` with the submission's id in ``ref``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import subprocess
@@ -41,7 +44,7 @@ LOG_COLUMNS = ["name", "time", "models", "method", "metric", "weights", "cv_mean
                "cv_in_sample", "best_single", "best_single_cv", "commit", "lb",
                "transform", "n_trials", "seed", "cooccurrence", "min_labels", "max_labels",
                "top_k", "exponents", "thresholds", "thresholds_file", "note"]
-LB_COLUMNS = ["name", "time", "lb", "metric"]
+LB_COLUMNS = ["name", "time", "lb", "metric", "source", "ref"]  # source: manual | kaggle; ref: Kaggle's id
 SCORE_RANGE = (0.0, 1.0)  # every metric in mmfold.metrics.METRICS is a share
 MAX_SHOWN = 5  # ids named in a mismatch message
 
@@ -338,11 +341,12 @@ def check_score(score: float, metric: str) -> None:
                     f"[{lo:g}, {hi:g}]{hint}")
 
 
-def record_lb(data: str, name: str, score: float) -> pd.Series:
+def record_lb(data: str, name: str, score: float, source: str = "manual", ref: str = "") -> pd.Series:
     """Append a leaderboard score to ``lb.csv`` and show the latest in the submission's log row.
 
     Earlier scores are kept: ``lb.csv`` is only appended to, and a score an older log held in
-    its ``lb`` cell is moved into it (time unknown) before the first new one.
+    its ``lb`` cell is moved into it (time unknown) before the first new one. ``source`` says
+    where the score came from (``manual``: typed; ``kaggle``: read back, ``ref`` its id).
 
     Raises:
         UserError: no such submission in the log, or a score out of the metric's range.
@@ -360,7 +364,7 @@ def record_lb(data: str, name: str, score: float) -> pd.Series:
         if old and not (read_lb(data)["name"] == name).any():
             fileio.append_csv_row(lb_path(data), {"name": name, "time": "", "lb": old, "metric": metric})
         fileio.append_csv_row(lb_path(data), {"name": name, "time": utc_now(), "lb": repr(float(score)),
-                                          "metric": metric})
+                                              "metric": metric, "source": source, "ref": ref})
         log.loc[row, "lb"] = repr(float(score))
         fileio.write_csv(log, log_path(data))
     return log.loc[row]
@@ -384,15 +388,108 @@ def log_table(data: str) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def log_row(data: str, name: str) -> pd.Series:
+    """A submission's (latest) row of the log.
+
+    Raises:
+        UserError: no such submission.
+    """
+    log = read_log(data)
+    rows = np.flatnonzero(log["name"] == name)
+    if not len(rows):
+        raise UserError(f"no submission named {name!r} in {log_path(data)}; known: {log['name'].tolist()[-10:]}")
+    return log.loc[rows[-1]]
+
+
+def kaggle_tag(data: str, name: str) -> str:
+    """How a submission's Kaggle description starts: finds it again after a cut-short wait."""
+    return f"mmfold {paths.data_name(data)}/{name}:"
+
+
+def kaggle_message(data: str, row: pd.Series) -> str:
+    """The description a Kaggle submission carries: the blend, its honest CV and its members
+    with their weights (read back on the leaderboard page, beside the public score)."""
+    metric = metric_label(row.get("metric") or "samples")
+    cv = f"honest CV {float(row['cv_mean']):.4f}" if row.get("cv_mean") else "honest CV unknown"
+    if row.get("cv_std"):
+        cv += f" ± {float(row['cv_std']):.4f}"
+    try:
+        weights = json.loads(row.get("weights") or "{}")
+    except ValueError:
+        weights = {}
+    members = str(row.get("models") or "").split()
+    listed = ", ".join(f"{m} {weights[m]:.2f}" if isinstance(weights.get(m), (int, float)) else m for m in members)
+    method = f" by {row['method']}" if row.get("method") else ""
+    commit = f"; commit {row['commit']}" if row.get("commit") else ""
+    return f"{kaggle_tag(data, row['name'])} {cv} ({metric}); {len(members)} members{method}: {listed}{commit}"
+
+
+def submit_to_kaggle(data: str, name: str, overrides: list[str] = (), wait_s: float | None = None,
+                     force: bool = False) -> tuple[float, str, pd.Series]:
+    """Submit the logged CSV of ``name`` to the data config's competition (``data.kaggle``),
+    wait for its public score and record it (source ``kaggle``, the submission's id).
+
+    A submission this command made before whose score never came back (a wait cut short) is
+    waited for again instead of being submitted twice; ``force`` submits anew. Nothing is
+    recorded unless a score comes back.
+
+    Returns:
+        The score, the Kaggle id and the updated log row.
+
+    Raises:
+        UserError: no competition named, no such submission or CSV, already scored (without
+            ``force``), or anything Kaggle refused (credentials, daily limit, format), one line.
+    """
+    from mmfold import kaggle
+    from mmfold.config import data_yaml, load_config
+
+    slug = load_config(data, None, list(overrides)).data.kaggle
+    if not slug:
+        raise UserError(f"data.kaggle is not set: add `kaggle: <slug>` under data: in {data_yaml(data)} "
+                        "(the slug is the part of the competition's URL after /competitions/)")
+    row, csv = log_row(data, name), submission_path(data, name)
+    if not csv.exists():
+        raise UserError(f"{csv} not found: the log names {name!r} but its submission file is gone")
+    earlier = read_lb(data).reindex(columns=LB_COLUMNS, fill_value="")
+    earlier = earlier[(earlier["name"] == name) & (earlier["source"] == "kaggle")]
+    if len(earlier) and not force:
+        last = earlier.iloc[-1]
+        raise UserError(f"{name} is on the leaderboard already (Kaggle submission {last['ref']}, LB {last['lb']}); "
+                        f"the same file scores the same: to submit it again anyway, "
+                        f"{hints.make('submit', data, force=True, NAME=name, KAGGLE='1')}")
+    api = kaggle.client()
+    found = None if force else kaggle.find_submission(api, slug, kaggle_tag(data, name))
+    if found is not None:
+        ref = int(found.ref)
+        print(f"{name} was submitted to {slug} before (Kaggle submission {ref}); waiting for its score "
+              "instead of submitting it again")
+    else:
+        ref = kaggle.submit_file(api, slug, csv, kaggle_message(data, row))
+        print(f"submitted {csv.name} to {slug}: Kaggle submission {ref}; waiting for its public score")
+    score = kaggle.wait_for_score(api, ref, kaggle.WAIT_S if wait_s is None else wait_s, label=name)
+    return score, str(ref), record_lb(data, name, score, source="kaggle", ref=str(ref))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``mmfold submit --name NAME --score 0.912`` or ``mmfold submit --show``."""
+    """``mmfold submit --name NAME --score 0.912``, ``--name NAME --kaggle`` or ``--show``."""
     p.add_argument("--name", help="submission name (the CSV's stem)")
     p.add_argument("--score", help="leaderboard score to record for --name (every one is kept)")
+    p.add_argument("--kaggle", action="store_true",
+                   help="submit --name's CSV to the competition data.kaggle names, wait for its public score, record it")
+    p.add_argument("--wait", type=float, default=None,
+                   help="with --kaggle: seconds to wait for the score (default 600)")
     p.add_argument("--show", action="store_true", help="print the log sorted, with the CV-LB gap")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Record a score (needs --name) and/or show the log."""
+    """Record a score (needs --name; typed, or read back from Kaggle) and/or show the log."""
+    if args.kaggle:
+        if not args.name or args.score is not None:
+            raise UserError("--kaggle needs --name (the logged submission to send) and no --score")
+        score, ref, row = submit_to_kaggle(args.data, args.name, args.overrides, args.wait, args.force)
+        gap = score - float(row["cv_mean"]) if row["cv_mean"] else float("nan")
+        print(f"recorded LB {score:g} for {args.name} from Kaggle submission {ref} (CV {row['cv_mean']}, "
+              f"gap {gap:+.4f}; in {lb_path(args.data)})")
     if args.score is not None:
         if not args.name:
             raise UserError("--score needs --name (the submission it belongs to)")
@@ -402,7 +499,7 @@ def run(args: argparse.Namespace) -> int:
         n = int((read_lb(args.data)["name"] == args.name).sum())
         print(f"recorded LB {score:g} for {args.name} (CV {row['cv_mean']}, gap {gap:+.4f}; "
               f"{n} LB score{'s' if n != 1 else ''} recorded for it, in {lb_path(args.data)})")
-    if args.show or args.score is None:
+    if args.show or (args.score is None and not args.kaggle):
         with pd.option_context("display.width", 200, "display.max_colwidth", 40,
                                "display.float_format", "{:.4f}".format):
             print(log_table(args.data).to_string(index=False, na_rep="-"))

@@ -84,7 +84,7 @@ export: setup  ## offline bundle of a logged blend (NAME=<blend>, OUT=dir) -> ex
 
 submit: setup  ## record a leaderboard score (all are kept): make submit DATA=x NAME=<submission> LB=<score>, or KAGGLE=1 to submit it and read the score back
 	@test -n '$(strip $(NAME))' -a \( -n '$(strip $(LB))' -o '$(KAGGLE)' = 1 \) || { echo "make submit: missing $(if $(strip $(NAME)),,NAME= )$(if $(strip $(LB)),,LB= (or KAGGLE=1)); use: make submit DATA=$(DATA) NAME=<submission> LB=<score> | KAGGLE=1  (LB as a fraction, e.g. 0.812; the names: $(MMFOLD) submit --data '$(DATA)' --show)" >&2; exit 2; }
-	$(MMFOLD) submit --data '$(DATA)' --name '$(strip $(NAME))' $(if $(filter 1,$(KAGGLE)),--kaggle,--score '$(strip $(LB))')
+	$(MMFOLD) submit $(COMMON) --name '$(strip $(NAME))' $(if $(filter 1,$(KAGGLE)),--kaggle,--score '$(strip $(LB))')
 
 report: setup  ## markdown + PNG report -> reports/<data>/report.md
 	$(MMFOLD) report $(COMMON)

@@ -19,6 +19,7 @@ from mmfold.errors import UserError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("mmfold.data.init", "describe a competition folder as a commented configs/data/<name>.yaml"),
+    "download": ("mmfold.kaggle", "a Kaggle competition's files into input/<slug>/, then init"),
     "demo-data": ("mmfold.data.demo", "write the synthetic demo competition to input/demo/"),
     "folds": ("mmfold.data.folds", "write multilabel-stratified folds to folds/<data>.csv"),
     "train": ("mmfold.train.runner", "train models per fold (resumable), then collect"),

@@ -105,6 +105,9 @@ class TrainConfig:
     num_workers: int = 0
     channels_last: bool = False
     device: str = "auto"
+    # what one fold (one seed) asks a Ray cluster for under `train --ray`: num_cpus, num_gpus,
+    # memory (bytes); CPU members ask for CPUs only (mmfold.train.ray_runner)
+    resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})
     seed: int = 42
     seeds: list[int] = field(default_factory=list)  # >1 seed: each fold trained per seed, averaged (mmfold.train.seeds)
     deterministic: bool = True
@@ -173,7 +176,7 @@ class Config:
 # ``train.epochs`` is not one of them: the cosine schedule's length is the epoch count, so
 # changing it mid-run would make the learning rate jump (start over with FORCE=1 instead).
 # How a run executes, never what it computes.
-EXECUTION_KEYS = ("train.num_workers", "train.progress", "train.device", "train.threads", "train.trackers")
+EXECUTION_KEYS = ("train.num_workers", "train.progress", "train.device", "train.threads", "train.trackers", "train.resources")
 RUN_LENGTH_KEYS = frozenset({"train.patience", "train.stop_after_epochs", *EXECUTION_KEYS})
 
 # Key prefixes that cannot change what a fold learns: which models a data config lists, the

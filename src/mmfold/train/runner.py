@@ -93,14 +93,15 @@ def used_train_keys(kind: str) -> frozenset[str]:
     """The ``train.*`` keys that change what a model of ``kind`` does.
 
     CPU members take every option from ``model.params`` (their heads have their own epochs,
-    learning rates, seeds), so only ``train.seeds`` (several seeds of the head) reaches them; torch kinds use the whole
+    learning rates, seeds), so only ``train.seeds`` (several seeds of the head) and
+    ``train.resources`` (the CPUs a fold asks a Ray cluster for) reach them; torch kinds use the whole
     training loop, less the image (text) options when they read no images (captions).
     """
     from mmfold.models import MODELS
 
     runner_for(kind)  # an unknown kind fails here, listing the registered ones
     if kind not in MODELS:
-        return frozenset({"train.seeds"})  # the one train.* key a member uses (its head's seed)
+        return frozenset({"train.seeds", "train.resources"})  # its head's seed; its CPUs under --ray
     builder = MODELS.get(kind)
     keys = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
     if not getattr(builder, "needs_image", False):
@@ -589,6 +590,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-collect", action="store_true", help="do not collect after training")
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many folds at once, each process on its own share of the cores")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="every (model, fold, seed) as a Ray task asking for train.resources: a cluster's "
+                        "address, auto (the cluster this machine is in) or local (this machine); docs/ray.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -602,6 +606,13 @@ def run(args: argparse.Namespace) -> int:
     for cfg in cfgs:
         validate_model(cfg)
     check_weights(cfgs, comp.cfg.name)  # every missing pretrained weight, before any fold moves
+    if args.ray:
+        if args.jobs > 1:
+            raise UserError("--jobs and --ray do not mix: under Ray each fold asks for its cores (train.resources)")
+        from mmfold.train.ray_runner import train_ray
+
+        train_ray(cfgs, comp, args.fold, args.force, args.ray, collect=not args.no_collect)
+        return 0
     if args.jobs > 1:
         train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)
         return 0

@@ -181,12 +181,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve ``runs/<data>/`` (every model's folds and the blends) until Ctrl-C."""
+    check_trackers(["tensorboard"])
     cfg = load_config(args.data, None, args.overrides)
     logdir = paths.root() / "runs" / cfg.data.name
     if not any(logdir.rglob("events.out.tfevents.*")):
         raise UserError(f"no TensorBoard runs under {logdir}: train with the tracker on, e.g. "
                         f"{hints.make('train', cfg.data.name, ARGS='train.trackers=[tensorboard]')}")
-    check_trackers(["tensorboard"])
     url = launch(logdir, args.port)
     print(f"TensorBoard at {url} serving {logdir} (Ctrl-C stops it)", flush=True)
     try:

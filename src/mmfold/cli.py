@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "blend": ("mmfold.ensemble.blend", "blend OOF probabilities, tune thresholds, write a submission"),
     "export": ("mmfold.export", "a logged blend as an offline bundle: configs, fold models, weights, one entry point"),
     "submit": ("mmfold.ensemble.submission", "record (or show) leaderboard scores of submissions in the log"),
+    "tensorboard": ("mmfold.train.trackers", "serve a dataset's TensorBoard runs"),
     "report": ("mmfold.report.report", "write reports/<data>/report.md with plots"),
     "sweep": ("mmfold.studies.sweep", "Optuna sweep over a model's declared search space"),
     "ablate": ("mmfold.studies.ablate", "train declared variants of a model and tabulate the effect"),

@@ -28,7 +28,7 @@ import yaml
 from mmfold import paths
 from mmfold.cli import main
 from mmfold.config import ConfigError, load_config
-from mmfold.train.ray_runner import LEASE_FILE, driver_lease, import_ray, lease_path, task_resources
+from mmfold.train.ray_runner import LEASE_FILE, driver_lease, import_ray, lease_path, start_local, task_resources
 from tests.conftest import captured, write_competition
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'mmfold[ray]')")
@@ -58,7 +58,7 @@ def folded(project: Path) -> Path:
 def ray_local() -> Iterator[object]:
     """One local Ray instance for the module (2 CPUs, bound to 127.0.0.1); `--ray local` joins it."""
     ray = import_ray(local=True)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="mmfold-tests", log_to_driver=True)
+    start_local(ray, num_cpus=2, namespace="mmfold-tests")
     yield ray
     ray.shutdown()
 
@@ -253,3 +253,29 @@ def test_resources_a_member_asks_for_cpus_only_and_typos_are_refused(folded: Pat
     from mmfold.train.runner import validate_model
 
     validate_model(load_config("tiny", "tfidf_lr"))
+
+
+@needs_ray
+def test_a_request_no_node_of_a_local_instance_has_is_refused(folded: Path, ray_local, capsys) -> None:
+    """A GPU asked of this GPU-less machine: Ray would keep the task waiting for ever."""
+    assert main(["train", "--data", "tiny", "--model", "demo_text", "--ray", "local", "train.resources.num_gpus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'demo_text': train.resources" in err and "fits no node" in err and "num_gpus=0" in err, err
+    assert not paths.run_dir("tiny", "demo_text", 0).exists() and not lease_path("tiny").exists()
+
+
+def test_only_the_ray_runner_imports_ray_and_only_when_called() -> None:
+    """`make train` without RAY= (and every other command) runs where ray is not installed."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "mmfold"
+    found = []
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.append((path.name, id(node) in top))
+    assert found and all(name == "ray_runner.py" and not at_top for name, at_top in found), found

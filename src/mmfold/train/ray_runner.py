@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
 from mmfold.machine import core_ids
 from mmfold.metrics import metric_label
-from mmfold.train.runner import _backup, check_folds, fold_lock, run_fold, runner_for, validate_model
 from mmfold.train.seeds import check_seeds, run_seeds, seed_dir
 
 # What `pip install 'mmfold[ray]'` installs (pyproject.toml); named in the missing-ray message.
@@ -57,6 +56,18 @@ MAX_RETRIES = 3  # Ray runs a task again this many times when its worker or node
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 POLL_S = 0.5
 CANCEL_WAIT_S = 120.0  # after Ctrl-C: how long the running folds get to save last.pt
+
+
+@dataclass(frozen=True)
+class FoldCalls:
+    """The fold runner's functions this path calls, handed over by :mod:`mmfold.train.runner`
+    (which imports this module, so importing it back would be a cycle). Module-level functions:
+    Ray sends them to the workers by name."""
+
+    run_fold: Callable[..., dict]  # (cfg, comp, fold_of_row, fold) -> the fold's done.json
+    runner_for: Callable[[str], Callable[..., Any]]  # a kind's runner (one seed's training)
+    fold_lock: Callable[[str, str, int], Path]  # (data, model, fold) -> the fold's lock file
+    backup: Callable[[Path], Path]  # FORCE=1: a finished run dir moved aside
 
 
 @dataclass(frozen=True)
@@ -109,18 +120,36 @@ def ray_session(address: str) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    kwargs: dict[str, Any] = {"address": address}
     if address == "local":
-        kwargs = {"address": "local", "num_cpus": len(core_ids())}
-    try:
-        ray.init(**kwargs, namespace="mmfold", log_to_driver=True)
-    except ConnectionError as e:
-        raise UserError(f"--ray {address}: no Ray cluster found there ({e}); start one with `ray start --head` "
-                        "on its head node, or train on this machine alone with RAY=local") from e
+        start_local(ray, len(core_ids()))
+    else:
+        try:
+            ray.init(address=address, namespace="mmfold", log_to_driver=True)
+        except ConnectionError as e:
+            raise UserError(f"--ray {address}: no Ray cluster found there ({e}); start one with `ray start "
+                            "--head` on its head node, or train on this machine alone with RAY=local") from e
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def start_local(ray: Any, num_cpus: int, namespace: str = "mmfold", tries: int = 2) -> None:
+    """Start a Ray instance on this machine with ``num_cpus`` CPUs (import ray through
+    :func:`import_ray` with ``local=True`` first: loopback only).
+
+    Ray gives its raylet 30 s to register; on a machine other work keeps busy that can run
+    out, so a failed start is tried once more from scratch.
+    """
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, namespace=namespace, log_to_driver=True)
+            return
+        except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for a start that timed out
+            ray.shutdown()
+            if attempt == tries:
+                raise UserError(f"--ray local: Ray did not start on this machine ({e})") from e
+            print(f"ray: the local instance did not start ({e}); trying again", flush=True)
 
 
 def task_resources(cfg: Config) -> dict[str, float]:
@@ -321,7 +350,7 @@ class _Events:
 
 
 def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray, env: dict[str, str],
-             events: Any) -> dict[str, Any]:
+             events: Any, calls: FoldCalls) -> dict[str, Any]:
     """The body of one Ray task: say it started, then train (or resume) the fold or seed.
 
     Runs in the project the driver runs in (``env``: its ``MMFOLD_HOME``, cache and hub
@@ -334,13 +363,14 @@ def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray
     ray.get(events.add.remote({"unit": unit, "node": node, "pid": pid, "time": time.time()}))
     started = time.perf_counter()
     with _environment(env):
-        info = (run_fold(cfg, comp, fold_of_row, unit.fold) if unit.seed is None
-                else _train_seed(cfg, comp, fold_of_row, unit.fold, unit.seed))
+        info = (calls.run_fold(cfg, comp, fold_of_row, unit.fold) if unit.seed is None
+                else _train_seed(calls, cfg, comp, fold_of_row, unit.fold, unit.seed))
     score = (info.get("metrics") or {}).get(cfg.data.metric)
     return {"node": node, "pid": pid, "wall_s": time.perf_counter() - started, "score": score}
 
 
-def _train_seed(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, seed: int) -> dict[str, Any]:
+def _train_seed(calls: FoldCalls, cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
+                seed: int) -> dict[str, Any]:
     """Train (or resume, or reuse) one seed of a fold in ``fold<k>/seed<s>/``; the fold's
     mean is the driver's, once every seed is in."""
     sub = seed_dir(paths.run_dir(cfg.data.name, cfg.model.name, fold), seed)
@@ -348,7 +378,7 @@ def _train_seed(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: i
     fileio.remove_orphan_temps(sub)  # a killed attempt's temp files: this task is the seed's only writer
     one = copy.deepcopy(cfg)
     one.train.seeds = [seed]
-    out = run_seeds(runner_for(cfg.model.kind), one, comp, fold_of_row, fold, sub.parent)
+    out = run_seeds(calls.runner_for(cfg.model.kind), one, comp, fold_of_row, fold, sub.parent)
     return out.info
 
 
@@ -394,16 +424,19 @@ class RunStats:
     done: int = 0
     failed: int = 0
     retries: int = 0
-    task_s: list[float] = field(default_factory=list)  # each task's own time, start to return
-    overhead_s: list[float] = field(default_factory=list)  # each: submit to result, less its own time
+    # per finished task: str(unit), and seconds since the driver started: submitted, started (its
+    # last attempt), result seen; ``wall_s``: its own time in the worker (set-up, training, files)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_ray(cfgs: Sequence[Config], comp: Competition, folds: Sequence[int] | None = None,
+def train_ray(cfgs: Sequence[Config], comp: Competition, calls: FoldCalls, folds: Sequence[int] | None = None,
               force: bool = False, address: str = "local", collect: bool = True) -> RunStats:
     """Train every (model, fold[, seed]) not done yet as a Ray task, then collect each model
     whose folds are all done.
 
-    Everything that can be refused is refused before the lease is taken or Ray started.
+    The caller has validated the models and folds (:func:`mmfold.train.runner.run` does);
+    whatever else can be refused (seeds, ``train.resources``, a second driver) is refused
+    before a task is submitted.
 
     Raises:
         DriverBusy: another driver is training this data set.
@@ -415,27 +448,27 @@ def train_ray(cfgs: Sequence[Config], comp: Competition, folds: Sequence[int] | 
         raise UserError("--ray with GPUS=N: Ray runs each fold as one process; ask for its GPUs with "
                         "train.resources.num_gpus instead of a multi-process launch")
     fold_of_row = load_folds(comp)
-    todo = check_folds(folds, fold_of_row, comp.cfg.name)
+    todo = list(range(int(fold_of_row.max()) + 1)) if folds is None else [int(k) for k in folds]
     for cfg in cfgs:
-        validate_model(cfg)
         check_seeds(cfg, comp)
         task_resources(cfg)
     started = time.perf_counter()
     with driver_lease(comp.cfg.name, address) as lease:
-        units = plan_units(cfgs, todo, force)
-        driver = _Driver(cfgs, comp, fold_of_row, lease, collect)
+        units = plan_units(calls, cfgs, todo, force)
+        driver = _Driver(calls, cfgs, comp, fold_of_row, lease, collect, started)
         for cfg in cfgs:
             if not any(c.model.name == cfg.model.name for c, _ in units):
                 driver.collect_if_complete(cfg)
         if units:
             with ray_session(address) as ray, _terminate_as_interrupt():
                 driver.stats.connect_s = time.perf_counter() - started
-                driver.run(ray, units)
+                driver.run(ray, units, local=address == "local")
     driver.stats.wall_s = time.perf_counter() - started
     return driver.finish()
 
 
-def plan_units(cfgs: Sequence[Config], todo: Sequence[int], force: bool) -> list[tuple[Config, Unit]]:
+def plan_units(calls: FoldCalls, cfgs: Sequence[Config], todo: Sequence[int],
+               force: bool) -> list[tuple[Config, Unit]]:
     """Every unit still to train: a fold without ``done.json`` (all of them with ``force``, the
     finished ones moved aside first, as ``FORCE=1`` does), one unit per seed of a seeded model."""
     units = []
@@ -446,8 +479,8 @@ def plan_units(cfgs: Sequence[Config], todo: Sequence[int], force: bool) -> list
                 print(f"{cfg.model.name} fold {k}: done already (FORCE=1 to retrain)", flush=True)
                 continue
             if force and rd.exists():
-                with fileio.file_lock(fold_lock(cfg.data.name, cfg.model.name, k)):
-                    _backup(rd)  # before any task: a task run again must resume, not start over
+                with fileio.file_lock(calls.fold_lock(cfg.data.name, cfg.model.name, k)):
+                    calls.backup(rd)  # before any task: a task run again must resume, not start over
             units += [(cfg, Unit(cfg.model.name, k, s)) for s in (cfg.train.seeds or [None])]
     return units
 
@@ -456,12 +489,13 @@ class _Driver:
     """Submits the units, prints one line per task start, finish and retry, merges seeded folds
     and collects each model once its folds are done."""
 
-    def __init__(self, cfgs: Sequence[Config], comp: Competition, fold_of_row: np.ndarray, lease: Lease,
-                 collect: bool) -> None:
-        self.cfgs = {c.model.name: c for c in cfgs}
-        self.comp, self.fold_of_row, self.lease, self.collect = comp, fold_of_row, lease, collect
+    def __init__(self, calls: FoldCalls, cfgs: Sequence[Config], comp: Competition, fold_of_row: np.ndarray,
+                 lease: Lease, collect: bool, t0: float) -> None:
+        self.calls, self.cfgs = calls, {c.model.name: c for c in cfgs}
+        self.comp, self.fold_of_row, self.lease, self.collect, self.t0 = comp, fold_of_row, lease, collect, t0
         self.pending: dict[Any, Unit] = {}
         self.submitted: dict[Unit, float] = {}
+        self.started: dict[Unit, float] = {}
         self.starts: Counter[Unit] = Counter()
         self.left: Counter[tuple[str, int]] = Counter()  # (model, fold) -> its units not finished yet
         self.broken: set[str] = set()  # models a unit of which failed: not collected
@@ -470,17 +504,19 @@ class _Driver:
         self.seen = 0
         self.stats = RunStats()
 
-    def run(self, ray: Any, units: list[tuple[Config, Unit]]) -> None:
+    def run(self, ray: Any, units: list[tuple[Config, Unit]], local: bool) -> None:
         """Submit every unit and wait for them; on any exit but success, cancel what is left."""
         self.ray = ray
+        check_feasible(ray, {cfg.model.name: task_resources(cfg) for cfg, _ in units}, local)
         self.events = ray.remote(num_cpus=0)(_Events).remote()
         comp_ref, rows_ref, env = ray.put(self.comp), ray.put(self.fold_of_row), task_environment()
         task = ray.remote(run_unit)
         for cfg, unit in units:
             self.left[(unit.model, unit.fold)] += 1
             options = {"name": str(unit), "max_retries": MAX_RETRIES, "retry_exceptions": False, **task_resources(cfg)}
-            self.pending[task.options(**options).remote(unit, cfg, comp_ref, rows_ref, env, self.events)] = unit
-            self.submitted[unit] = time.perf_counter()
+            ref = task.options(**options).remote(unit, cfg, comp_ref, rows_ref, env, self.events, self.calls)
+            self.pending[ref] = unit
+            self.submitted[unit] = time.perf_counter() - self.t0
         print(f"ray: submitted {len(units)} task(s) of {len(self.cfgs)} model(s) to {_cluster(ray)}", flush=True)
         try:
             while self.pending:
@@ -503,6 +539,7 @@ class _Driver:
             self.seen += 1
             unit = event["unit"]
             self.starts[unit] += 1
+            self.started[unit] = time.perf_counter() - self.t0
             n, where = self.starts[unit], f"on {event['node']} (pid {event['pid']})"
             if n == 1:
                 print(f"ray: start {unit} {where}", flush=True)
@@ -535,9 +572,9 @@ class _Driver:
             self._failed(unit, UserError(f"{unit}: {why}"), why)
             return
         self.stats.done += 1
-        took = time.perf_counter() - self.submitted[unit]
-        self.stats.task_s.append(result["wall_s"])
-        self.stats.overhead_s.append(max(0.0, took - result["wall_s"]))
+        self.stats.tasks.append({"unit": str(unit), "submitted": self.submitted[unit],
+                                 "started": self.started.get(unit), "finished": time.perf_counter() - self.t0,
+                                 "wall_s": result["wall_s"]})
         score = "" if result["score"] is None else f", {metric_label(cfg.data.metric)} at 0.5 {result['score']:.4f}"
         print(f"ray: done {unit} in {result['wall_s']:.1f} s on {result['node']}{score}", flush=True)
         self.left[(unit.model, unit.fold)] -= 1
@@ -557,7 +594,7 @@ class _Driver:
     def _merge(self, cfg: Config, fold: int) -> None:
         """A seeded fold's files from its seeds (all in: each is reloaded, nothing trains)."""
         try:
-            run_fold(cfg, self.comp, self.fold_of_row, fold)
+            self.calls.run_fold(cfg, self.comp, self.fold_of_row, fold)
         except UserError as e:
             self._failed(Unit(cfg.model.name, fold), e, str(e))
 
@@ -610,9 +647,8 @@ class _Driver:
         """The run's last line; the first error a unit raised, if any."""
         s = self.stats
         if s.done or s.failed:
-            mean = sum(s.overhead_s) / len(s.overhead_s) if s.overhead_s else 0.0
             print(f"ray: {s.done} task(s) done, {s.failed} failed, {s.retries} retried, in {s.wall_s:.1f} s "
-                  f"({s.connect_s:.1f} s to connect; {mean:.2f} s overhead per task)", flush=True)
+                  f"({s.connect_s:.1f} s of it to connect)", flush=True)
         if self.errors:
             raise self.errors[0]
         return s
@@ -622,6 +658,27 @@ def _checkpoint(data: str, unit: Unit) -> Path:
     """Where a unit's torch run saves ``last.pt`` (CPU members save none: they start over)."""
     rd = paths.run_dir(data, unit.model, unit.fold)
     return (rd if unit.seed is None else seed_dir(rd, unit.seed)) / "last.pt"
+
+
+def check_feasible(ray: Any, requests: dict[str, dict[str, float]], local: bool) -> None:
+    """Say when a model's request fits no node: Ray would keep its tasks waiting for one.
+
+    A cluster may yet grow (an autoscaler adds nodes), so there it is a warning; a local
+    instance never grows, so there it is an error before anything is submitted.
+
+    Raises:
+        UserError: on a local instance, naming the model, its request and what the machine has.
+    """
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for model, res in requests.items():
+        need = {"CPU": res.get("num_cpus", 1), "GPU": res.get("num_gpus", 0), "memory": res.get("memory", 0)}
+        if any(all(node.get(k, 0) >= v for k, v in need.items() if v) for node in nodes):
+            continue
+        have = "; ".join(f"CPU {n.get('CPU', 0):g}, GPU {n.get('GPU', 0):g}" for n in nodes) or "no node"
+        msg = f"model '{model}': train.resources {res} fits no node of the Ray cluster ({have})"
+        if local:
+            raise UserError(f"{msg}: lower it, e.g. ARGS='train.resources.num_gpus=0'")
+        print(f"ray: warning: {msg}; its tasks wait until such a node joins", flush=True)
 
 
 def _cluster(ray: Any) -> str:

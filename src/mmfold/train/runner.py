@@ -609,9 +609,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ray:
         if args.jobs > 1:
             raise UserError("--jobs and --ray do not mix: under Ray each fold asks for its cores (train.resources)")
-        from mmfold.train.ray_runner import train_ray
+        from mmfold.train.ray_runner import FoldCalls, train_ray
 
-        train_ray(cfgs, comp, args.fold, args.force, args.ray, collect=not args.no_collect)
+        calls = FoldCalls(run_fold=run_fold, runner_for=runner_for, fold_lock=fold_lock, backup=_backup)
+        train_ray(cfgs, comp, calls, args.fold, args.force, args.ray, collect=not args.no_collect)
         return 0
     if args.jobs > 1:
         train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)

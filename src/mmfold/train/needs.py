@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
         make_package_files(force=bool(args.force))
     base = load_config(args.data, None, args.overrides)
+    if not (args.model or base.data.models):
+        print(f"no models listed for '{args.data}' (data.models) and no MODEL=: no hub weights to fetch")
+        return 0
     cfgs = [load_config(args.data, name, args.overrides) for name in model_names(base, args.model)]
     for model, need, path in fetch_all(cfgs):
         print(f"{model:18} {need.describe()} -> {path}")

@@ -250,7 +250,7 @@ def test_mpnet_encoder_reads_weights_mpnet_mean_pooled_and_normalised(
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 
 
-def test_mpnet_member_without_its_weights_says_make_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_mpnet_member_without_its_weights_is_refused_naming_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             project: Path) -> None:
     from mmfold.config import load_config
     from mmfold.hub import MissingWeights
@@ -258,5 +258,5 @@ def test_mpnet_member_without_its_weights_says_make_weights(tmp_path: Path, monk
 
     cfg = load_config("demo", "mpnet_mlp")
     assert cfg.model.params["encoders"] == ["mpnet"]
-    with pytest.raises(MissingWeights, match="make weights DATA=demo MODEL=mpnet_mlp"):
+    with pytest.raises(MissingWeights, match=r"weights/mpnet"):
         check_weights([cfg], "demo")

@@ -78,7 +78,7 @@ def _forget_training(project: Path) -> None:
     shutil.rmtree(project / "oof", ignore_errors=True)
 
 
-def _when(condition: Callable[[], bool], action: Callable[[], None], timeout_s: float = 300) -> threading.Thread:
+def _when(condition: Callable[[], bool], action: Callable[[], None], timeout_s: float = 900) -> threading.Thread:
     """Run ``action`` in a thread as soon as ``condition`` holds (polled every 10 ms)."""
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
@@ -117,8 +117,10 @@ def test_ray_gives_the_probabilities_of_a_plain_run_bit_for_bit(folded: Path, ra
         pd.testing.assert_frame_equal(frame, plain[name], check_exact=True, obj=name)
     # one task per (model, fold, seed), a line for each start and finish on the driver
     assert "ray: submitted 12 task(s) of 3 model(s)" in out, out
+    assert "at most 2 running at once" in out, out  # never more tasks than the instance's 2 CPUs
     for unit in (f"{MEMBER} fold 0", "demo_text fold 2", f"{SEEDED} fold 1 seed 2"):
         assert f"ray: start {unit} on 127.0.0.1" in out and f"ray: done {unit} in" in out, out
+    assert "training this seed again" not in out  # the driver's merge reloads each seed, never trains
     assert not lease_path("tiny").exists()  # the driver's lease ends with it
 
 

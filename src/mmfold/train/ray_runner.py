@@ -353,20 +353,21 @@ def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray
              events: Any, calls: FoldCalls) -> dict[str, Any]:
     """The body of one Ray task: say it started, then train (or resume) the fold or seed.
 
-    Runs in the project the driver runs in (``env``: its ``MMFOLD_HOME``, cache and hub
-    settings). Not under the fold's ``flock`` for a seed (the fold's seeds train side by side):
-    the driver's assignment is its lock.
+    The start is sent without waiting for it: a task blocked in ``ray.get`` lends its CPUs
+    back to Ray, which then starts another task on them. Runs in the project the driver runs
+    in (``env``: its ``MMFOLD_HOME``, cache and hub settings). Not under the fold's ``flock`` for
+    a seed (the fold's seeds train side by side): the driver's assignment is its lock.
     """
     import ray
 
-    node, pid = ray.util.get_node_ip_address(), os.getpid()
-    ray.get(events.add.remote({"unit": unit, "node": node, "pid": pid, "time": time.time()}))
-    started = time.perf_counter()
+    start = {"unit": unit, "attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    events.add.remote(start)
+    began, started = time.time(), time.perf_counter()
     with _environment(env):
         info = (calls.run_fold(cfg, comp, fold_of_row, unit.fold) if unit.seed is None
                 else _train_seed(calls, cfg, comp, fold_of_row, unit.fold, unit.seed))
     score = (info.get("metrics") or {}).get(cfg.data.metric)
-    return {"node": node, "pid": pid, "wall_s": time.perf_counter() - started, "score": score}
+    return {**start, "wall_s": time.perf_counter() - started, "score": score, "began": began, "ended": time.time()}
 
 
 def _train_seed(calls: FoldCalls, cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
@@ -387,13 +388,17 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
     """The driver's project settings in this worker for the block (then put back): a worker
     may be on another node, or started before them."""
     old = {k: os.environ.get(k) for k in env}
-    cwd = os.getcwd()
+    try:
+        cwd: str | None = os.getcwd()
+    except FileNotFoundError:  # the folder this worker started in is gone: stay in the project
+        cwd = None
     os.environ.update(env)
     os.chdir(env["MMFOLD_HOME"])
     try:
         yield
     finally:
-        os.chdir(cwd)
+        if cwd is not None:
+            os.chdir(cwd)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -425,8 +430,18 @@ class RunStats:
     failed: int = 0
     retries: int = 0
     # per finished task: str(unit), and seconds since the driver started: submitted, started (its
-    # last attempt), result seen; ``wall_s``: its own time in the worker (set-up, training, files)
+    # last attempt), result seen; ``wall_s``: its own time in the worker (set-up, training, files);
+    # began, ended: the worker's clock (epoch seconds)
     tasks: list[dict[str, Any]] = field(default_factory=list)
+
+    def most_at_once(self) -> int:
+        """The most tasks that ran at the same moment (by the workers' clocks)."""
+        edges = sorted([(t["began"], 1) for t in self.tasks] + [(t["ended"], -1) for t in self.tasks])
+        running = most = 0
+        for _, step in edges:  # an end sorts before a start at the same instant
+            running += step
+            most = max(most, running)
+        return most
 
 
 def train_ray(cfgs: Sequence[Config], comp: Competition, calls: FoldCalls, folds: Sequence[int] | None = None,
@@ -497,6 +512,7 @@ class _Driver:
         self.submitted: dict[Unit, float] = {}
         self.started: dict[Unit, float] = {}
         self.starts: Counter[Unit] = Counter()
+        self.attempts: set[str] = set()  # the attempts whose start was printed
         self.left: Counter[tuple[str, int]] = Counter()  # (model, fold) -> its units not finished yet
         self.broken: set[str] = set()  # models a unit of which failed: not collected
         self.errors: list[BaseException] = []
@@ -534,21 +550,27 @@ class _Driver:
             raise
 
     def _print_starts(self) -> None:
-        """One line per task attempt that started since the last call; a second is a retry."""
+        """One line per task attempt that started since the last call."""
         for event in self.ray.get(self.events.since.remote(self.seen)):
             self.seen += 1
-            unit = event["unit"]
-            self.starts[unit] += 1
-            self.started[unit] = time.perf_counter() - self.t0
-            n, where = self.starts[unit], f"on {event['node']} (pid {event['pid']})"
-            if n == 1:
-                print(f"ray: start {unit} {where}", flush=True)
-                continue
-            self.stats.retries += 1
-            resume = ("resuming from its last.pt" if _checkpoint(self.cfgs[unit.model].data.name, unit).exists()
-                      else "starting over: it had saved no last.pt")
-            print(f"ray: retry {unit} (attempt {n} of {MAX_RETRIES + 1}) {where}: its worker died; {resume}",
-                  flush=True)
+            self._started(event)
+
+    def _started(self, event: dict[str, Any]) -> None:
+        """A task attempt's start line, once per attempt; a unit's second attempt is a retry."""
+        if event["attempt"] in self.attempts:
+            return
+        self.attempts.add(event["attempt"])
+        unit = event["unit"]
+        self.starts[unit] += 1
+        self.started[unit] = time.perf_counter() - self.t0
+        n, where = self.starts[unit], f"on {event['node']} (pid {event['pid']})"
+        if n == 1:
+            print(f"ray: start {unit} {where}", flush=True)
+            return
+        self.stats.retries += 1
+        resume = ("resuming from its last.pt" if _checkpoint(self.cfgs[unit.model].data.name, unit).exists()
+                  else "starting over: it had saved no last.pt")
+        print(f"ray: retry {unit} (attempt {n} of {MAX_RETRIES + 1}) {where}: its worker died; {resume}", flush=True)
 
     def _finished(self, ref: Any) -> None:
         """A task ended: print it, then merge its fold's seeds or collect its model when due."""
@@ -571,10 +593,11 @@ class _Driver:
                    f"it resumes from its last.pt on the next run")
             self._failed(unit, UserError(f"{unit}: {why}"), why)
             return
+        self._started(result)  # its start line, if the start was slower to arrive than the result
         self.stats.done += 1
         self.stats.tasks.append({"unit": str(unit), "submitted": self.submitted[unit],
                                  "started": self.started.get(unit), "finished": time.perf_counter() - self.t0,
-                                 "wall_s": result["wall_s"]})
+                                 "wall_s": result["wall_s"], "began": result["began"], "ended": result["ended"]})
         score = "" if result["score"] is None else f", {metric_label(cfg.data.metric)} at 0.5 {result['score']:.4f}"
         print(f"ray: done {unit} in {result['wall_s']:.1f} s on {result['node']}{score}", flush=True)
         self.left[(unit.model, unit.fold)] -= 1
@@ -648,7 +671,7 @@ class _Driver:
         s = self.stats
         if s.done or s.failed:
             print(f"ray: {s.done} task(s) done, {s.failed} failed, {s.retries} retried, in {s.wall_s:.1f} s "
-                  f"({s.connect_s:.1f} s of it to connect)", flush=True)
+                  f"({s.connect_s:.1f} s of it to connect; at most {s.most_at_once()} running at once)", flush=True)
         if self.errors:
             raise self.errors[0]
         return s

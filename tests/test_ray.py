@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -281,3 +282,23 @@ def test_only_the_ray_runner_imports_ray_and_only_when_called() -> None:
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 found.append((path.name, id(node) in top))
     assert found and all(name == "ray_runner.py" and not at_top for name, at_top in found), found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_a_task_runs_on_cores_no_other_task_holds(tmp_path: Path) -> None:
+    """Ray counts CPUs but pins nothing: a one-CPU task on its own core sizes its thread pools
+    (mmfold.machine) to that core, as a JOBS=N process does, instead of to the whole node."""
+    from mmfold import fileio
+    from mmfold.machine import available_cores, core_ids
+    from mmfold.train.ray_runner import own_cores
+
+    everything = core_ids()
+    with fileio.file_lock(tmp_path / f"core{everything[0]}.lock"):  # another task holds the first core
+        with own_cores(1, tmp_path) as mine:
+            assert mine == [everything[1]] and core_ids() == mine and available_cores() == 1
+        assert core_ids() == everything  # given back after the task
+        with ExitStack() as stack:  # every core taken: the task runs unpinned rather than waiting
+            for core in everything[1:]:
+                stack.enter_context(fileio.file_lock(tmp_path / f"core{core}.lock"))
+            with own_cores(1, tmp_path) as mine:
+                assert mine == everything

@@ -28,6 +28,8 @@ import json
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -363,7 +365,8 @@ def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray
     start = {"unit": unit, "attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
     events.add.remote(start)
     began, started = time.time(), time.perf_counter()
-    with _environment(env):
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    with _environment(env), own_cores(max(1, cpus)):
         info = (calls.run_fold(cfg, comp, fold_of_row, unit.fold) if unit.seed is None
                 else _train_seed(calls, cfg, comp, fold_of_row, unit.fold, unit.seed))
     score = (info.get("metrics") or {}).get(cfg.data.metric)
@@ -381,6 +384,58 @@ def _train_seed(calls: FoldCalls, cfg: Config, comp: Competition, fold_of_row: n
     one.train.seeds = [seed]
     out = run_seeds(calls.runner_for(cfg.model.kind), one, comp, fold_of_row, fold, sub.parent)
     return out.info
+
+
+@contextlib.contextmanager
+def own_cores(n: int, folder: Path | None = None) -> Iterator[list[int]]:
+    """Pin this worker to ``n`` cores that no other task on this node holds, for the block.
+
+    Ray counts CPUs but pins nothing, and mmfold sizes its thread pools from the cores the
+    process may run on (:mod:`mmfold.machine`: a CPU member's label fits, its torch head): left
+    alone, every one-CPU task would use all the node's cores at once. So each task takes ``n``
+    cores through one lock file per core in the node's own temp folder (``flock``: local, so
+    reliable) and runs on those, as each ``JOBS=N`` process runs on its own share. Where fewer
+    than ``n`` are free (Ray was told of more CPUs than the node has) it runs unpinned.
+
+    Yields:
+        The cores this block runs on.
+    """
+    cores = core_ids()
+    if not hasattr(os, "sched_setaffinity") or n >= len(cores):
+        yield cores
+        return
+    folder = folder or Path(tempfile.gettempdir()) / "mmfold-ray-cores"
+    with contextlib.ExitStack() as held:
+        mine: list[int] = []
+        for core in cores:
+            if len(mine) == n:
+                break
+            try:
+                held.enter_context(fileio.file_lock(folder / f"core{core}.lock"))
+                mine.append(core)
+            except fileio.LockedError:
+                continue
+        if len(mine) < n:
+            yield cores
+            return
+        os.sched_setaffinity(0, mine)
+        threads = _torch_threads(n)
+        try:
+            yield mine
+        finally:
+            os.sched_setaffinity(0, cores)
+            _torch_threads(threads)
+
+
+def _torch_threads(n: int) -> int:
+    """Set torch's thread count if this worker has imported torch (else it reads Ray's
+    ``OMP_NUM_THREADS`` when imported); the count before."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return n
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 @contextlib.contextmanager

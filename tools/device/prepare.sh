@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 DEVICE_DIR=${DEVICE_DIR:-.device}
 SHARED=${SHARED:-../shared/data}
-PHOTOS=${PHOTOS:-6000}
+PHOTOS=${PHOTOS:-5000}
 EXTRA_WHEELS=${EXTRA_WHEELS:-}
 LIMIT=$((64 * 1024 * 1024))
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

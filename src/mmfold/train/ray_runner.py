@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -127,9 +128,9 @@ def ray_session(address: str) -> Iterator[Any]:
     else:
         try:
             ray.init(address=address, namespace="mmfold", log_to_driver=True)
-        except ConnectionError as e:
-            raise UserError(f"--ray {address}: no Ray cluster found there ({e}); start one with `ray start "
-                            "--head` on its head node, or train on this machine alone with RAY=local") from e
+        except Exception as e:  # noqa: BLE001 - ConnectionError, or ray's own errors for a dead GCS
+            raise UserError(f"--ray {address}: could not join a Ray cluster there ({e}); start one with `ray "
+                            "start --head` on its head node, or train on this machine alone with RAY=local") from e
     try:
         yield ray
     finally:
@@ -352,17 +353,22 @@ class _Events:
 
 
 def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray, env: dict[str, str],
-             events: Any, calls: FoldCalls) -> dict[str, Any]:
-    """The body of one Ray task: say it started, then train (or resume) the fold or seed.
+             events: Any, calls: FoldCalls, tally: str) -> dict[str, Any]:
+    """The body of one Ray task: count and announce the attempt, then train (or resume) the
+    fold or seed.
 
-    The start is sent without waiting for it: a task blocked in ``ray.get`` lends its CPUs
-    back to Ray, which then starts another task on them. Runs in the project the driver runs
-    in (``env``: its ``MMFOLD_HOME``, cache and hub settings). Not under the fold's ``flock`` for
-    a seed (the fold's seeds train side by side): the driver's assignment is its lock.
+    The attempt is counted in a file of the driver's run (``tally``, on the shared file
+    system) before anything else, so the next attempt knows it is a retry even when this one
+    dies before its announcement reached the driver. The announcement is not waited for: a
+    task blocked in ``ray.get`` lends its CPUs back to Ray, which starts another task on them.
+    Runs in the project the driver runs in (``env``: its ``MMFOLD_HOME``, cache and hub
+    settings). Not under the fold's ``flock`` for a seed (the fold's seeds train side by side):
+    the driver's assignment is its lock.
     """
     import ray
 
-    start = {"unit": unit, "attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    start = {"unit": unit, "attempt": uuid.uuid4().hex, "number": count_attempt(Path(tally), unit),
+             "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
     events.add.remote(start)
     began, started = time.time(), time.perf_counter()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -371,6 +377,18 @@ def run_unit(unit: Unit, cfg: Config, comp: Competition, fold_of_row: np.ndarray
                 else _train_seed(calls, cfg, comp, fold_of_row, unit.fold, unit.seed))
     score = (info.get("metrics") or {}).get(cfg.data.metric)
     return {**start, "wall_s": time.perf_counter() - started, "score": score, "began": began, "ended": time.time()}
+
+
+def count_attempt(tally: Path, unit: Unit) -> int:
+    """This attempt's number for ``unit`` in the driver's run (1 for the first), recorded.
+
+    One attempt of a unit runs at a time (Ray starts the next only after the last died), so a
+    read and a rewrite need no lock.
+    """
+    path = tally / f"{unit.model}.fold{unit.fold}{'' if unit.seed is None else f'.seed{unit.seed}'}.json"
+    seen = json.loads(path.read_text())["attempts"] if path.exists() else 0
+    fileio.write_json(path, {"attempts": seen + 1})
+    return seen + 1
 
 
 def _train_seed(calls: FoldCalls, cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int,
@@ -566,7 +584,7 @@ class _Driver:
         self.pending: dict[Any, Unit] = {}
         self.submitted: dict[Unit, float] = {}
         self.started: dict[Unit, float] = {}
-        self.starts: Counter[Unit] = Counter()
+        self.starts: Counter[Unit] = Counter()  # each unit's highest attempt number seen
         self.attempts: set[str] = set()  # the attempts whose start was printed
         self.left: Counter[tuple[str, int]] = Counter()  # (model, fold) -> its units not finished yet
         self.broken: set[str] = set()  # models a unit of which failed: not collected
@@ -576,16 +594,27 @@ class _Driver:
         self.stats = RunStats()
 
     def run(self, ray: Any, units: list[tuple[Config, Unit]], local: bool) -> None:
-        """Submit every unit and wait for them; on any exit but success, cancel what is left."""
+        """Submit every unit and wait for them; on any exit but success, cancel what is left.
+        The run's attempt counts live beside the lease while it runs."""
         self.ray = ray
         check_feasible(ray, {cfg.model.name: task_resources(cfg) for cfg, _ in units}, local)
+        tally = self.lease.path.with_name(f".ray-attempts-{self.lease.token}")
+        tally.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run(ray, units, tally)
+        finally:
+            shutil.rmtree(tally, ignore_errors=True)
+
+    def _run(self, ray: Any, units: list[tuple[Config, Unit]], tally: Path) -> None:
+        """:meth:`run`'s submitting and waiting."""
         self.events = ray.remote(num_cpus=0)(_Events).remote()
         comp_ref, rows_ref, env = ray.put(self.comp), ray.put(self.fold_of_row), task_environment()
         task = ray.remote(run_unit)
         for cfg, unit in units:
             self.left[(unit.model, unit.fold)] += 1
             options = {"name": str(unit), "max_retries": MAX_RETRIES, "retry_exceptions": False, **task_resources(cfg)}
-            ref = task.options(**options).remote(unit, cfg, comp_ref, rows_ref, env, self.events, self.calls)
+            ref = task.options(**options).remote(unit, cfg, comp_ref, rows_ref, env, self.events, self.calls,
+                                                 str(tally))
             self.pending[ref] = unit
             self.submitted[unit] = time.perf_counter() - self.t0
         print(f"ray: submitted {len(units)} task(s) of {len(self.cfgs)} model(s) to {_cluster(ray)}", flush=True)
@@ -615,14 +644,14 @@ class _Driver:
         if event["attempt"] in self.attempts:
             return
         self.attempts.add(event["attempt"])
-        unit = event["unit"]
-        self.starts[unit] += 1
+        unit, n = event["unit"], event["number"]
+        self.stats.retries += max(0, n - max(1, self.starts[unit]))  # attempts whose start was lost count too
+        self.starts[unit] = max(n, self.starts[unit])
         self.started[unit] = time.perf_counter() - self.t0
-        n, where = self.starts[unit], f"on {event['node']} (pid {event['pid']})"
+        where = f"on {event['node']} (pid {event['pid']})"
         if n == 1:
             print(f"ray: start {unit} {where}", flush=True)
             return
-        self.stats.retries += 1
         resume = ("resuming from its last.pt" if _checkpoint(self.cfgs[unit.model].data.name, unit).exists()
                   else "starting over: it had saved no last.pt")
         print(f"ray: retry {unit} (attempt {n} of {MAX_RETRIES + 1}) {where}: its worker died; {resume}", flush=True)

@@ -31,9 +31,11 @@ import json
 import threading
 import zipfile
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.loopback import LoopbackServer
 
 HOST = "http://localhost"  # what the client's LOCALHOST environment calls
 
@@ -272,18 +274,10 @@ def _handler(k: Kaggle) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class KaggleServer:
+class KaggleServer(LoopbackServer):
     """``with KaggleServer(state) as proxy:`` serves ``state`` on ``127.0.0.1`` at a free port;
     ``proxy`` is the URL to put in ``http_proxy``."""
 
     def __init__(self, state: Kaggle) -> None:
         self.state = state
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(_handler(state))

@@ -141,6 +141,22 @@ def test_folds_already_done_are_skipped_and_a_member_asks_for_no_gpu(folded: Pat
     assert paths.oof_file("tiny", "tfidf_lr").exists()  # the last fold done: collected on the driver
 
 
+@needs_ray
+def test_a_fold_that_fails_is_not_retried_and_the_others_go_on(folded: Path, ray_local, capsys) -> None:
+    """An error a fold raises itself (here: its lock held elsewhere) is reported once, not
+    retried; the other folds finish; the model is not collected; the run fails with it."""
+    from mmfold import fileio
+    from mmfold.train.runner import fold_lock
+
+    with fileio.file_lock(fold_lock("tiny", "tfidf_lr", 1)):
+        assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--ray", "local"]) == 2
+    out = captured(capsys)
+    assert "ray: failed tfidf_lr fold 1:" in out and "is locked by" in out, out
+    assert "ray: retry" not in out and "ray: done tfidf_lr fold 0" in out and "ray: done tfidf_lr fold 2" in out, out
+    assert not paths.oof_file("tiny", "tfidf_lr").exists()
+    assert not lease_path("tiny").exists()
+
+
 # ------------------------------------------------------------------ a dying worker, Ctrl-C
 
 
@@ -170,7 +186,7 @@ def test_a_worker_killed_mid_fold_is_retried_and_resumes_from_its_checkpoint(fol
     assert killed, out
     assert "ray: retry demo_text fold 0 (attempt 2 of 4)" in out and "resuming from its last.pt" in out, out
     assert json.loads((rd / "done.json").read_text())["fold"] == 0
-    for name, frame in zip(("oof.parquet", "test.parquet"), plain):
+    for name, frame in zip(("oof.parquet", "test.parquet"), plain, strict=True):
         pd.testing.assert_frame_equal(pd.read_parquet(rd / name), frame, check_exact=True, obj=name)
 
 

@@ -670,12 +670,13 @@ class _Driver:
             self.broken.add(unit.model)
             return
         except RayTaskError as e:
-            self._failed(unit, e.cause if isinstance(e.cause, BaseException) else e, str(e.cause))
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            self._failed(unit.model, str(unit), cause, str(e.cause))
             return
         except RayError as e:
             why = (f"its worker died {MAX_RETRIES + 1} times ({type(e).__name__}); "
                    f"it resumes from its last.pt on the next run")
-            self._failed(unit, UserError(f"{unit}: {why}"), why)
+            self._failed(unit.model, str(unit), UserError(f"{unit}: {why}"), why)
             return
         self._started(result)  # its start line, if the start was slower to arrive than the result
         self.stats.done += 1
@@ -690,12 +691,13 @@ class _Driver:
         if not any(n for (m, _), n in self.left.items() if m == unit.model):
             self.collect_if_complete(cfg)
 
-    def _failed(self, unit: Unit, error: BaseException, why: str) -> None:
-        """Note a failed unit: its model is not collected; the run goes on for the others."""
-        print(f"ray: failed {unit}: {why.strip().splitlines()[-1] if why.strip() else type(error).__name__}",
+    def _failed(self, model: str, what: str, error: BaseException, why: str) -> None:
+        """Note a failure (a unit, a seeded fold's mean, a collect): the model is not collected;
+        the run goes on for the others."""
+        print(f"ray: failed {what}: {why.strip().splitlines()[-1] if why.strip() else type(error).__name__}",
               flush=True)
         self.stats.failed += 1
-        self.broken.add(unit.model)
+        self.broken.add(model)
         self.errors.append(error)
 
     def _merge(self, cfg: Config, fold: int) -> None:
@@ -703,7 +705,7 @@ class _Driver:
         try:
             self.calls.run_fold(cfg, self.comp, self.fold_of_row, fold)
         except UserError as e:
-            self._failed(Unit(cfg.model.name, fold), e, str(e))
+            self._failed(cfg.model.name, f"{cfg.model.name} fold {fold} (the mean of its seeds)", e, str(e))
 
     def collect_if_complete(self, cfg: Config) -> None:
         """Collect ``cfg``'s model when every one of its folds is done and none failed here."""
@@ -718,7 +720,7 @@ class _Driver:
         try:
             collect_model(cfg, self.comp, self.fold_of_row)
         except UserError as e:
-            self._failed(Unit(cfg.model.name, -1), e, str(e))
+            self._failed(cfg.model.name, f"collect {cfg.model.name}", e, str(e))
 
     def _cancel(self) -> None:
         """Cancel every task left: a queued one never starts, a running one gets Ctrl-C (a torch

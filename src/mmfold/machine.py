@@ -8,7 +8,11 @@ from an explicit setting, never from a number written for one machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 
 def core_ids() -> list[int]:
@@ -26,3 +30,20 @@ def available_cores() -> int:
 def is_main_process() -> bool:
     """Rank 0 under ``accelerate launch``/``torchrun`` (they set ``RANK``), else True."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(under_launcher: bool = False) -> Iterator[None]:
+    """SIGTERM stops the process as Ctrl-C does (a fold at its next optimizer step, ``last.pt``
+    saved, exit 130) instead of killing it mid-epoch. Only in the main thread, and not under a
+    multi-process launch unless ``under_launcher``: the launcher ends its ranks with SIGTERM when
+    one fails, and a rank waiting for a collective with a dead peer must not wait for a step."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not under_launcher
+    if threading.current_thread() is not threading.main_thread() or launched:
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from mmfold import fileio, paths
 from mmfold.config import Config, ConfigError
 from mmfold.data.competition import Competition, load_folds
 from mmfold.errors import UserError
-from mmfold.machine import core_ids
+from mmfold.machine import core_ids, sigterm_as_interrupt
 from mmfold.metrics import metric_label
 from mmfold.train.seeds import check_seeds, run_seeds, seed_dir
 
@@ -548,7 +547,7 @@ def train_ray(cfgs: Sequence[Config], comp: Competition, calls: FoldCalls, folds
             if not any(c.model.name == cfg.model.name for c, _ in units):
                 driver.collect_if_complete(cfg)
         if units:
-            with ray_session(address) as ray, _terminate_as_interrupt():
+            with ray_session(address) as ray, sigterm_as_interrupt(under_launcher=True):
                 driver.stats.connect_s = time.perf_counter() - started
                 driver.run(ray, units, local=address == "local")
     driver.stats.wall_s = time.perf_counter() - started
@@ -796,16 +795,3 @@ def _cluster(ray: Any) -> str:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     gpus = f", {res['GPU']:g} GPU" if res.get("GPU") else ""
     return f"Ray ({res.get('CPU', 0):g} CPU{gpus} on {nodes} node(s))"
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM to the driver stops the run as Ctrl-C does (``ray.init`` made it exit instead)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)

@@ -30,7 +30,7 @@ from mmfold import fileio, paths
 from mmfold.config import Config, ConfigError, TrainConfig, load_config, model_names, model_yaml, override_key, save_config
 from mmfold.data.competition import Competition, load_competition, load_folds
 from mmfold.errors import UserError
-from mmfold.machine import core_ids, is_main_process
+from mmfold.machine import core_ids, is_main_process, sigterm_as_interrupt
 from mmfold.artifacts import predictions
 from mmfold.artifacts.manifest import fingerprints
 from mmfold.metrics import all_metrics, binarize, metric_label
@@ -617,29 +617,11 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs > 1:
         train_parallel(cfgs, comp, args.fold, args.force, args.jobs, collect=not args.no_collect)
         return 0
-    with _terminate_as_interrupt():
+    with sigterm_as_interrupt():
         for cfg in cfgs:
             train_model(cfg, comp, args.fold, args.force, collect=not args.no_collect)
     leave_together()
     return 0
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM to a single training process stops it as Ctrl-C does (a fold at its next
-    optimizer step, ``last.pt`` saved, exit 130) instead of killing it mid-epoch.
-
-    Not under a multi-process launch: the launcher ends its ranks with SIGTERM when one fails,
-    and a rank waiting for a collective with a dead peer must not wait for a step.
-    """
-    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def leave_together() -> None:

@@ -18,7 +18,7 @@ from mmfold.train.optim import seed_everything
 from mmfold.train.prefix_cache import flip_probability, weights_digest
 from tests.conftest import write_competition
 from tests.test_engine import _InterruptAt, same_weights
-from tests.tiny import make_tiny_bert, tiny_params
+from tests.tiny import make_tiny_bert, make_tiny_mpnet, tiny_params
 
 N_TRAIN = 36
 SPLIT = {"backbone": "test_efficientnet", "pretrained": False, "train_blocks": 2, "train_layers": 1}
@@ -86,6 +86,29 @@ def test_text_prefix_equals_the_models_own_hidden_state(bert_dir: Path) -> None:
         torch.testing.assert_close(states[real], hidden[real])
         batch = {"input_ids": ids, "attention_mask": mask, "text_states": states}
         torch.testing.assert_close(enc.tokens_of(batch)[real], enc.tokens(ids, mask)[real])
+
+
+@pytest.mark.parametrize("train_layers", [0, 1, 2, 3])
+def test_mpnet_prefix_and_top_layers_equal_the_whole_model(tmp_path: Path, train_layers: int) -> None:
+    """MPNet hands every layer one relative position bias: the cached split must too, and
+    that bias freezes with the prefix that used it."""
+    from mmfold import hub
+    from mmfold.models.text import HFTextEncoder
+
+    folder = make_tiny_mpnet(tmp_path / "mpnet")
+    enc = HFTextEncoder(hub.local(str(folder), folder), "mean", train_layers).eval()
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        states = enc.prefix(ids, mask)
+        whole = enc.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        real = mask.bool()
+        torch.testing.assert_close(states[real], whole.hidden_states[3 - train_layers][real])
+        batch = {"input_ids": ids, "attention_mask": mask, "text_states": states}
+        torch.testing.assert_close(enc.tokens_of(batch)[real], whole.last_hidden_state[real])
+    bias = enc.model.encoder.relative_attention_bias.weight
+    assert any(p is bias for p in enc.prefix.parameters())
 
 
 def test_prefix_stays_frozen_when_the_backbone_thaws(bert_dir: Path) -> None:

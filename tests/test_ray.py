@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +74,11 @@ def _collected(models: list[str]) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _start_pids(out: str) -> list[int]:
+    """The worker pid of every ``ray: start`` line, in order."""
+    return [int(m) for m in re.findall(r"^ray: start .* \(pid (\d+)\)$", out, flags=re.M)]
+
+
 def _forget_training(project: Path) -> None:
     """Remove every trained fold and collected file (the folds file stays)."""
     shutil.rmtree(project / "runs", ignore_errors=True)
@@ -123,6 +129,8 @@ def test_ray_gives_the_probabilities_of_a_plain_run_bit_for_bit(folded: Path, ra
         assert f"ray: start {unit} on 127.0.0.1" in out and f"ray: done {unit} in" in out, out
     assert "training this seed again" not in out  # the driver's merge reloads each seed, never trains
     assert not lease_path("tiny").exists()  # the driver's lease ends with it
+    pids = _start_pids(out)
+    assert len(pids) == 12 and len(set(pids)) == 12, out  # every unit in a fresh worker process
 
 
 @needs_ray
@@ -204,9 +212,12 @@ def test_ctrl_c_cancels_the_tasks_and_leaves_every_fold_resumable(folded: Path, 
     assert not any((paths.run_dir("tiny", "demo_text", k) / "done.json").exists() for k in range(3)), out
     assert not paths.oof_file("tiny", "demo_text").exists()  # nothing collected
     assert not lease_path("tiny").exists()
-    # the next run resumes where the folds stood (patience may change on resume) and finishes
+    # the next run resumes where the folds stood (patience may change on resume) and finishes,
+    # in fresh workers: a Ctrl-C that landed inside a worker's `import torch` left it unusable
     assert main([*args, "train.patience=1"]) == 0
-    assert paths.oof_file("tiny", "demo_text").exists(), captured(capsys)
+    again = captured(capsys)
+    assert paths.oof_file("tiny", "demo_text").exists(), again
+    assert not set(_start_pids(out)) & set(_start_pids(again)), (out, again)
 
 
 # ------------------------------------------------------------------ one driver per data set

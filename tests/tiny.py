@@ -58,6 +58,22 @@ def make_tiny_bert(folder: str | Path, captions: Sequence[str] = CAPTIONS, seed:
     return folder
 
 
+def make_tiny_mpnet(folder: str | Path, captions: Sequence[str] = CAPTIONS, seed: int = 0) -> Path:
+    """Save a random 3-layer MPNet (hidden 32, 2 heads; all-mpnet-base-v2's architecture, with
+    its relative position bias) and a tokenizer into ``folder``."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+
+    folder = Path(folder)
+    tokenizer = make_tiny_tokenizer(captions)
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=130, pad_token_id=0)
+    torch.manual_seed(seed)
+    MPNetModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_params(kind: str, bert_dir: str | Path | None = None,
                 backbone: str = "test_resnet") -> dict[str, Any]:
     """``model.params`` for a tiny, fast model of each built-in kind.

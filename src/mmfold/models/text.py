@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,13 +28,39 @@ POOLINGS = Registry("pooling")
 LAYER_STACKS = Registry("layer stack (model.params.train_layers)")
 
 
+@dataclass(frozen=True)
+class LayerStack:
+    """A Hugging Face encoder's Transformer layers and what each layer call needs besides the
+    states and the mask.
+
+    Attributes:
+        layers: The layer stack, bottom first.
+        shared: Modules every layer reads (MPNet's relative position bias): they belong to the
+            frozen prefix, since the cached lower states were computed with them.
+        extra: ``states -> keyword arguments`` of each layer call (MPNet's ``position_bias``).
+    """
+
+    layers: nn.ModuleList
+    shared: tuple[nn.Module, ...] = ()
+    extra: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(default=lambda states: {})
+
+
 @LAYER_STACKS.register("BertModel")
 @LAYER_STACKS.register("RobertaModel")
 @LAYER_STACKS.register("XLMRobertaModel")
 @LAYER_STACKS.register("ElectraModel")
-def bert_layers(model: nn.Module) -> nn.ModuleList:
+def bert_layers(model: nn.Module) -> LayerStack:
     """BERT-style encoders (MiniLM is a ``BertModel``): ``embeddings`` then ``encoder.layer``."""
-    return model.encoder.layer
+    return LayerStack(model.encoder.layer)
+
+
+@LAYER_STACKS.register("MPNetModel")
+def mpnet_layers(model: nn.Module) -> LayerStack:
+    """MPNet (all-mpnet-base-v2): BERT's layout, plus one relative position bias computed from
+    the states' length and handed to every layer, as ``MPNetEncoder.forward`` does."""
+    encoder = model.encoder
+    return LayerStack(encoder.layer, (encoder.relative_attention_bias,),
+                      lambda states: {"position_bias": encoder.compute_position_bias(states)})
 
 
 def attention_mask_for(model: nn.Module, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -50,14 +77,15 @@ def attention_mask_for(model: nn.Module, states: torch.Tensor, mask: torch.Tenso
     return create_bidirectional_mask(config=model.config, inputs_embeds=states, attention_mask=mask)
 
 
-def run_layers(model: nn.Module, layers: list[nn.Module], states: torch.Tensor,
+def run_layers(model: nn.Module, stack: LayerStack, layers: list[nn.Module], states: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
-    """Token states after ``layers``, padding masked out of attention as the model itself does.
+    """Token states after ``layers`` (a slice of ``stack``), padding masked out of attention as
+    the model itself does.
 
     A layer returns a tuple in transformers 4 and the states tensor in transformers 5."""
-    ext = attention_mask_for(model, states, mask)
+    ext, extra = attention_mask_for(model, states, mask), stack.extra(states)
     for layer in layers:
-        out = layer(states, attention_mask=ext)
+        out = layer(states, attention_mask=ext, **extra)
         states = out[0] if isinstance(out, tuple) else out
     return states
 
@@ -66,20 +94,21 @@ class TextPrefix(nn.Module):
     """Embeddings + the lower ``cut`` layers of a BERT-style encoder: ``(ids, mask) -> (B, T, H)``.
 
     Equal to ``model(ids, mask, output_hidden_states=True).hidden_states[cut]``, without
-    running the layers above.
+    running the layers above. Holds the stack's shared modules too, so they freeze with it.
     """
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList, cut: int) -> None:
+    def __init__(self, model: nn.Module, stack: LayerStack, cut: int) -> None:
         super().__init__()
-        self.embeddings, self.layers = model.embeddings, nn.ModuleList(layers[:cut])
-        self._model = [model]  # for its attention-mask helper; a list keeps it out of the tree
+        self.embeddings, self.layers = model.embeddings, nn.ModuleList(stack.layers[:cut])
+        self.shared = nn.ModuleList(stack.shared)
+        self._model, self._stack = [model], stack  # for the mask helper; a list keeps it out of the tree
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return run_layers(self._model[0], self.layers, self.embeddings(input_ids=ids), mask)
+        return run_layers(self._model[0], self._stack, list(self.layers), self.embeddings(input_ids=ids), mask)
 
 
-def split_text_model(model: nn.Module, n_train: int) -> tuple[TextPrefix, list[nn.Module]]:
-    """``(frozen prefix, trainable top layers)`` of a Hugging Face encoder.
+def split_text_model(model: nn.Module, n_train: int) -> tuple[TextPrefix, LayerStack, list[nn.Module]]:
+    """``(frozen prefix, the layer stack, trainable top layers)`` of a Hugging Face encoder.
 
     Raises:
         ConfigError: ``n_train`` out of range, or a model class no layer stack is registered for.
@@ -88,11 +117,12 @@ def split_text_model(model: nn.Module, n_train: int) -> tuple[TextPrefix, list[n
     if name not in LAYER_STACKS:
         raise ConfigError(f"model.params.train_layers is not supported for {name} "
                           f"(supported: {sorted(LAYER_STACKS)}); leave it unset to fine-tune every layer")
-    layers = LAYER_STACKS.get(name)(model)
-    if not 0 <= n_train <= len(layers):
-        raise ConfigError(f"model.params.train_layers must be in 0..{len(layers)} for this encoder, got {n_train}")
-    cut = len(layers) - n_train
-    return TextPrefix(model, layers, cut), list(layers[cut:])
+    stack = LAYER_STACKS.get(name)(model)
+    if not 0 <= n_train <= len(stack.layers):
+        raise ConfigError(f"model.params.train_layers must be in 0..{len(stack.layers)} for this encoder, "
+                          f"got {n_train}")
+    cut = len(stack.layers) - n_train
+    return TextPrefix(model, stack, cut), stack, list(stack.layers[cut:])
 
 
 @POOLINGS.register("cls")
@@ -178,8 +208,10 @@ class HFTextEncoder(nn.Module):
             self.pretrained_note = PretrainedNote(what, source="weights from the checkpoint")
         self.pool_fn: Callable[..., torch.Tensor] = POOLINGS.get(pooling)
         self.token_dim = self.out_dim = int(self.model.config.hidden_size)
-        prefix, top = split_text_model(self.model, train_layers) if train_layers is not None else (None, [])
+        prefix, stack, top = (split_text_model(self.model, train_layers) if train_layers is not None
+                              else (None, None, []))
         object.__setattr__(self, "prefix", prefix)  # views of self.model's modules, not submodules
+        object.__setattr__(self, "_stack", stack)
         object.__setattr__(self, "_top", top)
 
     def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -194,7 +226,7 @@ class HFTextEncoder(nn.Module):
         """:meth:`tokens` of a batch: the top layers on cached ``text_states`` when it holds them."""
         ids, mask = text_inputs(batch)
         if "text_states" in batch:
-            return run_layers(self.model, self._top, batch["text_states"], mask)
+            return run_layers(self.model, self._stack, self._top, batch["text_states"], mask)
         return self.tokens(ids, mask)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

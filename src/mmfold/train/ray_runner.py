@@ -55,6 +55,11 @@ LEASE_FILE = ".ray-driver.json"
 HEARTBEAT_S = 5.0  # the driver rewrites its lease this often
 STALE_S = 60.0  # a lease this old belongs to a driver that is gone (clocks agree to seconds)
 MAX_RETRIES = 3  # Ray runs a task again this many times when its worker or node dies
+# One unit per worker process, then a fresh one (Ray's own rule for GPU tasks): a cancelled
+# task's Ctrl-C may land inside an import (``torch``, ``transformers``) and leave that module
+# half-made in the worker, which would fail every later unit it ran; and no fold inherits
+# another's threads, affinity or allocator. Costs a process start per (model, fold).
+MAX_CALLS = 1
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 POLL_S = 0.5
 CANCEL_WAIT_S = 120.0  # after Ctrl-C: how long the running folds get to save last.pt
@@ -608,10 +613,11 @@ class _Driver:
         """:meth:`run`'s submitting and waiting."""
         self.events = ray.remote(num_cpus=0)(_Events).remote()
         comp_ref, rows_ref, env = ray.put(self.comp), ray.put(self.fold_of_row), task_environment()
-        task = ray.remote(run_unit)
+        task = ray.remote(max_calls=MAX_CALLS)(run_unit)
         for cfg, unit in units:
             self.left[(unit.model, unit.fold)] += 1
-            options = {"name": str(unit), "max_retries": MAX_RETRIES, "retry_exceptions": False, **task_resources(cfg)}
+            options = {"name": str(unit), "max_retries": MAX_RETRIES, "retry_exceptions": False,
+                       **task_resources(cfg)}
             ref = task.options(**options).remote(unit, cfg, comp_ref, rows_ref, env, self.events, self.calls,
                                                  str(tally))
             self.pending[ref] = unit

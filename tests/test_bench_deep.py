@@ -23,6 +23,7 @@ def demo(project: Path, demo_template: Path) -> Path:
 def test_bench_deep_runs_members_blends_and_writes_the_json(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(deep, "CPU_MEMBERS", {"demo": ["tfidf_lr"]})
     monkeypatch.setattr(deep, "DEEP_MEMBERS", {"demo": ["demo_text"]})
+    monkeypatch.setattr(deep, "WITHOUT", {"demo": ["demo_text"]})
     monkeypatch.setattr(deep, "ONE_FOLD", {"demo": ["demo_image"]})
     monkeypatch.setattr(deep, "TARGETS", {"demo": {"text": 0.0, "blend": 1.01}})
     args = argparse.Namespace(datasets="demo", shared=str(demo / "input"), jobs=2, fresh=False,
@@ -38,12 +39,14 @@ def test_bench_deep_runs_members_blends_and_writes_the_json(demo: Path, monkeypa
     assert r["members"]["demo_text"]["samples_per_s"] > 0  # the engine counts training rows/s
     assert r["blend"]["models"] == ["tfidf_lr", "demo_text"] and 0 < r["blend"]["cv"] <= 1
     assert r["blend_cpu_only"]["models"] == ["tfidf_lr"]
+    assert r["blend_without"]["models"] == ["tfidf_lr"] and r["blend_without"]["without"] == ["demo_text"]
     one = r["one_fold"]["demo_image"]
     assert one["fold"] == 0 and 0 < one["cv"] <= 1 and one["train_s"] > 0
     assert not (demo / "oof" / "demo" / "demo_image.parquet").exists()  # one fold: never collected
     assert r["targets"]["text"]["met"] is True and r["targets"]["blend"]["met"] is False
     md = (demo / "reports" / "bench" / "deep.md").read_text()
     assert "| demo_text | lstm_text | yes |" in md and "MISSED" in md
+    assert "| blend, deep + CPU without demo_text |" in md
     stamp = (demo / "runs" / "demo" / "demo_text" / "fold0" / "done.json").stat().st_mtime_ns
     other = {**r, "date": "earlier"}
     doc["datasets"]["other"] = other

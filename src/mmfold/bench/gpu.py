@@ -475,7 +475,7 @@ def loader_section(check: Check) -> dict[str, Any]:
     cache built (timed once), then the training loader read, copied to the device (pinned,
     non-blocking) and normalised there, with the config's workers and with more."""
     from mmfold.models import build_model
-    from mmfold.train.batches import build_data, fold_loaders
+    from mmfold.train.batches import build_data
 
     cfg, comp, device = check.config("image", gpu=True), check.comp("image"), check.device
     fold = check.folds("image")
@@ -1045,7 +1045,6 @@ def pack_data(cfg: Config, out: Path, photos: int, seed: int) -> dict[str, Any]:
 def half(state: dict[str, Any]) -> dict[str, Any]:
     """Matrices and kernels (two or more dimensions) in fp16, vectors (biases, norms, BatchNorm
     statistics) and integer buffers as they are: half the bytes, within fp16's rounding."""
-    import torch
 
     return {k: v.half().contiguous() if v.is_floating_point() and v.ndim > 1 else v.contiguous()
             for k, v in state.items()}

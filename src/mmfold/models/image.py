@@ -58,6 +58,9 @@ def split_backbone(model: nn.Module, n_train: int) -> tuple[nn.Module, nn.Module
     return BACKBONE_SPLITS.get(name)(model, n_train)
 
 
+WEIGHTS_FIX = "make weights DATA=<data> MODEL=<model>"
+
+
 def close_timm_names(name: str, n: int = 8) -> list[str]:
     """timm's architectures nearest to a misspelt one (``resnet_18`` -> ``resnet18``...), by
     spelling with ``_``/``-`` ignored, since timm writes ``resnet18`` but ``vit_base_patch16_224``."""
@@ -81,20 +84,31 @@ def check_timm_name(name: str) -> None:
         raise ConfigError(f"timm has no model '{name}'; closest: {close_timm_names(name)}")
 
 
-def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any], weights: hub.Resolved | None = None,
-                via_timm: bool = False) -> nn.Module:
+def timm_source(name: str) -> tuple[str | None, str]:
+    """timm's own split of a model name: ``("hf-hub", "org/name@rev")`` for a model that is a hub
+    repo (its ``config.json`` names the architecture), ``("local-dir", folder)`` for such a
+    folder on disk, ``(None, name)`` for a registry name (``convnext_tiny.fb_in22k``)."""
+    from timm.models import parse_model_name
+
+    try:
+        return parse_model_name(name)
+    except ValueError as e:
+        raise ConfigError(f"model.params.backbone: {e}") from e
+
+
+def create_timm(name: str, image_size: int | None, kwargs: dict[str, Any], load: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``, never downloading.
 
-    With ``via_timm``, ``weights`` (a file already on disk) load through timm's own pretrained
-    mechanism (``pretrained_cfg_overlay=dict(file=...)``: its key filters and classifier
-    handling, strict). Models with a fixed input size (ViTs) are built for ``image_size`` when
-    it is set; CNNs take any size and refuse the ``img_size`` argument, so it is only passed to
-    those that accept it.
+    ``load`` holds timm's own pretrained arguments for weights already on disk
+    (``pretrained=True``, and for a file ``pretrained_cfg_overlay=dict(file=...)``: timm's key
+    filters and classifier handling, strict). ``name`` may be a registry name or a
+    ``local-dir:`` folder (a hub snapshot). Models with a fixed input size (ViTs) are built
+    for ``image_size`` when it is set; CNNs take any size and refuse the ``img_size``
+    argument, so it is only passed to those that accept it.
     """
-    check_timm_name(name)
-    base = {**kwargs, "pretrained": False, "num_classes": 0}
-    if via_timm and weights is not None:
-        base.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights.path)})
+    if timm_source(name)[0] is None:
+        check_timm_name(name)
+    base = {**kwargs, "pretrained": False, "num_classes": 0, **(load or {})}
     if image_size:
         try:
             return timm.create_model(name, img_size=image_size, **base)
@@ -139,8 +153,18 @@ def timm_need(name: str, revision: str | None = None) -> hub.Need:
 
 def image_need(p: ModelParams) -> hub.Need | None:
     """What the image backbone loads: ``pretrained_file``, else timm's hub weights, or None
-    with ``pretrained: false`` (written out)."""
+    with ``pretrained: false`` (written out). An ``hf-hub:``/``local-dir:`` backbone always
+    needs its folder: its ``config.json`` is the architecture."""
     name = require(p.backbone, "backbone", "image")
+    source, ident = timm_source(name)
+    if source is not None:
+        if p.pretrained_file:
+            raise ConfigError(f"model.params.backbone {name} brings its own weights: drop pretrained_file, or "
+                              "name the architecture (e.g. convnext_tiny) to load a file into it")
+        if source == "local-dir":
+            return hub.Need(name, path=project_path(ident))
+        repo, _, pinned = ident.partition("@")
+        return hub.Need(name, repo_id=repo, revision=p.revision or pinned or None)
     if p.pretrained_file:
         if not p.pretrained:
             raise ConfigError("model.params.pretrained is false but pretrained_file is set: drop one of them")
@@ -154,19 +178,35 @@ def pretrained_backbone(p: ModelParams, image_size: int | None) -> tuple[nn.Modu
     A hub file loads through timm's own mechanism; a local ``pretrained_file`` through
     :func:`load_pretrained`, which also maps the key names of another implementation."""
     what = f"image backbone {p.backbone}"
+    if timm_source(p.backbone)[0] is not None:
+        return sourced_backbone(p, image_size, what)
     need = image_need(p) if loads_pretrained() else None
     if need is None:
         model = create_timm(p.backbone, image_size, p.timm_kwargs)
         note = PretrainedNote(what) if loads_pretrained() else PretrainedNote(what, source="weights from the checkpoint")
         return model, note
-    weights = hub.require(need, "make weights DATA=<data> MODEL=<model>")
+    weights = hub.require(need, WEIGHTS_FIX)
     if need.repo_id is None:
         model = create_timm(p.backbone, image_size, p.timm_kwargs)
         result = load_pretrained(model, weights.path, strict=p.pretrained_strict)
         return model, PretrainedNote(what, weights.record(), weights.describe(), result.loaded, len(result.missing),
                                      result.missing[:5])
-    model = create_timm(p.backbone, image_size, p.timm_kwargs, weights, via_timm=True)
+    load = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights.path)}}
+    model = create_timm(p.backbone, image_size, p.timm_kwargs, load)
     return model, PretrainedNote(what, weights.record(), weights.describe(), len(model.state_dict()), 0)
+
+
+def sourced_backbone(p: ModelParams, image_size: int | None, what: str) -> tuple[nn.Module, PretrainedNote]:
+    """An ``hf-hub:``/``local-dir:`` backbone, built by timm from the folder on disk (a hub
+    snapshot: never a download), its weights loaded by timm unless ``pretrained: false`` or a
+    checkpoint is about to overwrite them."""
+    folder = hub.require(image_need(p), WEIGHTS_FIX)
+    name = f"local-dir:{folder.path}"
+    if p.pretrained and loads_pretrained():
+        model = create_timm(name, image_size, p.timm_kwargs, {"pretrained": True})
+        return model, PretrainedNote(what, folder.record(), folder.describe(), len(model.state_dict()), 0)
+    model = create_timm(name, image_size, p.timm_kwargs)
+    return model, PretrainedNote(what) if loads_pretrained() else PretrainedNote(what, source="weights from the checkpoint")
 
 
 def data_config(model: nn.Module, image_size: int | None,

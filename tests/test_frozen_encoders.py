@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmfold import hub
-from mmfold.config import load_config
+from mmfold.config import ConfigError, load_config
 from mmfold.cpu import encoders, members
 from mmfold.data.competition import load_competition
 from mmfold.train.needs import check_weights, needs_of
@@ -62,6 +62,11 @@ def test_any_timm_model_embeds_images_with_its_hub_weights(cache: Path) -> None:
     emb = encoders.embed(comp, "train", "timm:test_efficientnet", image_size=32)
     assert emb.shape[0] == len(comp.train) and np.isfinite(emb).all() and emb.std() > 0
     assert members.modalities(member({"encoders": ["timm:test_efficientnet"]})) == {"image"}
+
+
+def test_a_frozen_timm_encoder_by_hub_repo_is_refused_with_the_way_that_works(cache: Path) -> None:
+    with pytest.raises(ConfigError, match=r"registry name with its tag.*model.params.backbone"):
+        encoders.build_encoder("timm:hf-hub:acme/tiny-resnet")
 
 
 def test_a_member_naming_missing_weights_is_refused_listing_all_of_them(cache: Path, tmp_path: Path) -> None:

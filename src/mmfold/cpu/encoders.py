@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, hub, paths
-from mmfold.config import stable_hash
+from mmfold.config import ConfigError, stable_hash
 from mmfold.cpu.threads import available_cores, torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError
@@ -219,8 +219,12 @@ def timm_image(model: str, image_size: int | None = None, batch_size: int = 32, 
     keep objects at the edges, and a crop would silently drop them.
     """
     from mmfold.models.base import ModelParams
-    from mmfold.models.image import image_need
+    from mmfold.models.image import image_need, timm_source
 
+    if timm_source(model)[0] is not None:  # its preprocessing would need the snapshot before `make weights`
+        raise ConfigError(f"frozen encoder timm:{model}: a frozen timm encoder takes a registry name with its tag "
+                          "(timm:convnext_nano.in12k_ft_in1k) or pretrained_file; hf-hub:/local-dir: backbones "
+                          "are for fine-tuned members (model.params.backbone)")
     params = ModelParams(backbone=model, pretrained_file=pretrained_file, revision=revision)
     cfg = _timm_data_config(model)
     size = int(image_size or cfg["input_size"][-1])

@@ -21,6 +21,7 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -231,23 +232,26 @@ def test_no_submission_left_today_is_refused_before_any_upload(
     same()
 
 
-def test_a_daily_limit_kaggle_reports_on_submit_is_one_line_and_nothing_is_logged(
-        mmfold: Run, server: tuple[Kaggle, str], logged: Path) -> None:
-    state, _ = server
+def _older_server_at_its_daily_limit(state: Any) -> None:
     state.limits_endpoint, state.allowed_today = False, 0  # an older server: the refusal comes at submit
-    same = unchanged("d")
-    one_line_error(mmfold("submit", "--data", "d", "--name", "s0", "--kaggle"), "HTTP 400",
-                   "used its daily submission allowance")
-    same()
 
 
-def test_a_format_error_is_kaggles_own_words_in_one_line_and_nothing_is_logged(
-        mmfold: Run, server: tuple[Kaggle, str], logged: Path) -> None:
-    state, _ = server
+def _expects_another_header(state: Any) -> None:
     state.competitions[SLUG].header = "Id,Predicted"
+
+
+@pytest.mark.parametrize("arrange, words", [
+    (_older_server_at_its_daily_limit, ("HTTP 400", "used its daily submission allowance")),
+    (_expects_another_header, ("Kaggle could not score submission",
+                               "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'")),
+], ids=["daily limit at submit", "format error"])
+def test_a_refusal_at_submit_is_kaggles_own_words_in_one_line_and_nothing_is_logged(
+        mmfold: Run, server: tuple[Kaggle, str], logged: Path, arrange: Callable[[Any], None],
+        words: tuple[str, str]) -> None:
+    state, _ = server
+    arrange(state)
     same = unchanged("d")
-    one_line_error(mmfold("submit", "--data", "d", "--name", "s0", "--kaggle"), "Kaggle could not score submission",
-                   "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'")
+    one_line_error(mmfold("submit", "--data", "d", "--name", "s0", "--kaggle"), *words)
     same()
 
 

@@ -122,11 +122,14 @@ device-carry: setup weights  ## what a lent GPU machine needs for bench-gpu -> .
 bench-predict: setup weights  ## new test set without retraining + offline bundle, on trained members of DATA (default comp5329) -> reports/bench/predict.{json,md}
 	$(MMFOLD) bench-predict --data $(if $(filter demo,$(DATA)),comp5329,$(DATA)) $(ARGS)
 
+# the suite runs its test files in parallel over the cores this process may use (pytest-xdist,
+# one file per worker at a time: module fixtures are built once); TEST_JOBS=0 runs it serially
+TEST_JOBS ?= auto
 test: setup  ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 test-fast: setup  ## tests without the slow ones
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow" $(ARGS)
 
 # MMFOLD_HOME / MMFOLD_CACHE move the project root / the cache, as they do for every mmfold command
 DEMO_ROOT = $(or $(MMFOLD_HOME),.)

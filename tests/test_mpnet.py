@@ -260,3 +260,36 @@ def test_mpnet_member_without_its_weights_is_refused_naming_them(tmp_path: Path,
     assert cfg.model.params["encoders"] == ["mpnet"]
     with pytest.raises(MissingWeights, match=r"weights/mpnet"):
         check_weights([cfg], "demo")
+
+
+@pytest.mark.slow
+def test_mpnet_ft_trains_its_top_layer_on_cached_states_and_keeps_the_rest(tmp_path: Path, project: Path) -> None:
+    """configs/models/mpnet_ft.yaml as shipped, with a tiny MPNet at weights/mpnet: the top
+    layer and the head learn; the embeddings, lower layers and the relative position bias (the
+    cached prefix) stay as loaded."""
+    from mmfold.config import load_config
+    from mmfold.data.competition import load_competition
+    from mmfold.train.loop import train_fold
+    from tests.conftest import write_competition
+    from tests.tiny import make_tiny_mpnet
+
+    make_tiny_mpnet(project / "weights" / "mpnet")
+    write_competition(project, n_train=24, n_test=0, n_labels=4)
+    cfg = load_config("tiny", "mpnet_ft", ["train.epochs=3", "train.batch_size=8", "train.max_len=16",
+                                           "train.patience=0", "train.threads=1", "train.progress=false"])
+    assert cfg.model.params["text_model"] == "weights/mpnet" and cfg.model.params["train_layers"] == 1
+    comp = load_competition(cfg.data, use_saved=False)
+    before = {k: v.clone() for k, v in _load_state(project / "weights" / "mpnet").items()}
+    train_fold(cfg, comp, (np.arange(24) >= 4).astype(int), 0, tmp_path / "run")
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    text = {k.split("model.", 1)[1]: v for k, v in after.items() if ".model." in f".{k}" and "encoder" in k}
+    moved = {k for k, v in before.items() if k in text and not torch.equal(text[k], v)}
+    assert moved and all(k.startswith("encoder.layer.2.") for k in moved), sorted(moved)
+    assert "encoder.relative_attention_bias.weight" in text and not any("embeddings" in k for k in moved)
+    assert list(project.glob("cache/tiny/prefix_text_states_*")), "the lower states were not cached"
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))

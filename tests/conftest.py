@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,20 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     return root
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_left_as_found() -> Iterator[None]:
+    """Every test leaves this process's Ctrl-C and SIGTERM handling as it found it: a handler
+    (or SIG_IGN) left behind makes a later test's Ctrl-C do nothing, and it is inherited by the
+    processes later tests start. The test that leaves one fails, naming it; the handler is put
+    back either way."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    yield
+    left = {s: signal.getsignal(s) for s in STOP_SIGNALS if signal.getsignal(s) is not before[s]}
+    for s in left:
+        signal.signal(s, before[s])
+    assert not left, f"this test left signal handlers changed: {[(signal.Signals(s).name, h) for s, h in left.items()]}"

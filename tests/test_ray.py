@@ -202,6 +202,9 @@ def test_a_worker_killed_mid_fold_is_retried_and_resumes_from_its_checkpoint(fol
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_tasks_and_leaves_every_fold_resumable(folded: Path, ray_local, capsys) -> None:
     args = ["train", "--data", "tiny", "--model", "demo_text", "--ray", "local", *TORCH, "train.epochs=200"]
+    # what an earlier test in this process may have left: Ctrl-C must raise here
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     watcher = _when(_trained_an_epoch("demo_text", 0), lambda: os.kill(os.getpid(), signal.SIGINT))
     assert main(args) == 130
     watcher.join()

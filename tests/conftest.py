@@ -122,6 +122,17 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_a_terminal_gives_it() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the test process and its children, as at a terminal.
+
+    A shell without job control starts a background command (`make test &`, `nohup ... &`)
+    with SIGINT ignored, and Python keeps an inherited SIG_IGN: the Ctrl-C tests would then
+    press a key nobody listens to, and pass it on to every process they start."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _stop_signals_left_as_found() -> Iterator[None]:
     """Every test leaves this process's Ctrl-C and SIGTERM handling as it found it: a handler

@@ -44,7 +44,7 @@ WITHOUT = {"comp5329": ["mpnet_mlp", "mpnet_ft"]}
 ONE_FOLD = {"fashion": ["effnet_lite1_ft", "effnet_lite2_ft", "effnet_minilm_hybrid_ft"], "comp5329": []}
 # the issue's targets (honest nested-CV samples-F1)
 TARGETS = {"fashion": {"image": 0.87, "fusion": 0.955, "blend": 0.960},
-           "comp5329": {"text": 0.872, "blend": 0.880}}
+           "comp5329": {"text": 0.875, "blend": 0.880}}  # issue 24: text 0.875 (was 0.872)
 
 
 def machine() -> str:

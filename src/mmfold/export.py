@@ -105,8 +105,9 @@ def weight_files(cfg: Config, state: Any) -> list[Path]:
 def hub_weights(cfg: Config, state: Any) -> list[Any]:
     """Hub weights (:class:`mmfold.hub.Resolved`) a member reads while predicting: a torch
     kind's Hugging Face text model (its config and tokenizer; a timm registry backbone is
-    rebuilt from ``best.pt`` alone, an ``hf-hub:`` one from its snapshot's config), or the frozen encoders a CPU member embeds with (from ``state``,
-    a fold's fitted member). They travel in the bundle's own hub cache."""
+    rebuilt from ``best.pt`` alone, an ``hf-hub:`` one from its snapshot's config), or the
+    frozen encoders a CPU member embeds with (from ``state``, a fold's fitted member). They
+    travel in the bundle's own hub cache."""
     from mmfold.cpu.members import MEMBERS
 
     if cfg.model.kind in MEMBERS:

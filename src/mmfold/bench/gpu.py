@@ -1045,7 +1045,6 @@ def pack_data(cfg: Config, out: Path, photos: int, seed: int) -> dict[str, Any]:
 def half(state: dict[str, Any]) -> dict[str, Any]:
     """Matrices and kernels (two or more dimensions) in fp16, vectors (biases, norms, BatchNorm
     statistics) and integer buffers as they are: half the bytes, within fp16's rounding."""
-
     return {k: v.half().contiguous() if v.is_floating_point() and v.ndim > 1 else v.contiguous()
             for k, v in state.items()}
 

@@ -25,7 +25,8 @@ per-fold delta against the plain blend is paired:
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
 recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
-replaces) plus its blend's seconds minus the plain blend's. Written to
+replaces, kept as recorded in the row's ``train_s``) plus its blend's seconds minus the plain
+blend's; timing noise below zero (a busy machine) counts as 0. Written to
 ``reports/<data>/levers.{json,md}`` (``--out``); ``--bench`` (``make bench-levers``) writes the
 committed ``docs/bench/levers.{json,md}`` instead, one entry per dataset merged with the others,
 and takes only the datasets shipped with mmfold (:data:`BENCH_DATA`): a competition of one's
@@ -137,6 +138,13 @@ def train_seconds(data: str, model: str, folds: np.ndarray) -> float:
 def _blend_extra(ctx: Context, b: Blended) -> float:
     """A lever blend's seconds beyond the plain blend's (timing noise below zero counts as 0)."""
     return max(0.0, b.blend_s - ctx.plain_s)
+
+
+def member_row(ctx: Context, b: Blended, train_s: float, note: str = "") -> dict[str, Any]:
+    """A member lever's row: its cost is the training seconds its members recorded beyond the
+    plain blend's (``train_s``, kept as recorded: a swapped-in model can train faster than the
+    one it replaces on a busy machine) plus its blend's extra; noise below zero counts as 0."""
+    return row(ctx, b, max(0.0, train_s) + _blend_extra(ctx, b), note) | {"train_s": round(float(train_s), 1)}
 
 
 def row(ctx: Context, b: Blended, extra_s: float, note: str = "") -> dict[str, Any]:
@@ -259,7 +267,7 @@ def _added(ctx: Context, name: str, extra: list[str], **blend: Any) -> None:
     cost = train_members(ctx, extra)
     b = nested(ctx, ctx.models + extra, **blend)[""]
     note = f"blend.method {blend['method']}" if blend.get("method", ctx.cfg.blend.method) != ctx.cfg.blend.method else ""
-    ctx.results[name] = row(ctx, b, cost + _blend_extra(ctx, b), note)
+    ctx.results[name] = member_row(ctx, b, cost, note)
 
 
 @LEVERS.register("seeds")
@@ -271,7 +279,7 @@ def seeds(ctx: Context) -> None:
         return
     cost = train_members(ctx, list(swap.values())) - sum(train_seconds(ctx.data, m, ctx.folds) for m in swap)
     b = nested(ctx, [swap.get(m, m) for m in ctx.models])[""]
-    ctx.results["seeds"] = row(ctx, b, cost + _blend_extra(ctx, b))
+    ctx.results["seeds"] = member_row(ctx, b, cost)
 
 
 @LEVERS.register("all")
@@ -289,7 +297,7 @@ def all_levers(ctx: Context) -> None:
     if decoder in SAMPLES_ONLY_DECODERS and ctx.cfg.data.metric != "samples":
         decoder, why = "thresholds", f" (levers.decoder {lv.decoder} {samples_only(ctx.cfg.data.metric)})"
     b = nested(ctx, models, decoder=decoder, calibration="platt", method=method)[""]
-    ctx.results["all"] = row(ctx, b, cost + _blend_extra(ctx, b), f"decoder {decoder}{why}, blend.method {method}")
+    ctx.results["all"] = member_row(ctx, b, cost, f"decoder {decoder}{why}, blend.method {method}")
 
 
 # ------------------------------------------------------------------------------- command

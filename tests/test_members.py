@@ -171,6 +171,18 @@ def test_label_without_training_positives_predicts_its_prior() -> None:
     assert head.constant_labels_ == [2] and (p[:, 2] == 0).all() and p.shape == (5, 3)
 
 
+def test_liblinear_logistic_head_repeats_whatever_numpy_global_random_state_is() -> None:
+    """tfidf_lr's head (liblinear, dual) shuffles its coordinates: seeded, so two fits agree."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(60, 20)), (rng.random((60, 3)) < 0.4).astype(np.uint8)
+    probs = []
+    for state in (1, 2):
+        np.random.seed(state)  # liblinear drew its seed from here when unseeded
+        head = heads.logreg_head(C=2.0, solver="liblinear", dual=True, max_iter=3).fit(X, Y)
+        probs.append(head.predict_proba(X))
+    assert np.array_equal(*probs)
+
+
 def test_thread_counts_come_from_the_machine_and_do_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cores are the process's (affinity), not a constant; torch's count is set for the fit only."""
     import os

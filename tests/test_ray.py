@@ -36,8 +36,7 @@ from tests.conftest import captured, write_competition
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'mmfold[ray]')")
 TORCH = ["train.epochs=2", "train.progress=false", "train.threads=1", "train.batch_size=16"]
 SEEDED = "text_seeds"  # demo_text trained with train.seeds: [1, 2]: one Ray task per seed
-# tfidf_lr with the lbfgs solver: liblinear draws its shuffling seed from numpy's global RNG, so
-# tfidf_lr itself differs in its last digits from one plain run to the next (reported)
+# tfidf_lr with the lbfgs solver: a deterministic CPU member on the tiny data
 MEMBER = "tfidf_lbfgs"
 
 

@@ -76,3 +76,24 @@ def add_timm_model(cache: Path, name: str, seed: int = 0, revisions: tuple[str, 
     commit = add_snapshot(cache, repo, {"model.safetensors": save(sd), "config.json": b'{"architecture": "x"}'},
                           revisions)
     return commit, sd
+
+
+def add_timm_folder(cache: Path, repo_id: str, arch: str = "test_resnet", seed: int = 0) -> tuple[str, dict]:
+    """A timm model saved as timm saves for the hub (``save_for_hf``: config.json naming the
+    architecture and its preprocessing + model.safetensors), as ``repo_id`` in the cache.
+
+    Returns:
+        ``(commit, state dict)``.
+    """
+    import tempfile
+
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(model, tmp, safe_serialization=True)
+        commit = add_snapshot(cache, repo_id, folder_files(Path(tmp)))
+    return commit, model.state_dict()

@@ -17,7 +17,7 @@ from mmfold.config import ConfigError, load_config
 from mmfold.cpu import encoders, members
 from mmfold.data.competition import load_competition
 from mmfold.train.needs import check_weights, needs_of
-from tests.hubcache import add_snapshot, add_timm_model, folder_files
+from tests.hubcache import add_snapshot, add_timm_folder, add_timm_model, folder_files
 from tests.tiny import make_tiny_bert
 
 
@@ -64,9 +64,46 @@ def test_any_timm_model_embeds_images_with_its_hub_weights(cache: Path) -> None:
     assert members.modalities(member({"encoders": ["timm:test_efficientnet"]})) == {"image"}
 
 
-def test_a_frozen_timm_encoder_by_hub_repo_is_refused_with_the_way_that_works(cache: Path) -> None:
-    with pytest.raises(ConfigError, match=r"registry name with its tag.*model.params.backbone"):
-        encoders.build_encoder("timm:hf-hub:acme/tiny-resnet")
+def test_a_timm_model_that_is_a_hub_repo_embeds_with_its_snapshots_weights_and_preprocessing(cache: Path) -> None:
+    """``timm:hf-hub:org/x`` (a model published with timm's save_for_hf): built from the cached
+    snapshot's config.json, its weights and its own mean/std; building the encoder reads nothing,
+    so make weights can name it before the fetch."""
+    import timm
+    import torch
+
+    pending = encoders.build_encoder("timm:hf-hub:acme/tiny-resnet", image_size=32)
+    assert (pending.need.repo_id, pending.modality) == ("acme/tiny-resnet", "image")  # nothing in the cache yet
+    commit, sd = add_timm_folder(cache, "acme/tiny-resnet", seed=4)
+    comp = load_competition(load_config("tiny").data)
+    emb = encoders.embed(comp, "train", "timm:hf-hub:acme/tiny-resnet", image_size=32)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")})
+    cfg = timm.data.resolve_model_data_config(model)
+    files = [comp.image_path(i) for i in comp.ids("train")[:3]]
+    x = torch.from_numpy(np.stack([encoders.load_rgb(f, 32) for f in files])).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = model.eval()(x).numpy()
+    np.testing.assert_allclose(emb[:3], expected, rtol=1e-4, atol=1e-5)
+    assert encoders.build_encoder("timm:hf-hub:acme/tiny-resnet").resolved().record()["revision"] == commit
+
+
+def test_a_timm_model_in_a_local_folder_embeds_and_another_snapshot_is_another_cache(cache: Path,
+                                                                                    tmp_path: Path) -> None:
+    import shutil
+
+    add_timm_folder(cache, "acme/one", seed=1)
+    add_timm_folder(cache, "acme/two", seed=2)
+    comp = load_competition(load_config("tiny").data)
+    one = encoders.embed(comp, "train", "timm:hf-hub:acme/one", image_size=32)
+    shutil.copytree(encoders.build_encoder("timm:hf-hub:acme/one").weights, tmp_path / "mine")
+    mine = encoders.embed(comp, "train", f"timm:local-dir:{tmp_path / 'mine'}", image_size=32)
+    assert np.array_equal(one, mine)  # the same weights from a folder: the same embeddings
+    two = encoders.build_encoder("timm:hf-hub:acme/two", image_size=32)
+    assert encoders.cache_file(comp, "train", two) != encoders.cache_file(
+        comp, "train", encoders.build_encoder("timm:hf-hub:acme/one", image_size=32))
+    with pytest.raises(ConfigError, match="brings its own weights"):
+        encoders.build_encoder("timm:hf-hub:acme/one", pretrained_file="w.pth")
 
 
 def test_a_member_naming_missing_weights_is_refused_listing_all_of_them(cache: Path, tmp_path: Path) -> None:

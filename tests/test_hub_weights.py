@@ -18,7 +18,7 @@ from mmfold.config import Config, ConfigError
 from mmfold.models import build_model, weight_needs
 from mmfold.models.base import parse_params
 from mmfold.models.tokenizers import hf_tokenizer
-from tests.hubcache import add_snapshot, add_timm_model, folder_files
+from tests.hubcache import add_snapshot, add_timm_folder, add_timm_model, folder_files
 from tests.tiny import make_tiny_bert, tiny_params
 
 CLASSES = ["a", "b", "c"]
@@ -186,22 +186,6 @@ def test_a_fusion_member_loads_both_encoders_from_the_cache(cache: Path, tmp_pat
     assert all(torch.equal(text[k], v) for k, v in AutoModel.from_pretrained(str(folder)).state_dict().items()
                if k in text)
     assert [n.record["repo_id"] for n in model.pretrained_notes()] == ["timm/test_efficientnet.r160_in1k", "org/bert"]
-
-
-def add_timm_folder(cache: Path, repo_id: str, arch: str = "test_resnet", seed: int = 0) -> tuple[str, dict]:
-    """A timm model saved as timm saves for the hub (``save_for_hf``: config.json naming the
-    architecture + model.safetensors), as ``repo_id`` in the cache."""
-    import tempfile
-
-    import timm
-    from timm.models import save_for_hf
-
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_for_hf(model, tmp, safe_serialization=True)
-        commit = add_snapshot(cache, repo_id, folder_files(Path(tmp)))
-    return commit, model.state_dict()
 
 
 def test_an_hf_hub_backbone_is_built_by_timm_from_the_cached_snapshot(cache: Path) -> None:

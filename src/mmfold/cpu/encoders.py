@@ -212,25 +212,29 @@ def _mean_pool(hidden: Any, mask: Any) -> Any:
 @FAMILIES.register("timm")
 def timm_image(model: str, image_size: int | None = None, batch_size: int = 32, pretrained_file: str | None = None,
                revision: str | None = None, name: str | None = None) -> Encoder:
-    """Any timm model's pooled features (timm's hub weights from the cache, or a local file).
+    """Any timm model's pooled features: a registry name with its tag (timm's hub weights from
+    the cache, or a local file), or a model that is a hub repo / folder (``hf-hub:org/x``,
+    ``local-dir:path``, as timm names them).
 
-    Preprocessing (size, mean, std) comes from ``timm.data.resolve_model_data_config``.
-    Images are resized whole to a square instead of centre-cropped: product and scene photos
-    keep objects at the edges, and a crop would silently drop them.
+    Preprocessing (size, mean, std) comes from ``timm.data.resolve_model_data_config``; for a
+    hub repo or folder it is in the snapshot's ``config.json``, read when the encoder first runs
+    (building the encoder reads no weights, so ``make weights`` can list it before the fetch;
+    the cache key holds the snapshot's commit, hence its preprocessing). Images are resized
+    whole to a square instead of centre-cropped: product and scene photos keep objects at the
+    edges, and a crop would silently drop them.
     """
     from mmfold.models.base import ModelParams
     from mmfold.models.image import image_need, timm_source
 
-    if timm_source(model)[0] is not None:  # its preprocessing would need the snapshot before `make weights`
-        raise ConfigError(f"frozen encoder timm:{model}: a frozen timm encoder takes a registry name with its tag "
-                          "(timm:convnext_nano.in12k_ft_in1k) or pretrained_file; hf-hub:/local-dir: backbones "
-                          "are for fine-tuned members (model.params.backbone)")
     params = ModelParams(backbone=model, pretrained_file=pretrained_file, revision=revision)
-    cfg = _timm_data_config(model)
-    size = int(image_size or cfg["input_size"][-1])
-    settings = {"model": model, "image_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-                "resize": "squash"}
-    enc = Encoder(name or f"timm:{model}", "image", image_need(params), settings)
+    need = image_need(params)
+    settings: dict[str, Any] = {"model": model, "image_size": image_size, "resize": "squash"}
+    if timm_source(model)[0] is None:  # built without weights: the registry knows its preprocessing
+        import timm
+
+        cfg = _data_config_of(timm.create_model(model, pretrained=False, num_classes=0))
+        settings.update(image_size=int(image_size or cfg["image_size"]), mean=cfg["mean"], std=cfg["std"])
+    enc = Encoder(name or f"timm:{model}", "image", need, settings)
     enc.encode = lambda files: _encode_timm(params, files, settings, batch_size, enc.name)
     return enc
 
@@ -243,11 +247,12 @@ def effnet_lite0(image_size: int | None = None, batch_size: int = 32) -> Encoder
                       name="effnet_lite0")
 
 
-def _timm_data_config(model: str) -> dict[str, Any]:
-    """The model's own preprocessing settings (no weights needed)."""
+def _data_config_of(model: Any) -> dict[str, Any]:
+    """A timm model's own preprocessing (size, mean, std), as the encoder's settings keep it."""
     import timm
 
-    return timm.data.resolve_model_data_config(timm.create_model(model, pretrained=False, num_classes=0))
+    cfg = timm.data.resolve_model_data_config(model)
+    return {"image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def _encode_timm(params: Any, files: list[Path], settings: dict[str, Any], batch_size: int, desc: str) -> np.ndarray:
@@ -260,16 +265,25 @@ def _encode_timm(params: Any, files: list[Path], settings: dict[str, Any], batch
     from mmfold.models.image import pretrained_backbone
 
     model = pretrained_backbone(params, None)[0].eval().to(memory_format=torch.channels_last)
-    mean = torch.tensor(settings["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(settings["std"]).view(1, 3, 1, 1)
+    size, mean, std = _preprocessing(model, settings)
     out = np.zeros((len(files), model.num_features), dtype=np.float32)
     with torch.inference_mode():
         for idx in _progress(canonical_batches(len(files), batch_size), desc):
-            pixels = torch.from_numpy(np.stack([load_rgb(files[i], settings["image_size"]) for i in idx]))
+            pixels = torch.from_numpy(np.stack([load_rgb(files[i], size) for i in idx]))
             x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
             keep = ~is_filler(idx)
             out[idx[keep]] = model(x.contiguous(memory_format=torch.channels_last)).numpy()[keep]
     return out
+
+
+def _preprocessing(model: Any, settings: dict[str, Any]) -> tuple[int, Any, Any]:
+    """Input size and ``(1, 3, 1, 1)`` mean/std: the settings' (a registry name's, known when
+    the encoder was built), else the built model's own data config (a hub repo or folder)."""
+    import torch
+
+    cfg = settings if "mean" in settings else _data_config_of(model)
+    size = settings["image_size"] or cfg["image_size"]
+    return int(size), torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:

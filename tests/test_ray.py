@@ -288,6 +288,14 @@ def test_resources_a_member_asks_for_cpus_only_and_typos_are_refused(folded: Pat
 
 
 @needs_ray
+def test_local_tasks_run_at_the_drivers_priority(ray_local) -> None:
+    """Ray starts workers at niceness 15; beside any other work a local run's folds starved."""
+    import os
+
+    niceness = ray_local.remote(lambda: os.nice(0))
+    assert ray_local.get(niceness.remote()) == os.nice(0)
+
+
 def test_a_request_no_node_of_a_local_instance_has_is_refused(folded: Path, ray_local, capsys) -> None:
     """A GPU asked of this GPU-less machine: Ray would keep the task waiting for ever."""
     assert main(["train", "--data", "tiny", "--model", "demo_text", "--ray", "local", "train.resources.num_gpus=1"]) == 2

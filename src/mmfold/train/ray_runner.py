@@ -146,11 +146,14 @@ def start_local(ray: Any, num_cpus: int, namespace: str = "mmfold", tries: int =
     :func:`import_ray` with ``local=True`` first: loopback only).
 
     Ray gives its raylet 30 s to register; on a machine other work keeps busy that can run
-    out, so a failed start is tried once more from scratch.
+    out, so a failed start is tried once more from scratch. Ray starts its workers at niceness
+    15 (a cluster node's default: they yield to whatever else the machine runs); here the
+    tasks are the training the user asked for, so they run at the driver's priority.
     """
     for attempt in range(1, tries + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, namespace=namespace, log_to_driver=True)
+            ray.init(address="local", num_cpus=num_cpus, namespace=namespace, log_to_driver=True,
+                     _system_config={"worker_niceness": 0})
             return
         except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for a start that timed out
             ray.shutdown()

@@ -7,6 +7,7 @@ cache, and a member that names weights missing from the cache is refused before 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,15 @@ def test_a_timm_model_in_a_local_folder_embeds_and_another_snapshot_is_another_c
     two = encoders.build_encoder("timm:hf-hub:acme/two", image_size=32)
     assert encoders.cache_file(comp, "train", two) != encoders.cache_file(
         comp, "train", encoders.build_encoder("timm:hf-hub:acme/one", image_size=32))
+    config = tmp_path / "mine" / "config.json"  # its preprocessing edited, the file's size kept
+    before = config.read_text()
+    doc = json.loads(before)
+    doc["pretrained_cfg"]["mean"] = [0.4, 0.5, 0.5]
+    config.unlink()  # a copy of the cache's symlinked blob: write a file of its own
+    config.write_text(json.dumps(doc, indent=2))
+    assert len(config.read_text()) == len(before)
+    edited = encoders.embed(comp, "train", f"timm:local-dir:{tmp_path / 'mine'}", image_size=32)
+    assert not np.allclose(edited, mine)  # not the first folder's cached rows
     with pytest.raises(ConfigError, match="brings its own weights"):
         encoders.build_encoder("timm:hf-hub:acme/one", pretrained_file="w.pth")
 

@@ -296,6 +296,7 @@ def test_local_tasks_run_at_the_drivers_priority(ray_local) -> None:
     assert ray_local.get(niceness.remote()) == os.nice(0)
 
 
+@needs_ray
 def test_a_request_no_node_of_a_local_instance_has_is_refused(folded: Path, ray_local, capsys) -> None:
     """A GPU asked of this GPU-less machine: Ray would keep the task waiting for ever."""
     assert main(["train", "--data", "tiny", "--model", "demo_text", "--ray", "local", "train.resources.num_gpus=1"]) == 2

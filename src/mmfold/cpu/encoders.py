@@ -50,6 +50,9 @@ class Encoder:
         need: The weights, as named (a hub repo or a local path), looked up when first used.
         settings: Everything else that changes the output (max_len, pooling, image size...).
         encode: ``encode(items) -> (N, D) float32`` for captions or image paths.
+        read_at_encode: Files of the weights folder the encoder reads settings from when it
+            runs (a timm hub model's ``config.json``: its preprocessing); their content, not
+            only their size, keys the cache, so a local folder's edited config is a new cache.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Encoder:
     need: hub.Need
     settings: dict[str, Any] = field(default_factory=dict)
     encode: Callable[[list[Any]], np.ndarray] | None = None
+    read_at_encode: tuple[str, ...] = ()
 
     def resolved(self) -> hub.Resolved:
         """The weights on disk (the hub cache or the local path), or :class:`hub.MissingWeights`."""
@@ -135,8 +139,11 @@ def _weights_key(enc: Encoder) -> dict[str, Any]:
     path = res.path
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     record = {k: v for k, v in res.record().items() if k not in ("name", "source")}
-    return {"record": record, "files": {p.name: p.stat().st_size for p in files
-                                        if p.suffix in (".safetensors", ".pth", ".bin", ".json", "")}}
+    key = {"record": record, "files": {p.name: p.stat().st_size for p in files
+                                       if p.suffix in (".safetensors", ".pth", ".bin", ".json", "")}}
+    if enc.read_at_encode:
+        key["content"] = {f: hub.file_sha256(path / f) for f in enc.read_at_encode if (path / f).is_file()}
+    return key
 
 
 # -------------------------------------------------------------------------------- encoders
@@ -219,7 +226,7 @@ def timm_image(model: str, image_size: int | None = None, batch_size: int = 32, 
     Preprocessing (size, mean, std) comes from ``timm.data.resolve_model_data_config``; for a
     hub repo or folder it is in the snapshot's ``config.json``, read when the encoder first runs
     (building the encoder reads no weights, so ``make weights`` can list it before the fetch;
-    the cache key holds the snapshot's commit, hence its preprocessing). Images are resized
+    the cache key holds that file's content, see :attr:`Encoder.read_at_encode`). Images are resized
     whole to a square instead of centre-cropped: product and scene photos keep objects at the
     edges, and a crop would silently drop them.
     """
@@ -234,7 +241,8 @@ def timm_image(model: str, image_size: int | None = None, batch_size: int = 32, 
 
         cfg = _data_config_of(timm.create_model(model, pretrained=False, num_classes=0))
         settings.update(image_size=int(image_size or cfg["image_size"]), mean=cfg["mean"], std=cfg["std"])
-    enc = Encoder(name or f"timm:{model}", "image", need, settings)
+    read = () if "mean" in settings else ("config.json",)
+    enc = Encoder(name or f"timm:{model}", "image", need, settings, read_at_encode=read)
     enc.encode = lambda files: _encode_timm(params, files, settings, batch_size, enc.name)
     return enc
 

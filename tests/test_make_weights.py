@@ -100,31 +100,38 @@ def test_a_run_with_missing_weights_stops_before_any_fold_names_them_all(run_pro
 @pytest.mark.slow
 def test_a_bundle_carries_its_hub_weights_and_predicts_with_an_empty_cache_offline(
         tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A torch text model and a frozen encoder named by repo id: the bundle copies what they
-    read while predicting into its own hub cache and predicts with HF_HUB_OFFLINE=1 and an
-    empty user cache, the same submission as the project's blend."""
+    """A torch text model and frozen encoders named by repo id (a sentence encoder, and a timm
+    model that is a hub repo): the bundle copies what they read while predicting into its own
+    hub cache and predicts with HF_HUB_OFFLINE=1 and an empty user cache, the same submission
+    as the project's blend."""
     import shutil
 
     import pandas as pd
 
     from mmfold import paths
     from mmfold.cli import main
-    from tests.hubcache import add_snapshot
+    from tests.hubcache import add_snapshot, add_timm_folder
 
     cache = tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     add_snapshot(cache, "org/tiny-bert", folder_files(make_tiny_bert(tmp_path / "bert")))
+    add_timm_folder(cache, "acme/tiny-resnet")
     root = paths.root()
     txt = {"kind": "text", "params": {"text_model": "org/tiny-bert", "pooling": "mean", "hidden": 0, "dropout": 0.0}}
     (root / "configs" / "models" / "txt.yaml").write_text(yaml.safe_dump(
         {"model": txt, "train": {"epochs": 1, "batch_size": 16, "max_len": 16, "progress": False}}))
     (root / "configs" / "models" / "emb.yaml").write_text(yaml.safe_dump({"model": MODELS["emb"]}))
+    timm_enc = "timm:hf-hub:acme/tiny-resnet"
+    img = {"kind": "frozen_embed", "params": {"encoders": [timm_enc], "head": "logreg",
+                                              "encoder_settings": {timm_enc: {"image_size": 32}}}}
+    (root / "configs" / "models" / "img_emb.yaml").write_text(yaml.safe_dump({"model": img}))
     assert main(["folds", "--data", "tiny"]) == 0
-    assert main(["train", "--data", "tiny", "--model", "txt,emb"]) == 0
-    assert main(["blend", "--data", "tiny", "--name", "b", "--models", "txt,emb", "blend.n_trials=2"]) == 0
+    assert main(["train", "--data", "tiny", "--model", "txt,emb,img_emb"]) == 0
+    assert main(["blend", "--data", "tiny", "--name", "b", "--models", "txt,emb,img_emb", "blend.n_trials=2"]) == 0
     assert main(["export", "--data", "tiny", "--name", "b", "--out", str(root / "bundle")]) == 0
     bundle = Path(shutil.move(str(root / "bundle"), tmp_path / "elsewhere" / "bundle"))
     assert (bundle / "hub" / "models--org--tiny-bert" / "refs" / "main").is_file()
+    assert (bundle / "hub" / "models--acme--tiny-resnet" / "refs" / "main").is_file()
     env = {k: v for k, v in os.environ.items() if k not in ("MMFOLD_HOME", "PYTHONPATH")}
     env.update(HF_HUB_CACHE=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, str(bundle / "predict.py"), "--test", str(tiny / "test.csv"),

@@ -24,9 +24,9 @@ per-fold delta against the plain blend is paired:
   said in its note, where the metric is not samples-F1).
 
 ``extra_s`` is what a lever costs beyond the plain blend: the training seconds its members
-recorded (``done.json``, every fold; for a swapped-in model, the extra over the model it
-replaces, kept as recorded in the row's ``train_s``) plus its blend's seconds minus the plain
-blend's; timing noise below zero (a busy machine) counts as 0. Written to
+recorded (``done.json``, every fold; for a multi-seed model swapped in, its seeds but one, so
+the cost never compares timings of two runs; the row's ``train_s``) plus its blend's seconds
+minus the plain blend's; timing noise below zero (a busy machine) counts as 0. Written to
 ``reports/<data>/levers.{json,md}`` (``--out``); ``--bench`` (``make bench-levers``) writes the
 committed ``docs/bench/levers.{json,md}`` instead, one entry per dataset merged with the others,
 and takes only the datasets shipped with mmfold (:data:`BENCH_DATA`): a competition of one's
@@ -129,10 +129,16 @@ def train_members(ctx: Context, models: list[str]) -> float:
     return sum(train_seconds(ctx.data, m, ctx.folds) for m in models)
 
 
-def train_seconds(data: str, model: str, folds: np.ndarray) -> float:
-    """Seconds a model's folds recorded when trained (``done.json``)."""
-    return sum(fold_seconds(json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text()))
-               for k in np.unique(folds))
+def train_seconds(data: str, model: str, folds: np.ndarray, extra_seeds_only: bool = False) -> float:
+    """Seconds a model's folds recorded when trained (``done.json``); ``extra_seeds_only``: the
+    share of all seeds but one (a multi-seed model's cost over the single-seed model it
+    replaces, from its own run: that model's folds may have been timed on a busier machine)."""
+    total = 0.0
+    for k in np.unique(folds):
+        done = json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text())
+        share = 1 - 1 / len(done.get("seeds") or [0]) if extra_seeds_only else 1.0
+        total += fold_seconds(done) * share
+    return total
 
 
 def _blend_extra(ctx: Context, b: Blended) -> float:
@@ -277,7 +283,8 @@ def seeds(ctx: Context) -> None:
     if not swap:
         ctx.results["seeds"] = {"skipped": f"no levers.seeds entry for {ctx.models}"}
         return
-    cost = train_members(ctx, list(swap.values())) - sum(train_seconds(ctx.data, m, ctx.folds) for m in swap)
+    train_members(ctx, list(swap.values()))
+    cost = sum(train_seconds(ctx.data, s, ctx.folds, extra_seeds_only=True) for s in swap.values())
     b = nested(ctx, [swap.get(m, m) for m in ctx.models])[""]
     ctx.results["seeds"] = member_row(ctx, b, cost)
 
@@ -290,8 +297,10 @@ def all_levers(ctx: Context) -> None:
     lv = ctx.cfg.levers
     wanted = [lv.seeds.get(m, m) for m in ctx.models] + list(lv.knn) + list(lv.ids) + list(lv.students)
     models = list(dict.fromkeys(wanted))  # each model once
+    swapped = [lv.seeds[m] for m in ctx.models if m in lv.seeds]
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
-    cost -= sum(train_seconds(ctx.data, m, ctx.folds) for m in ctx.models if m in lv.seeds)
+    cost -= sum(train_seconds(ctx.data, s, ctx.folds) - train_seconds(ctx.data, s, ctx.folds, extra_seeds_only=True)
+                for s in swapped)  # a swapped-in model's first seed replaces the plain model
     method = lv.method or ctx.cfg.blend.method
     decoder, why = lv.decoder, ""
     if decoder in SAMPLES_ONLY_DECODERS and ctx.cfg.data.metric != "samples":

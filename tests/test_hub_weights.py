@@ -230,6 +230,54 @@ def test_a_local_dir_backbone_loads_the_folder_timm_saved(cache: Path, tmp_path:
     assert model.pretrained_notes()[0].record["source"] == "local"
 
 
+def test_a_local_dir_backbone_is_carried_by_export_and_its_replaced_weights_are_drift(
+        cache: Path, project: Path) -> None:
+    """``local-dir:weights/mine``: make export carries the folder (its config.json is the
+    architecture the bundle rebuilds), and weights replaced in it are named as drift."""
+    import timm
+    from timm.models import save_for_hf
+
+    from mmfold.export import weight_files
+
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), project / "weights" / "mine",
+                safe_serialization=True)
+    cfg = image_cfg("local-dir:weights/mine")
+    rec = build_model(cfg, CLASSES).pretrained_notes()[0].record
+    assert weight_files(cfg, None) == [(project / "weights" / "mine").resolve()]
+    assert hub.drift([rec]) == []
+    torch.manual_seed(1)
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), project / "weights" / "mine",
+                safe_serialization=True)
+    (line,) = hub.drift([rec])
+    assert line.startswith("pretrained local-dir:weights/mine: ")
+
+
+def test_export_refuses_a_text_folder_of_the_project_outside_weights(cache: Path, project: Path,
+                                                                     tmp_path: Path) -> None:
+    from mmfold.errors import UserError
+    from mmfold.export import weight_files
+
+    make_tiny_bert(project / "input" / "models" / "bert")
+    with pytest.raises(UserError, match=r"input/models/bert while predicting.*weights/ only"):
+        weight_files(make_cfg("text", text_model="input/models/bert"), None)
+    make_tiny_bert(project / "weights" / "bert")
+    assert weight_files(make_cfg("text", text_model="weights/bert"), None) == [(project / "weights" / "bert").resolve()]
+
+
+@pytest.mark.parametrize(("name", "repo"), [("bert-base-uncased", True), ("google-bert/bert-base-uncased", True),
+                                            ("weights/mine", False), ("input/models/x", False), ("./x", False)])
+def test_a_one_word_repo_id_is_a_repo_and_a_path_in_a_folder_is_local(project: Path, name: str, repo: bool) -> None:
+    (project / "input" / "models").mkdir(parents=True, exist_ok=True)
+    assert (hub.folder_need(name).repo_id is not None) is repo
+
+
+def test_a_branch_with_slashes_copies_into_another_cache(cache: Path, tmp_path: Path) -> None:
+    add_snapshot(cache, "org/bert", folder_files(make_tiny_bert(tmp_path / "bert")), revisions=("refs/pr/3",))
+    res = hub.require(hub.folder_need("org/bert", "refs/pr/3"), "make weights")
+    hub.copy_to_cache(res, tmp_path / "other")
+    assert (tmp_path / "other" / "models--org--bert" / "refs" / "refs" / "pr" / "3").read_text() == res.revision
+
+
 def test_a_missing_pip_shipped_folder_points_at_make_weights(cache: Path, project: Path) -> None:
     cfg = make_cfg("text", text_model="weights/mpnet")
     with pytest.raises(hub.MissingWeights, match=r"no such file or folder: .*weights/mpnet.*`make weights` makes"):

@@ -89,41 +89,56 @@ PINNED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "acceler
 def weight_files(cfg: Config, state: Any) -> list[Path]:
     """Pretrained files and folders a model reads, under the project's ``weights/``: every
     ``model.params`` value naming one (a timm ``pretrained_file``, a Hugging Face
-    ``text_model``), and the weights of the frozen encoders a CPU member embeds with (read
-    from ``state``, a fold's fitted member). (Weights read straight from an installed package
-    come with the pinned requirements instead.)"""
-    from mmfold.cpu.members import MEMBERS
+    ``text_model``, a ``local-dir:`` backbone), and what it reads while predicting (read from
+    ``state``, a fold's fitted member, for a CPU member's frozen encoders). Weights read
+    straight from an installed package come with the pinned requirements instead.
 
-    found = [v for v in _strings(cfg.model.params) if _is_weight(v)]
-    if cfg.model.kind in MEMBERS:  # the encoders its fitted state (``state``) reads: it owns that list
-        from mmfold.cpu.encoders import build_encoder
+    Raises:
+        UserError: it reads a local folder of the project outside ``weights/`` while
+            predicting (the bundle would fail without it).
+    """
+    named = [v.removeprefix("local-dir:") for v in _strings(cfg.model.params)]
+    local = [r.path for r in read_while_predicting(cfg, state) if r.source == "local"]
+    stray = [f for f in local if _inside(f, paths.root()) and not _inside(f, paths.weights_dir())
+             and not _inside(f, Path(sys.prefix))]
+    if stray:
+        raise UserError(f"make export: model '{cfg.model.name}' reads {', '.join(map(str, stray))} while predicting, "
+                        "and a bundle carries the project's local weights from weights/ only: move it under "
+                        "weights/ and name it there (or name its hub repo), then retrain")
+    return sorted({paths.resolve(f).resolve() for f in [*named, *map(str, local)] if _is_weight(f)})
 
-        found += [str(build_encoder(n, **s).weights) for n, s in state.needed_encoders()]
-    return sorted({paths.resolve(f).resolve() for f in found if _is_weight(f)})
 
-
-def hub_weights(cfg: Config, state: Any) -> list[Any]:
-    """Hub weights (:class:`mmfold.hub.Resolved`) a member reads while predicting: a torch
-    kind's Hugging Face text model (its config and tokenizer; a timm registry backbone is
-    rebuilt from ``best.pt`` alone, an ``hf-hub:`` one from its snapshot's config), or the
-    frozen encoders a CPU member embeds with (from ``state``, a fold's fitted member). They
-    travel in the bundle's own hub cache."""
+def read_while_predicting(cfg: Config, state: Any) -> list[Any]:
+    """Pretrained weights (:class:`mmfold.hub.Resolved`, a hub snapshot or a local path) a
+    member reads while predicting: a torch kind's Hugging Face text model (its config and
+    tokenizer), an ``hf-hub:``/``local-dir:`` backbone (its config.json is the architecture;
+    a timm registry backbone is rebuilt from ``best.pt`` alone), or the frozen encoders a CPU
+    member embeds with (from ``state``, a fold's fitted member)."""
     from mmfold.cpu.members import MEMBERS
 
     if cfg.model.kind in MEMBERS:
         from mmfold.cpu.encoders import build_encoder
 
-        found = [build_encoder(n, **s).resolved() for n, s in state.needed_encoders()]
-    else:
-        from mmfold.models import parse_params, text_encoder_of
-        from mmfold.models.image import WEIGHTS_FIX, image_need, timm_source
-        from mmfold.models.tokenizers import text_weights
+        return [build_encoder(n, **s).resolved() for n, s in state.needed_encoders()]
+    from mmfold.models import parse_params, text_encoder_of
+    from mmfold.models.image import WEIGHTS_FIX, image_need, timm_source
+    from mmfold.models.tokenizers import text_weights
 
-        p = parse_params(cfg)
-        found = [text_weights(p)] if text_encoder_of(cfg) == "hf" else []
-        if p.backbone and timm_source(p.backbone)[0] == "hf-hub":  # its config.json is the architecture
-            found.append(hub.require(image_need(p), WEIGHTS_FIX))
-    return [r for r in found if r.source == "hub" and isinstance(r, hub.Resolved)]
+    p = parse_params(cfg)
+    found = [text_weights(p)] if text_encoder_of(cfg) == "hf" else []
+    if p.backbone and timm_source(p.backbone)[0] is not None:
+        found.append(hub.require(image_need(p), WEIGHTS_FIX))
+    return found
+
+
+def hub_weights(cfg: Config, state: Any) -> list[Any]:
+    """The hub snapshots of :func:`read_while_predicting`: they travel in the bundle's own hub cache."""
+    return [r for r in read_while_predicting(cfg, state) if r.source == "hub" and isinstance(r, hub.Resolved)]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (both resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _strings(obj: Any) -> list[str]:
@@ -140,11 +155,7 @@ def _strings(obj: Any) -> list[str]:
 def _is_weight(value: str) -> bool:
     """A string that names an existing path inside the project's ``weights/``."""
     path = paths.resolve(value)
-    try:
-        path.resolve().relative_to(paths.weights_dir().resolve())
-    except ValueError:
-        return False
-    return path.exists()
+    return _inside(path, paths.weights_dir()) and path.exists()
 
 
 def _copy(src: Path, dest: Path) -> None:

@@ -107,7 +107,8 @@ def folder_need(name: str, revision: str | None = None) -> Need:
     a hub repo id. A name that is neither is an error now, not a
     hub lookup of a typo later."""
     local_path = paths.resolve(name).expanduser()
-    if ((local_path / "config.json").is_file() or not is_repo_id(name) or local_path.parent.is_dir()
+    in_a_folder = Path(name).parent != Path(".") and local_path.parent.is_dir()  # not `bert-base-uncased`
+    if ((local_path / "config.json").is_file() or not is_repo_id(name) or in_a_folder
             or _under(local_path, paths.weights_dir())):  # `weights/mpnet` is ours, not a repo "weights"
         return Need(name, path=local_path)
     return Need(name, repo_id=name, revision=revision)
@@ -275,7 +276,7 @@ def _now(rec: dict[str, str]) -> Resolved | None:
         if rec.get("file") == "config.json" or rec.get("file") is None:
             return cached_folder(rec["repo_id"], rec.get("requested"))
         return cached_file(rec["repo_id"], [rec["file"]], rec.get("requested"))
-    path = Path(rec.get("name", ""))
+    path = paths.resolve(rec.get("name", "").removeprefix("local-dir:")).expanduser()  # as the config named it
     return local(rec["name"], path) if path.exists() else None
 
 
@@ -295,8 +296,9 @@ def copy_to_cache(res: Resolved, dest: Path) -> None:
         rel = res.path.relative_to(_snapshot_root(res))
         (snap / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(res.path, snap / rel)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / (res.requested or DEFAULT_REVISION)).write_text(res.revision)
+    ref = repo / "refs" / (res.requested or DEFAULT_REVISION)  # a branch may hold slashes (refs/pr/3)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(res.revision)
 
 
 def _snapshot_root(res: Resolved) -> Path:

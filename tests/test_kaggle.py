@@ -65,9 +65,9 @@ def mmfold(project: Path, kaggle_home: Path, server: tuple[Kaggle, str]) -> Run:
     env |= {"HOME": str(kaggle_home), "MMFOLD_HOME": str(project), "KAGGLE_API_ENVIRONMENT": "LOCALHOST",
             "http_proxy": proxy, "HTTP_PROXY": proxy}
 
-    def run(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mmfold", *args], cwd=project, env=env | (extra_env or {}),
-                              capture_output=True, text=True, timeout=120, check=False)
+    def run(*args: str, extra_env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mmfold", *args], cwd=cwd or project,
+                              env=env | (extra_env or {}), capture_output=True, text=True, timeout=120, check=False)
 
     return run
 
@@ -96,7 +96,9 @@ def test_download_unzips_the_competition_into_input_and_describes_it(
     state, _ = server
     files = competition_files(tmp_path)
     state.competitions[SLUG].files = files
-    r = mmfold("download", SLUG)
+    elsewhere = tmp_path / "elsewhere"  # MMFOLD_HOME names the project; the shell is somewhere else
+    elsewhere.mkdir()
+    r = mmfold("download", SLUG, cwd=elsewhere)
     assert r.returncode == 0, r.stderr
     dest = project / "input" / SLUG
     got = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
@@ -119,6 +121,17 @@ def test_download_never_writes_over_a_folder_that_has_files(mmfold: Run, server:
     mine.write_text("my edits")
     one_line_error(mmfold("download", SLUG), f"input/{SLUG} exists and is not empty", "make init")
     assert mine.read_text() == "my edits" and state.requests == []  # refused before any request
+
+
+def test_download_under_a_data_name_that_exists_is_refused_before_any_request(
+        mmfold: Run, server: tuple[Kaggle, str], project: Path) -> None:
+    state, _ = server
+    mine = project / "configs" / "data" / f"{SLUG}.yaml"
+    mine.write_text("data: {name: mine}\n")
+    one_line_error(mmfold("download", SLUG), f"configs/data/{SLUG}.yaml exists", "nothing was downloaded",
+                   f"make download COMP={SLUG} ARGS='--name <name>'")
+    assert state.requests == [] and not (project / "input" / SLUG).exists()
+    assert mine.read_text() == "data: {name: mine}\n"
 
 
 def test_download_of_a_competition_whose_rules_are_not_accepted_says_where_to_accept(
@@ -243,16 +256,27 @@ def _expects_another_header(state: Any) -> None:
 @pytest.mark.parametrize("arrange, words", [
     (_older_server_at_its_daily_limit, ("HTTP 400", "used its daily submission allowance")),
     (_expects_another_header, ("Kaggle could not score submission",
-                               "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'")),
+                               "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'", "--force")),
 ], ids=["daily limit at submit", "format error"])
 def test_a_refusal_at_submit_is_kaggles_own_words_in_one_line_and_nothing_is_logged(
         mmfold: Run, server: tuple[Kaggle, str], logged: Path, arrange: Callable[[Any], None],
-        words: tuple[str, str]) -> None:
+        words: tuple[str, ...]) -> None:
     state, _ = server
     arrange(state)
     same = unchanged("d")
     one_line_error(mmfold("submit", "--data", "d", "--name", "s0", "--kaggle"), *words)
     same()
+
+
+def test_a_submission_kaggle_does_not_show_yet_is_waited_for(
+        mmfold: Run, server: tuple[Kaggle, str], logged: Path) -> None:
+    """Kaggle's reads lag its writes: a submission just made can be a 404 for a moment."""
+    state, _ = server
+    state.competitions[SLUG].unknown_reads = 2
+    r = mmfold("submit", "--data", "d", "--name", "s0", "--kaggle")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("not visible yet") == 2 and len(state.calls("CreateSubmission")) == 1
+    assert submit.read_lb("d")["lb"].tolist() == ["0.81234"]
 
 
 def test_a_wait_cut_short_is_resumed_without_submitting_twice(

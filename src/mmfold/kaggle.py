@@ -48,6 +48,7 @@ DATASET_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*/[a-z0-9][a-z0-9-]{5,49}")
 DATASET_LICENSE = "copyright-authors"  # "Data files (c) Original Authors": the user's own models
 WAIT_S = 600.0  # default bound on waiting for a public score
 POLL_S = (1.0, 30.0)  # first and longest pause between polls
+NOT_YET_S = 60.0  # how long a submission just made may read as unknown (404) before that is an error
 MAX_MESSAGE = 500  # characters of a submission's description
 
 
@@ -237,6 +238,13 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def _check_new_yaml(name: str, slug: str) -> None:
+    """Refuse a data config name that exists (init never overwrites one), before downloading."""
+    if data_yaml(name).exists():
+        raise UserError(f"{_rel(data_yaml(name))} exists and init never overwrites a data config; nothing was "
+                        f"downloaded: name the new one (make download COMP={slug} ARGS='--name <name>')")
+
+
 def run_init(folder: Path, name: str, slug: str) -> Path | None:
     """``mmfold init`` on a downloaded folder, with ``data.kaggle=<slug>`` written into the YAML.
 
@@ -259,7 +267,7 @@ def run_init(folder: Path, name: str, slug: str) -> Path | None:
     p.add_argument("--force", action="store_true")
     p.add_argument("overrides", nargs="*")
     init.add_arguments(p)
-    args = p.parse_intermixed_args([_rel(folder), f"data.kaggle={slug}", "--name", name])
+    args = p.parse_intermixed_args([str(folder.absolute()), f"data.kaggle={slug}", "--name", name])
     try:
         init.run(args)
     except UserError as e:
@@ -330,20 +338,36 @@ def wait_for_score(api: Any, ref: int, wait_s: float = WAIT_S, label: str = "") 
     started, pause = time.monotonic(), POLL_S[0]
     what = f"submission {ref}" + (f" ({label})" if label else "")
     while True:
-        with _quiet(), calling(api, f"reading {what} back"):
-            sub = api.get_submission(ref)
+        sub = _read_submission(api, ref, what, time.monotonic() - started < NOT_YET_S)
         elapsed = time.monotonic() - started
-        if sub.status == SubmissionStatus.ERROR:
+        if sub is not None and sub.status == SubmissionStatus.ERROR:
             said = " ".join((sub.error_description or "no reason given").split())
-            raise UserError(f"Kaggle could not score {what}: {said}")
-        if sub.status == SubmissionStatus.COMPLETE:
+            raise UserError(f"Kaggle could not score {what}: {said} (to send it again once it is fixed: --force)")
+        if sub is not None and sub.status == SubmissionStatus.COMPLETE:
             return _public_score(sub, what)
-        print(f"  {what}: {sub.status.name.lower()} after {elapsed:.0f}s (waiting up to {wait_s:.0f}s)", flush=True)
+        state = sub.status.name.lower() if sub is not None else "not visible yet"
+        print(f"  {what}: {state} after {elapsed:.0f}s (waiting up to {wait_s:.0f}s)", flush=True)
         if elapsed + pause > wait_s:
             raise UserError(f"no public score for {what} after {elapsed:.0f}s; it is submitted: run the same "
                             "command again to wait for it (it is not submitted twice)")
         time.sleep(pause)
         pause = min(pause * 1.5, POLL_S[1])
+
+
+def _read_submission(api: Any, ref: int, what: str, may_lag: bool) -> Any | None:
+    """Submission ``ref`` as Kaggle shows it now; None for a 404 while ``may_lag`` (Kaggle's
+    reads lag its writes: a submission just made can be unknown for a few seconds, and the
+    client's own poller counts that as pending too)."""
+    import requests
+
+    try:
+        with _quiet():
+            return api.get_submission(ref)
+    except requests.HTTPError as e:
+        if may_lag and e.response is not None and e.response.status_code == 404:
+            return None
+        with calling(api, f"reading {what} back"):
+            raise
 
 
 def _public_score(sub: Any, what: str) -> float:
@@ -429,12 +453,13 @@ def run(args: argparse.Namespace) -> int:
     slug = check_slug(args.slug)
     dest = paths.root() / "input" / slug
     check_destination(dest, slug)  # before asking for credentials
+    name = args.name or slug
+    _check_new_yaml(name, slug)  # before a download that init could only refuse afterwards
     api = client()
     started = time.perf_counter()
     files = download(api, slug, dest)
     size = sum(f.stat().st_size for f in files)
     print(f"downloaded competition {slug}: {len(files)} files, {size / 1e6:.1f} MB in "
           f"{time.perf_counter() - started:.0f}s, into {_rel(dest)}/")
-    name = args.name or slug
     run_init(dest, name, slug)
     return 0

@@ -85,6 +85,24 @@ def test_kaggle_layout_pipe_labels_id_predicted_zipped_images_no_captions(projec
     assert not [n for n in os.listdir(comp_dir) if n.startswith(".")]  # no temp folder left behind
 
 
+def test_a_zip_of_one_folder_is_described_from_inside_it(project: Path, capsys) -> None:
+    """``Dataset.zip`` holding ``Dataset/{train,test}.csv`` and the images, as course
+    competitions ship: the YAML's root is the folder the files are in, test set included."""
+    shipped = _kaggle_layout(project / "input" / "staging" / "Dataset")
+    comp_dir = project / "input" / "course"
+    comp_dir.mkdir(parents=True)
+    with zipfile.ZipFile(comp_dir / "Dataset.zip", "w") as zf:
+        for f in sorted(shipped.rglob("*")):
+            zf.write(f, f.relative_to(shipped.parent))
+    rc, out, err = _init(capsys, comp_dir)
+    assert rc == 0, err
+    data = yaml.safe_load((project / "configs" / "data" / "course.yaml").read_text())["data"]
+    assert data["root"] == "input/course/Dataset" and data["test_csv"] == "test.csv"
+    assert data["sample_submission"] == "sample_submission.csv" and data["image_dir"] == "images"
+    assert "described Dataset/" in out
+    assert len(load_competition(load_config("course").data).test) == 10
+
+
 def test_every_written_setting_carries_its_reason(project: Path, capsys) -> None:
     _init(capsys, _kaggle_layout(project / "input" / "leaves"), "--metric", "micro")
     text = (project / "configs" / "data" / "leaves.yaml").read_text()

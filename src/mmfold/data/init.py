@@ -659,12 +659,26 @@ def infer(root: Path, given: dict[str, Any]) -> Folder:
     """Run every step on ``root`` (unzipping archives first)."""
     folder = Folder(root=root, given=dict(given))
     folder.notes += unzip_all(root)
+    inner = _inner_root(root)
+    if inner != root:  # a zip of `Dataset/`, as course competitions ship: the files are one level down
+        folder.root, root = inner, inner
+        folder.notes += [f"no CSV in the folder itself, one folder in it: described {inner.name}/"] + unzip_all(inner)
     value = given.get("root", root_value(root))
     folder.add("root", value, f"`{value}`: the competition folder" + ("" if Path(value).is_absolute() else
                                                                       " (relative to the project root)"))
     for step in STEPS:
         step(folder)
     return folder
+
+
+def _inner_root(root: Path) -> Path:
+    """``root``, or the one folder in it when ``root`` holds no CSV and no other folder (hidden
+    ones and macOS's ``__MACOSX`` aside) and that folder holds CSVs."""
+    entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    dirs = [p for p in entries if p.is_dir()]
+    if len(dirs) != 1 or any(p.is_file() and p.suffix.lower() == ".csv" for p in entries):
+        return root
+    return dirs[0] if any(p.suffix.lower() == ".csv" for p in dirs[0].iterdir()) else root
 
 
 def root_value(root: Path) -> str:

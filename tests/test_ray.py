@@ -133,6 +133,26 @@ def test_ray_gives_the_probabilities_of_a_plain_run_bit_for_bit(folded: Path, ra
 
 
 @needs_ray
+def test_tasks_write_into_the_project_whatever_folder_their_workers_start_in(folded: Path, ray_local,
+                                                                            monkeypatch) -> None:
+    """The project named relatively (``make train`` leaves MMFOLD_HOME unset: the shell's
+    folder): a worker started elsewhere (a cluster node's `ray start` folder) must not write the
+    run's files (the attempt counts) relative to its own folder."""
+    import os
+
+    worker_cwd = Path(ray_local.get(ray_local.remote(lambda: os.getcwd()).remote()))
+    shell = folded / "notebooks" / "day1"  # the driver's folder, two below the project
+    shell.mkdir(parents=True)
+    monkeypatch.chdir(shell)
+    monkeypatch.setenv("MMFOLD_HOME", "../..")
+    elsewhere = (worker_cwd / "../..").resolve()  # where a worker would read "../.." from
+    assert elsewhere != folded.resolve()
+    assert main(["train", "--data", "tiny", "--model", MEMBER, "--ray", "local"]) == 0
+    assert not list((elsewhere / "runs").glob("*/.ray-attempts-*"))
+    assert (folded / "oof" / "tiny" / f"{MEMBER}.parquet").exists()
+
+
+@needs_ray
 def test_folds_already_done_are_skipped_and_a_member_asks_for_no_gpu(folded: Path, ray_local, capsys) -> None:
     assert main(["train", "--data", "tiny", "--model", "tfidf_lr", "--fold", "0", "--fold", "1"]) == 0
     before = {k: paths.run_dir("tiny", "tfidf_lr", k).joinpath("done.json").stat().st_mtime_ns for k in (0, 1)}

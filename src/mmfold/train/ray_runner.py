@@ -605,7 +605,8 @@ class _Driver:
         The run's attempt counts live beside the lease while it runs."""
         self.ray = ray
         check_feasible(ray, {cfg.model.name: task_resources(cfg) for cfg, _ in units}, local)
-        tally = self.lease.path.with_name(f".ray-attempts-{self.lease.token}")
+        # absolute: a worker starts in whatever folder its node's `ray start` ran in
+        tally = self.lease.path.with_name(f".ray-attempts-{self.lease.token}").absolute()
         tally.mkdir(parents=True, exist_ok=True)
         try:
             self._run(ray, units, tally)

@@ -134,6 +134,15 @@ def test_a_locked_fold_is_one_line_not_a_traceback(folded: Path, capsys) -> None
     assert "is locked by" in err and "Traceback" not in err
 
 
+def test_a_model_named_twice_trains_once(folded: Path, capsys) -> None:
+    """MODEL=a,a with JOBS=2: each fold once (it was submitted twice: one copy found the fold
+    locked by the other, and the model was not collected)."""
+    assert main(["train", "--data", "tiny", "--model", "tfidf_lr,tfidf_lr", "--jobs", "2"]) == 0
+    both = capsys.readouterr()
+    assert "locked" not in both.out + both.err and both.out.count("tfidf_lr: CV samples-F1") == 1
+    assert paths.oof_meta_file("tiny", "tfidf_lr").exists()
+
+
 def test_data_config_outside_configs_data(folded: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

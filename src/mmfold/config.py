@@ -412,11 +412,12 @@ def sample_beside(test: Path) -> Path | None:
 
 
 def model_names(cfg: Config, requested: str | None) -> list[str]:
-    """Models to train: ``--model a,b`` or the data config's list."""
+    """Models to train: ``--model a,b`` or the data config's list, each once (a model named
+    twice would have its folds trained twice at once)."""
     names = requested.split(",") if requested else cfg.data.models
     if not names:
         raise ConfigError(f"no models: pass MODEL=... or list data.models; available: {list_models(cfg.source)}")
-    return [model_key(n.strip(), cfg.source) for n in names]
+    return list(dict.fromkeys(model_key(n.strip(), cfg.source) for n in names))
 
 
 def _names(folder: Path) -> list[str]:

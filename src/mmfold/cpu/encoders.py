@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmfold import fileio, hub, paths
-from mmfold.config import ConfigError, stable_hash
+from mmfold.config import stable_hash
 from mmfold.cpu.threads import available_cores, torch_threads
 from mmfold.data.competition import Competition
 from mmfold.errors import UserError

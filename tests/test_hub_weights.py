@@ -271,6 +271,26 @@ def test_a_one_word_repo_id_is_a_repo_and_a_path_in_a_folder_is_local(project: P
     assert (hub.folder_need(name).repo_id is not None) is repo
 
 
+def test_a_folder_whose_fetch_was_cut_short_is_missing_and_sharded_weights_count_whole(
+        cache: Path, tmp_path: Path) -> None:
+    """snapshot_download writes config.json before the weights: a run cut short is not weights
+    on disk (training would pass the check, then fail in fold 0). A shard index counts when
+    every shard it lists is there."""
+    import json
+
+    files = folder_files(make_tiny_bert(tmp_path / "bert"))
+    weights = files.pop("model.safetensors")
+    add_snapshot(cache, "org/cut", files)
+    assert hub.find(hub.folder_need("org/cut")) is None
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    shards = {"model.safetensors.index.json": json.dumps(index).encode(), "model-00001-of-00002.safetensors": weights}
+    add_snapshot(cache, "org/sharded", {**files, **shards})
+    assert hub.find(hub.folder_need("org/sharded")) is None  # shard 2 of 2 missing
+    add_snapshot(cache, "org/sharded", {**files, **shards, "model-00002-of-00002.safetensors": weights})
+    assert hub.find(hub.folder_need("org/sharded")).file == "model.safetensors.index.json"
+
+
 def test_a_branch_with_slashes_copies_into_another_cache(cache: Path, tmp_path: Path) -> None:
     add_snapshot(cache, "org/bert", folder_files(make_tiny_bert(tmp_path / "bert")), revisions=("refs/pr/3",))
     res = hub.require(hub.folder_need("org/bert", "refs/pr/3"), "make weights")

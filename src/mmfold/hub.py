@@ -217,9 +217,26 @@ def cached_folder(repo_id: str, revision: str | None = None, name: str | None = 
     if config is None:
         return None
     folder = config.path.parent
-    weights = next((fn for fn in WEIGHT_FILES if (folder / fn).exists()), None)
-    sha = (_blob_hash(folder / weights) or file_sha256(folder / weights)) if weights else None
+    weights = folder_weights(folder)
+    if weights is None:  # a fetch cut short (config first, weights last) is not weights on disk
+        return None
+    sha = _blob_hash(folder / weights) or file_sha256(folder / weights)
     return Resolved(config.name, "hub", folder, repo_id, config.requested, config.revision, weights, sha)
+
+
+def folder_weights(folder: Path) -> str | None:
+    """The weights file of a model folder, whole: ``model.safetensors`` or ``pytorch_model.bin``,
+    or a shard index (``*.index.json``) whose every shard is there; None when they are not."""
+    import json
+
+    whole = next((fn for fn in WEIGHT_FILES if (folder / fn).exists()), None)
+    if whole is not None:
+        return whole
+    for index in (f"{fn}.index.json" for fn in WEIGHT_FILES):
+        if (folder / index).exists():
+            shards = set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
+            return index if shards and all((folder / s).exists() for s in shards) else None
+    return None
 
 
 def local(name: str, path: Path) -> Resolved:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmfold import paths
 from mmfold.cli import main
@@ -111,6 +112,25 @@ def test_a_signal_stops_jobs_cancels_the_queue_and_the_run_resumes(folded: Path,
     assert "resuming demo_text fold 1 from epoch" in out.out + out.err
     assert all((_fold_dir(k) / "done.json").exists() for k in range(3))
     assert paths.oof_file("tiny", "demo_text").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_parent_stops_a_cpu_members_fit_within_seconds(folded: Path) -> None:
+    """A CPU member's fit looks at no stop event: the parent passes the SIGTERM on to its
+    workers (before, it waited for the running fits to end: minutes on real data)."""
+    slow = {"model": {"kind": "tfidf_linear", "params": {
+        "min_df": 1, "head": "mlp", "head_params": {"hidden": 8, "epochs": 1000000, "batch_size": 16}}}}
+    (folded / "configs" / "models" / "slow_mlp.yaml").write_text(yaml.safe_dump(slow))
+    proc = _train(folded, "--model", "slow_mlp", "--jobs", "2")
+    runs = paths.root() / "runs" / "tiny" / "slow_mlp"
+    deadline = time.monotonic() + 240
+    while not all((runs / f".fold{k}.lock").exists() for k in (0, 1)):  # both fits under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    time.sleep(2)
+    code, out = _stop(proc, "sigterm to the parent")
+    assert code == 130, out
+    assert not paths.oof_file("tiny", "slow_mlp").exists() and not (runs / "fold2").exists(), out
 
 
 @pytest.mark.slow

@@ -340,16 +340,16 @@ def _run_pool(tasks: Sequence[tuple[Config, int]], comp: Competition, fold_of_ro
         KeyboardInterrupt: after a stop, once every running fold has ended.
     """
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
-    pin, stop = ctx.Queue(), ctx.Event()
+    pin, stop, pids = ctx.Queue(), ctx.Event(), ctx.Queue()
     for g in groups:
         pin.put(g)
     with _signals_noted() as signalled:
         with _signals_blocked():
             pool = ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_pin_worker,
-                                       initargs=(pin, stop))
+                                       initargs=(pin, stop, pids))
             futures = [pool.submit(_pool_fold, cfg, comp, fold_of_row, k, force) for cfg, k in tasks]
         try:
-            _wait_or_stop(futures, stop, signalled)
+            _wait_or_stop(futures, stop, signalled, _Workers(pids))
         except BaseException:
             stop.set()  # the running folds stop at their next step instead of running on
             raise
@@ -360,11 +360,13 @@ def _run_pool(tasks: Sequence[tuple[Config, int]], comp: Competition, fold_of_ro
     return [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
 
 
-def _wait_or_stop(futures: list[Future], stop: Any, signalled: list[int]) -> None:
+def _wait_or_stop(futures: list[Future], stop: Any, signalled: list[int], workers: _Workers) -> None:
     """Wait for every future; once a stop is asked for, set ``stop`` and cancel the queued ones.
 
     The signal handler only appends to ``signalled``: setting a multiprocessing event from a
-    handler could deadlock on the lock its ``is_set`` holds in this very thread.
+    handler could deadlock on the lock its ``is_set`` holds in this very thread. A SIGTERM
+    came to this process alone (``kill <pid>``): it is passed on to the workers, whose running
+    folds stop as they would on Ctrl-C (a CPU member's fit looks at no event).
     """
     while True:
         done, pending = wait(futures, timeout=0.2)
@@ -372,8 +374,33 @@ def _wait_or_stop(futures: list[Future], stop: Any, signalled: list[int]) -> Non
             stop.set()
             for f in pending:
                 f.cancel()
+        if signal.SIGTERM in signalled:
+            workers.signal(signal.SIGTERM)
         if not pending:
             return
+
+
+class _Workers:
+    """The pool's worker processes, as they report themselves (``pids``, filled by
+    :func:`_pin_worker`); each is signalled once."""
+
+    def __init__(self, pids: Any) -> None:
+        self.pids = pids
+        self.signalled: set[int] = set()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every worker not signalled yet (one that has exited is skipped)."""
+        import queue
+
+        while True:
+            try:
+                pid = self.pids.get_nowait()
+            except queue.Empty:
+                break
+            if pid not in self.signalled:
+                self.signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
 
 def _was_interrupted(future: Future) -> bool:
@@ -419,7 +446,7 @@ def core_groups(jobs: int) -> list[list[int]]:
 _WORKER: dict[str, Any] = {"stop": None, "busy": False, "signalled": False}
 
 
-def _pin_worker(pin: Any, stop: Any) -> None:
+def _pin_worker(pin: Any, stop: Any, pids: Any) -> None:
     """Worker start: die with the parent, take a core group, pin to it, size torch's threads
     to it (the engine's ``train.threads: 0`` and CPU members' thread pools then use exactly
     this share), then take Ctrl-C and SIGTERM as :func:`_worker_signal` does."""
@@ -436,6 +463,7 @@ def _pin_worker(pin: Any, stop: Any) -> None:
     stop_when(stop)  # a running fold's training loop polls the pool's event
     for s in STOP_SIGNALS:
         signal.signal(s, _worker_signal)
+    pids.put(os.getpid())  # the parent passes a SIGTERM on from here: the handlers are in place
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent until now
 
 
@@ -446,7 +474,24 @@ def _worker_signal(signum: int, frame: Any) -> None:
     here: setting the pool's event from a handler could deadlock on its lock.)"""
     _WORKER["signalled"] = True
     if _WORKER["busy"]:
+        # raised again each second until the fold has ended: a KeyboardInterrupt raised in a
+        # handler can land where Python swallows it (a callback inside an import: "Exception
+        # ignored"), and the fold would run on (seen: 1 run in 10 of a CPU member's fit)
+        signal.signal(signal.SIGALRM, _interrupt_again)
+        signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
         raise KeyboardInterrupt
+
+
+def _interrupt_again(signum: int, frame: Any) -> None:
+    """:func:`_worker_signal`'s repeat, while the stopped fold has not ended."""
+    if _WORKER["busy"]:
+        raise KeyboardInterrupt
+
+
+def _fold_ended() -> None:
+    """The worker runs no fold now: no interrupt is repeated."""
+    _WORKER["busy"] = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _pool_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: int, force: bool) -> dict:
@@ -465,11 +510,12 @@ def _pool_fold(cfg: Config, comp: Competition, fold_of_row: np.ndarray, fold: in
     try:
         return run_fold(cfg, comp, fold_of_row, fold, force)
     except KeyboardInterrupt:
+        _fold_ended()
         if stop is not None:
             stop.set()
         raise
     finally:
-        _WORKER["busy"] = False
+        _fold_ended()
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:

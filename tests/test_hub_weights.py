@@ -237,13 +237,13 @@ def test_a_local_dir_backbone_is_carried_by_export_and_its_replaced_weights_are_
     import timm
     from timm.models import save_for_hf
 
-    from mmfold.export import weight_files
+    from mmfold.export import read_while_predicting, weight_files
 
     save_for_hf(timm.create_model("test_resnet", pretrained=False), project / "weights" / "mine",
                 safe_serialization=True)
     cfg = image_cfg("local-dir:weights/mine")
     rec = build_model(cfg, CLASSES).pretrained_notes()[0].record
-    assert weight_files(cfg, None) == [(project / "weights" / "mine").resolve()]
+    assert weight_files(cfg, read_while_predicting(cfg, None)) == [(project / "weights" / "mine").resolve()]
     assert hub.drift([rec]) == []
     torch.manual_seed(1)
     save_for_hf(timm.create_model("test_resnet", pretrained=False), project / "weights" / "mine",
@@ -255,13 +255,15 @@ def test_a_local_dir_backbone_is_carried_by_export_and_its_replaced_weights_are_
 def test_export_refuses_a_text_folder_of_the_project_outside_weights(cache: Path, project: Path,
                                                                      tmp_path: Path) -> None:
     from mmfold.errors import UserError
-    from mmfold.export import weight_files
+    from mmfold.export import read_while_predicting, weight_files
 
     make_tiny_bert(project / "input" / "models" / "bert")
     with pytest.raises(UserError, match=r"input/models/bert while predicting.*weights/ only"):
-        weight_files(make_cfg("text", text_model="input/models/bert"), None)
+        cfg = make_cfg("text", text_model="input/models/bert")
+        weight_files(cfg, read_while_predicting(cfg, None))
     make_tiny_bert(project / "weights" / "bert")
-    assert weight_files(make_cfg("text", text_model="weights/bert"), None) == [(project / "weights" / "bert").resolve()]
+    cfg = make_cfg("text", text_model="weights/bert")
+    assert weight_files(cfg, read_while_predicting(cfg, None)) == [(project / "weights" / "bert").resolve()]
 
 
 @pytest.mark.parametrize(("name", "repo"), [("bert-base-uncased", True), ("google-bert/bert-base-uncased", True),

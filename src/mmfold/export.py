@@ -86,19 +86,19 @@ PINNED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "acceler
           "albumentations", "iterative-stratification", "optuna", "tqdm", "sentence-transformers", "huggingface-hub")
 
 
-def weight_files(cfg: Config, state: Any) -> list[Path]:
+def weight_files(cfg: Config, read: list[Any]) -> list[Path]:
     """Pretrained files and folders a model reads, under the project's ``weights/``: every
     ``model.params`` value naming one (a timm ``pretrained_file``, a Hugging Face
-    ``text_model``, a ``local-dir:`` backbone), and what it reads while predicting (read from
-    ``state``, a fold's fitted member, for a CPU member's frozen encoders). Weights read
-    straight from an installed package come with the pinned requirements instead.
+    ``text_model``, a ``local-dir:`` backbone), and the local ones of what it reads while
+    predicting (``read``: :func:`read_while_predicting`). Weights read straight from an
+    installed package come with the pinned requirements instead.
 
     Raises:
         UserError: it reads a local folder of the project outside ``weights/`` while
             predicting (the bundle would fail without it).
     """
     named = [v.removeprefix("local-dir:") for v in _strings(cfg.model.params)]
-    local = [r.path for r in read_while_predicting(cfg, state) if r.source == "local"]
+    local = [r.path for r in read if r.source == "local"]
     stray = [f for f in local if _inside(f, paths.root()) and not _inside(f, paths.weights_dir())
              and not _inside(f, Path(sys.prefix))]
     if stray:
@@ -129,11 +129,6 @@ def read_while_predicting(cfg: Config, state: Any) -> list[Any]:
     if p.backbone and timm_source(p.backbone)[0] is not None:
         found.append(hub.require(image_need(p), WEIGHTS_FIX))
     return found
-
-
-def hub_weights(cfg: Config, state: Any) -> list[Any]:
-    """The hub snapshots of :func:`read_while_predicting`: they travel in the bundle's own hub cache."""
-    return [r for r in read_while_predicting(cfg, state) if r.source == "hub" and isinstance(r, hub.Resolved)]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -189,8 +184,9 @@ def plan(data: str, name: str) -> dict[str, Any]:
         for c, d in states[1:]:
             check_fold_state(c, d)
         models[m] = {"kind": cfg.model.kind, "dirs": dirs, "state_dirs": [d for _, d in states]}
-        weights |= set(weight_files(states[0][0], first))
-        hub_cached.update({r.path: r for r in hub_weights(states[0][0], first)})
+        read = read_while_predicting(states[0][0], first)  # resolved once: a frozen encoder builds its model
+        weights |= set(weight_files(states[0][0], read))
+        hub_cached.update({r.path: r for r in read if r.source == "hub"})  # into the bundle's own hub cache
     return {"cfg": base, "comp": comp, "state": state, "models": models, "weights": sorted(weights),
             "hub": list(hub_cached.values()),
             "n_folds": n_folds}

@@ -129,15 +129,18 @@ def train_members(ctx: Context, models: list[str]) -> float:
     return sum(train_seconds(ctx.data, m, ctx.folds) for m in models)
 
 
-def train_seconds(data: str, model: str, folds: np.ndarray, extra_seeds_only: bool = False) -> float:
-    """Seconds a model's folds recorded when trained (``done.json``); ``extra_seeds_only``: the
-    share of all seeds but one (a multi-seed model's cost over the single-seed model it
-    replaces, from its own run: that model's folds may have been timed on a busier machine)."""
+SEED_SHARES = {"all": lambda n: 1.0, "one": lambda n: 1 / n, "rest": lambda n: 1 - 1 / n}
+
+
+def train_seconds(data: str, model: str, folds: np.ndarray, seeds: str = "all") -> float:
+    """Seconds a model's folds recorded when trained (``done.json``); of a multi-seed model,
+    ``seeds="one"`` is one seed's share (what the single-seed model it replaces costs) and
+    ``"rest"`` the other seeds' (its extra cost), both from its own run: the single-seed
+    model's folds may have been timed on a busier machine."""
     total = 0.0
     for k in np.unique(folds):
         done = json.loads((paths.run_dir(data, model, int(k)) / "done.json").read_text())
-        share = 1 - 1 / len(done.get("seeds") or [0]) if extra_seeds_only else 1.0
-        total += fold_seconds(done) * share
+        total += fold_seconds(done) * SEED_SHARES[seeds](len(done.get("seeds") or [0]))
     return total
 
 
@@ -284,7 +287,7 @@ def seeds(ctx: Context) -> None:
         ctx.results["seeds"] = {"skipped": f"no levers.seeds entry for {ctx.models}"}
         return
     train_members(ctx, list(swap.values()))
-    cost = sum(train_seconds(ctx.data, s, ctx.folds, extra_seeds_only=True) for s in swap.values())
+    cost = sum(train_seconds(ctx.data, s, ctx.folds, seeds="rest") for s in swap.values())
     b = nested(ctx, [swap.get(m, m) for m in ctx.models])[""]
     ctx.results["seeds"] = member_row(ctx, b, cost)
 
@@ -299,8 +302,7 @@ def all_levers(ctx: Context) -> None:
     models = list(dict.fromkeys(wanted))  # each model once
     swapped = [lv.seeds[m] for m in ctx.models if m in lv.seeds]
     cost = train_members(ctx, [m for m in models if m not in ctx.models])
-    cost -= sum(train_seconds(ctx.data, s, ctx.folds) - train_seconds(ctx.data, s, ctx.folds, extra_seeds_only=True)
-                for s in swapped)  # a swapped-in model's first seed replaces the plain model
+    cost -= sum(train_seconds(ctx.data, s, ctx.folds, seeds="one") for s in swapped)  # replaces the plain model
     method = lv.method or ctx.cfg.blend.method
     decoder, why = lv.decoder, ""
     if decoder in SAMPLES_ONLY_DECODERS and ctx.cfg.data.metric != "samples":

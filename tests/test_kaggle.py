@@ -256,7 +256,8 @@ def _expects_another_header(state: Any) -> None:
 @pytest.mark.parametrize("arrange, words", [
     (_older_server_at_its_daily_limit, ("HTTP 400", "used its daily submission allowance")),
     (_expects_another_header, ("Kaggle could not score submission",
-                               "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'", "--force")),
+                               "wrong header: expected 'Id,Predicted', got 'ImageID,Labels'",
+                               "to send it again: make submit DATA=d FORCE=1 NAME=s0 KAGGLE=1")),
 ], ids=["daily limit at submit", "format error"])
 def test_a_refusal_at_submit_is_kaggles_own_words_in_one_line_and_nothing_is_logged(
         mmfold: Run, server: tuple[Kaggle, str], logged: Path, arrange: Callable[[Any], None],

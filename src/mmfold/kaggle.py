@@ -324,7 +324,7 @@ def find_submission(api: Any, slug: str, prefix: str) -> Any | None:
     return next((s for s in found if s is not None and (s.description or "").startswith(prefix)), None)
 
 
-def wait_for_score(api: Any, ref: int, wait_s: float = WAIT_S, label: str = "") -> float:
+def wait_for_score(api: Any, ref: int, wait_s: float = WAIT_S, label: str = "", resubmit: str = "") -> float:
     """Poll submission ``ref`` until Kaggle has scored it; its public score.
 
     Pauses grow from ``POLL_S[0]`` to ``POLL_S[1]`` seconds; each poll prints one line.
@@ -342,7 +342,8 @@ def wait_for_score(api: Any, ref: int, wait_s: float = WAIT_S, label: str = "") 
         elapsed = time.monotonic() - started
         if sub is not None and sub.status == SubmissionStatus.ERROR:
             said = " ".join((sub.error_description or "no reason given").split())
-            raise UserError(f"Kaggle could not score {what}: {said} (to send it again once it is fixed: --force)")
+            again = f" (once it is fixed, to send it again: {resubmit})" if resubmit else ""
+            raise UserError(f"Kaggle could not score {what}: {said}{again}")
         if sub is not None and sub.status == SubmissionStatus.COMPLETE:
             return _public_score(sub, what)
         state = sub.status.name.lower() if sub is not None else "not visible yet"

@@ -452,11 +452,11 @@ def submit_to_kaggle(data: str, name: str, overrides: list[str] = (), wait_s: fl
         raise UserError(f"{csv} not found: the log names {name!r} but its submission file is gone")
     earlier = read_lb(data).reindex(columns=LB_COLUMNS, fill_value="")
     earlier = earlier[(earlier["name"] == name) & (earlier["source"] == "kaggle")]
+    resubmit = hints.make('submit', data, force=True, NAME=name, KAGGLE='1')
     if len(earlier) and not force:
         last = earlier.iloc[-1]
         raise UserError(f"{name} is on the leaderboard already (Kaggle submission {last['ref']}, LB {last['lb']}); "
-                        f"the same file scores the same: to submit it again anyway, "
-                        f"{hints.make('submit', data, force=True, NAME=name, KAGGLE='1')}")
+                        f"the same file scores the same: to submit it again anyway, {resubmit}")
     api = kaggle.client()
     found = None if force else kaggle.find_submission(api, slug, kaggle_tag(data, name))
     if found is not None:
@@ -466,7 +466,8 @@ def submit_to_kaggle(data: str, name: str, overrides: list[str] = (), wait_s: fl
     else:
         ref = kaggle.submit_file(api, slug, csv, kaggle_message(data, row))
         print(f"submitted {csv.name} to {slug}: Kaggle submission {ref}; waiting for its public score")
-    score = kaggle.wait_for_score(api, ref, kaggle.WAIT_S if wait_s is None else wait_s, label=name)
+    score = kaggle.wait_for_score(api, ref, kaggle.WAIT_S if wait_s is None else wait_s, label=name,
+                                  resubmit=resubmit)
     return score, str(ref), record_lb(data, name, score, source="kaggle", ref=str(ref))
 
 
